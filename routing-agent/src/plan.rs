@@ -1,0 +1,302 @@
+//! The planning core: `(Routes, this node) -> desired routes + problems`. Pure: no I/O, no
+//! clock, no kernel. The dataplane turns its output into kernel objects.
+//!
+//! Conflict rule (documented in the README): when several Routes that select this node
+//! name the same destination, the **oldest** Route wins (`metadata.creationTimestamp`; a
+//! Route without one, as in standalone mode, counts as newer than any that has one), ties
+//! broken by name in byte order. Every loser is reported with the winner's name; its other
+//! destinations are still installed.
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::crd::Route;
+use crate::route::{self, Family};
+use crate::selector::{self, NodeInfo};
+
+/// One destination this node should route.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredRoute {
+    pub destination: IpNet,
+    /// Sorted, deduplicated. More than one: ECMP.
+    pub gateways: Vec<IpAddr>,
+    /// Name of the Route this comes from.
+    pub owner: String,
+}
+
+impl DesiredRoute {
+    pub fn family(&self) -> Family {
+        Family::of(&self.destination.addr())
+    }
+}
+
+/// Why (part of) a Route is not applied on this node.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ProblemKind {
+    /// The spec does not parse; nothing of the Route is applied.
+    Invalid,
+    /// Another Route owns this destination on this node.
+    Conflict { destination: IpNet, winner: String },
+    /// A gateway cannot be used as a next hop from this node (filled in by the dataplane).
+    GatewayUnreachable { gateway: IpAddr },
+    /// The kernel refused a destination (filled in by the dataplane).
+    Kernel { destination: IpNet },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    pub route: String,
+    pub kind: ProblemKind,
+    /// A sentence naming the object and the field or value.
+    pub message: String,
+}
+
+/// What this node should look like, and what could not be honoured.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DesiredState {
+    pub routes: BTreeMap<IpNet, DesiredRoute>,
+    /// Names of the valid Routes that select this node (applied or in conflict).
+    pub selected: Vec<String>,
+    pub problems: Vec<Problem>,
+    /// Non-fatal findings (normalised CIDRs, duplicates), each naming the Route.
+    pub warnings: Vec<String>,
+}
+
+/// Plans the routes for `node`. The result does not depend on the order of `routes`.
+pub fn plan(routes: &[Route], node: &NodeInfo) -> DesiredState {
+    let mut ordered: Vec<&Route> = routes.iter().collect();
+    ordered.sort_by(|a, b| precedence(a).cmp(&precedence(b)));
+
+    let mut state = DesiredState::default();
+    for r in ordered {
+        let name = r.metadata.name.clone().unwrap_or_default();
+        let valid = match route::validate(r) {
+            Ok(v) => v,
+            Err(e) => {
+                state.problems.push(Problem {
+                    route: name,
+                    kind: ProblemKind::Invalid,
+                    message: e.to_string(),
+                });
+                continue;
+            }
+        };
+        match selector::matches(r.spec.node_selector.as_ref(), node) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                state.problems.push(Problem {
+                    route: name.clone(),
+                    kind: ProblemKind::Invalid,
+                    message: format!("Route {name}: {}: {}", e.field, e.reason),
+                });
+                continue;
+            }
+        }
+        state
+            .warnings
+            .extend(valid.warnings.iter().map(|w| format!("Route {name}: {w}")));
+        state.selected.push(name.clone());
+        let mut gateways = valid.gateways.clone();
+        gateways.sort();
+        for dst in valid.destinations {
+            if let Some(winner) = state.routes.get(&dst) {
+                state.problems.push(Problem {
+                    route: name.clone(),
+                    kind: ProblemKind::Conflict {
+                        destination: dst,
+                        winner: winner.owner.clone(),
+                    },
+                    message: format!(
+                        "Route {name}: destination {dst} is already routed on this node by the \
+                         older Route {}; this one is not applied for it",
+                        winner.owner
+                    ),
+                });
+                continue;
+            }
+            state.routes.insert(
+                dst,
+                DesiredRoute {
+                    destination: dst,
+                    gateways: gateways.clone(),
+                    owner: name.clone(),
+                },
+            );
+        }
+    }
+    state.selected.sort();
+    state.problems.sort();
+    state.warnings.sort();
+    state
+}
+
+/// Sort key: older first (no timestamp = newest), then name.
+fn precedence(r: &Route) -> (bool, Option<String>, String) {
+    let ts = r
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.to_string());
+    (ts.is_none(), ts, r.metadata.name.clone().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::RouteSpec;
+    use k8s_openapi::api::core::v1::{NodeSelector, NodeSelectorRequirement, NodeSelectorTerm};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn route(name: &str, dst: &[&str], gw: &[&str]) -> Route {
+        Route::new(
+            name,
+            RouteSpec {
+                destinations: dst.iter().map(|s| s.to_string()).collect(),
+                gateways: gw.iter().map(|s| s.to_string()).collect(),
+                node_selector: None,
+            },
+        )
+    }
+
+    fn aged(mut r: Route, secs: i64) -> Route {
+        let t = k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + secs).unwrap();
+        r.metadata.creation_timestamp = Some(Time(t));
+        r
+    }
+
+    fn node() -> NodeInfo {
+        NodeInfo {
+            name: "node-a".into(),
+            labels: [("pool".to_string(), "a".to_string())].into(),
+        }
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn single_and_ecmp_routes() {
+        let s = plan(
+            &[
+                route("one", &["1.2.3.0/24"], &["10.114.0.3"]),
+                route("two", &["5.6.0.0/16", "7.7.7.7"], &["10.114.0.4", "10.114.0.3"]),
+            ],
+            &node(),
+        );
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        assert_eq!(s.routes.len(), 3);
+        assert_eq!(s.routes[&net("1.2.3.0/24")].gateways.len(), 1);
+        let ecmp = &s.routes[&net("5.6.0.0/16")];
+        assert_eq!(ecmp.gateways, vec!["10.114.0.3".parse::<IpAddr>().unwrap(), "10.114.0.4".parse().unwrap()]);
+        assert_eq!(ecmp.owner, "two");
+        assert!(s.routes.contains_key(&net("7.7.7.7/32")));
+        assert_eq!(s.selected, vec!["one", "two"]);
+    }
+
+    #[test]
+    fn both_families() {
+        let s = plan(
+            &[route("v6", &["2001:db8::/32", "::/0"], &["fd00::3", "fd00::4"]), route("v4", &["0.0.0.0/0"], &["10.0.0.1"])],
+            &node(),
+        );
+        assert_eq!(s.routes.len(), 3);
+        assert_eq!(s.routes[&net("::/0")].family(), Family::V6);
+        assert_eq!(s.routes[&net("0.0.0.0/0")].family(), Family::V4);
+    }
+
+    #[test]
+    fn invalid_route_is_reported_and_others_still_apply() {
+        let s = plan(
+            &[route("bad", &["10.0.0.0/8"], &["fd00::1"]), route("good", &["10.0.0.0/8"], &["10.1.0.1"])],
+            &node(),
+        );
+        assert_eq!(s.routes[&net("10.0.0.0/8")].owner, "good");
+        assert_eq!(s.problems.len(), 1);
+        assert_eq!(s.problems[0].route, "bad");
+        assert_eq!(s.problems[0].kind, ProblemKind::Invalid);
+        assert!(s.problems[0].message.contains("spec.destinations[0]"), "{}", s.problems[0].message);
+    }
+
+    #[test]
+    fn conflict_oldest_wins_and_loser_is_reported() {
+        let old = aged(route("zzz-old", &["10.0.0.0/8", "11.0.0.0/8"], &["10.1.0.1"]), 0);
+        let new = aged(route("aaa-new", &["10.0.0.0/8", "12.0.0.0/8"], &["10.1.0.2"]), 60);
+        let s = plan(&[new, old], &node());
+        assert_eq!(s.routes[&net("10.0.0.0/8")].owner, "zzz-old");
+        assert_eq!(s.routes[&net("12.0.0.0/8")].owner, "aaa-new", "loser keeps its other destinations");
+        assert_eq!(
+            s.problems,
+            vec![Problem {
+                route: "aaa-new".into(),
+                kind: ProblemKind::Conflict { destination: net("10.0.0.0/8"), winner: "zzz-old".into() },
+                message: s.problems[0].message.clone(),
+            }]
+        );
+        assert!(s.problems[0].message.contains("zzz-old"));
+    }
+
+    #[test]
+    fn conflict_tie_and_missing_timestamps_break_by_name() {
+        let s = plan(&[route("b", &["10.0.0.0/8"], &["10.1.0.2"]), route("a", &["10.0.0.0/8"], &["10.1.0.1"])], &node());
+        assert_eq!(s.routes[&net("10.0.0.0/8")].owner, "a");
+        // A Route with a timestamp beats one without.
+        let s = plan(&[route("a", &["10.0.0.0/8"], &["10.1.0.1"]), aged(route("b", &["10.0.0.0/8"], &["10.1.0.2"]), 5)], &node());
+        assert_eq!(s.routes[&net("10.0.0.0/8")].owner, "b");
+        // Host bits cleared: both name the same network, so they conflict.
+        let s = plan(&[route("a", &["10.1.2.3/8"], &["10.1.0.1"]), route("b", &["10.0.0.0/8"], &["10.1.0.2"])], &node());
+        assert_eq!(s.problems.len(), 1);
+        assert_eq!(s.warnings.len(), 1);
+        assert!(s.warnings[0].starts_with("Route a: spec.destinations[0]"), "{:?}", s.warnings);
+    }
+
+    #[test]
+    fn result_is_independent_of_input_order() {
+        let routes = vec![
+            aged(route("a", &["10.0.0.0/8", "1.0.0.0/8"], &["10.1.0.1"]), 30),
+            aged(route("b", &["10.0.0.0/8"], &["10.1.0.2", "10.1.0.3"]), 10),
+            route("c", &["10.0.0.0/8", "2.0.0.0/8"], &["10.1.0.4"]),
+            route("d", &["nonsense"], &["10.1.0.4"]),
+            aged(route("e", &["2.0.0.0/8"], &["10.1.0.5"]), 10),
+        ];
+        let reference = plan(&routes, &node());
+        // Every rotation and the reversal give the same plan.
+        for k in 0..routes.len() {
+            let mut r = routes.clone();
+            r.rotate_left(k);
+            assert_eq!(plan(&r, &node()), reference);
+            r.reverse();
+            assert_eq!(plan(&r, &node()), reference);
+        }
+        assert_eq!(reference.routes[&net("10.0.0.0/8")].owner, "b");
+        assert_eq!(reference.routes[&net("2.0.0.0/8")].owner, "e");
+        assert_eq!(reference.problems.len(), 4, "a, c twice (to b and e), d"); 
+    }
+
+    #[test]
+    fn node_selector_decides_and_broken_selector_is_invalid() {
+        let mut sel = route("sel", &["10.0.0.0/8"], &["10.1.0.1"]);
+        let term = |op: &str, v: &str| NodeSelector {
+            node_selector_terms: vec![NodeSelectorTerm {
+                match_expressions: Some(vec![NodeSelectorRequirement {
+                    key: "pool".into(),
+                    operator: op.into(),
+                    values: Some(vec![v.into()]),
+                }]),
+                match_fields: None,
+            }],
+        };
+        sel.spec.node_selector = Some(term("In", "b"));
+        assert!(plan(std::slice::from_ref(&sel), &node()).routes.is_empty());
+        assert!(plan(std::slice::from_ref(&sel), &node()).selected.is_empty());
+        sel.spec.node_selector = Some(term("In", "a"));
+        assert_eq!(plan(std::slice::from_ref(&sel), &node()).routes.len(), 1);
+        sel.spec.node_selector = Some(term("Gt", "x"));
+        let s = plan(&[sel], &node());
+        assert!(s.routes.is_empty());
+        assert_eq!(s.problems[0].kind, ProblemKind::Invalid);
+        assert!(s.problems[0].message.contains("nodeSelectorTerms[0].matchExpressions[0].values"));
+    }
+}
