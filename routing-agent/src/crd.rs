@@ -23,6 +23,7 @@ pub const KIND: &str = "Route";
     kind = "Route",
     plural = "routes",
     singular = "route",
+    derive = "PartialEq",
     printcolumn = r#"{"name":"Destinations","type":"string","jsonPath":".spec.destinations"}"#,
     printcolumn = r#"{"name":"Gateways","type":"string","jsonPath":".spec.gateways"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#

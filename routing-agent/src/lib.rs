@@ -1,9 +1,15 @@
 //! routing-agent: programs static and ECMP routes on a Kubernetes node from `Route`
 //! custom resources.
 //!
-//! Layout: a pure planning core ([`route`], [`selector`], [`plan`]) and thin adapters around
-//! it: sources ([`source`]), the netlink dataplane ([`dataplane`]), eBPF ([`ebpf`]).
+//! Layout: a pure planning core ([`route`], [`selector`], [`plan`]) and thin adapters
+//! around it: sources ([`source`]), the netlink dataplane ([`dataplane`]), eBPF
+//! ([`ebpf`]), and the loop that ties them together ([`agent`]).
+pub mod agent;
 pub mod crd;
+pub mod dataplane;
+pub mod ebpf;
 pub mod plan;
 pub mod route;
 pub mod selector;
+pub mod source;
+pub mod sysctl;

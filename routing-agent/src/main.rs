@@ -1,1 +1,190 @@
-fn main(){}
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kube::CustomResourceExt as _;
+use routing_agent::agent::{self, AgentConfig};
+use routing_agent::crd::Route;
+use routing_agent::dataplane::{Config, Dataplane, ModeChoice, diff::IdRange, nexthop::Resilient};
+use routing_agent::ebpf::Programs;
+use routing_agent::selector::NodeInfo;
+use routing_agent::{source, sysctl};
+use tokio::sync::mpsc;
+
+/// Programs static and ECMP routes on this node from Route objects.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "ROUTING_AGENT_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (standalone: Routes from a directory of manifests).
+    Run(RunArgs),
+    /// Print the CustomResourceDefinition generated from the Rust types.
+    Crd,
+    /// Remove every route and nexthop the agent owns in this network namespace, and its
+    /// bpffs pins.
+    Cleanup(KernelArgs),
+}
+
+#[derive(Args, Clone)]
+struct KernelArgs {
+    /// Route protocol id marking the agent's routes and nexthops (see /etc/iproute2/rt_protos).
+    #[arg(long, default_value_t = 196)]
+    route_protocol: u8,
+    /// Routing table of the agent's routes.
+    #[arg(long, default_value_t = 254)]
+    table: u32,
+    /// Metric (priority) of the agent's routes.
+    #[arg(long, default_value_t = 0)]
+    metric: u32,
+    /// First nexthop id of the agent's range.
+    #[arg(long, default_value_t = 1_960_000)]
+    nexthop_id_base: u32,
+    /// Size of the agent's nexthop id range.
+    #[arg(long, default_value_t = 65_536)]
+    nexthop_id_span: u32,
+    /// How routes are expressed in the kernel.
+    #[arg(long, value_enum, default_value_t = ModeChoice::Auto)]
+    dataplane: ModeChoice,
+    /// Buckets of each resilient nexthop group.
+    #[arg(long, default_value_t = 128)]
+    resilient_buckets: u16,
+    /// Seconds a resilient-group bucket must be idle before it may move.
+    #[arg(long, default_value_t = 120)]
+    resilient_idle_timer: u32,
+    /// bpffs directory for the agent's pinned maps (one per agent on a shared kernel).
+    #[arg(long, default_value = "/sys/fs/bpf/routing-agent")]
+    bpf_pin_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Directory of Route manifests (standalone mode).
+    #[arg(long)]
+    routes_dir: PathBuf,
+    /// This node's name (matchFields metadata.name).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// A label of this node, key=value (repeatable).
+    #[arg(long = "node-label", value_parser = parse_label)]
+    node_labels: Vec<(String, String)>,
+    #[command(flatten)]
+    kernel: KernelArgs,
+    /// Do not load or attach the eBPF programs.
+    #[arg(long)]
+    no_ebpf: bool,
+    /// Set net.ipv{4,6}.fib_multipath_hash_policy=1 (hash on ports).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    multipath_hash_policy: bool,
+    /// Set net.ipv4.fib_multipath_use_neigh=1.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    multipath_use_neigh: bool,
+    /// Seconds between full resyncs even when nothing was notified.
+    #[arg(long, default_value_t = 30)]
+    resync_seconds: u64,
+    /// Write a JSON status (installed routes, problems) here after every reconcile.
+    #[arg(long)]
+    status_file: Option<PathBuf>,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+fn dataplane_config(k: &KernelArgs) -> Config {
+    Config {
+        protocol: k.route_protocol,
+        table: k.table,
+        metric: k.metric,
+        ids: IdRange {
+            base: k.nexthop_id_base,
+            span: k.nexthop_id_span,
+        },
+        mode: k.dataplane,
+        resilient: Resilient {
+            buckets: k.resilient_buckets,
+            idle_timer_s: k.resilient_idle_timer,
+        },
+    }
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format, &cli.log_level);
+    match cli.command {
+        Command::Crd => {
+            print!("{}", serde_yaml::to_string(&Route::crd())?);
+            Ok(())
+        }
+        Command::Cleanup(k) => {
+            let mut dp = Dataplane::new(dataplane_config(&k)).await?;
+            let removed = dp.remove_all().await?;
+            if k.bpf_pin_dir.exists() {
+                std::fs::remove_dir_all(&k.bpf_pin_dir)
+                    .with_context(|| format!("removing {}", k.bpf_pin_dir.display()))?;
+            }
+            tracing::info!(removed, pins = %k.bpf_pin_dir.display(), "cleanup done");
+            Ok(())
+        }
+        Command::Run(a) => {
+            sysctl::apply(a.multipath_hash_policy, a.multipath_use_neigh);
+            let dataplane = Dataplane::new(dataplane_config(&a.kernel)).await?;
+            let programs = if a.no_ebpf {
+                None
+            } else {
+                Some(Programs::load(&a.kernel.bpf_pin_dir)?)
+            };
+            let (tx, rx) = mpsc::channel(4);
+            source::dir::spawn(a.routes_dir.clone(), tx)?;
+            let node = NodeInfo {
+                name: a.node_name,
+                labels: a.node_labels.into_iter().collect::<BTreeMap<_, _>>(),
+            };
+            tracing::info!(node = %node.name, labels = ?node.labels, "routing-agent starting");
+            agent::run(
+                AgentConfig {
+                    node,
+                    resync: Duration::from_secs(a.resync_seconds.max(1)),
+                    retry_min: Duration::from_secs(1),
+                    retry_max: Duration::from_secs(30),
+                    status_file: a.status_file,
+                },
+                dataplane,
+                programs,
+                rx,
+            )
+            .await
+        }
+    }
+}

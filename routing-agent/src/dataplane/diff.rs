@@ -1,0 +1,329 @@
+//! Pure diff between the owned kernel state and the desired state: the minimum of
+//! nexthop and route operations, in an order the kernel accepts (members before groups
+//! before routes; routes before the nexthops they used). No I/O.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use super::nexthop::{Nexthop, NexthopKind, Resilient};
+
+/// One next hop as the kernel needs it: a gateway and the interface that reaches it.
+pub type Hop = (IpAddr, u32);
+
+/// What a route points at.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Target {
+    /// A nexthop object (`nhid`), in nexthop mode always an agent-owned group.
+    Nhid(u32),
+    /// Inline next hops (`RTA_GATEWAY`/`RTA_MULTIPATH`), sorted: the fallback mode.
+    Hops(Vec<Hop>),
+}
+
+/// How routes are expressed in the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Nexthop objects and one resilient group per distinct gateway set.
+    Nexthop(Resilient),
+    /// `RTA_MULTIPATH` routes (kernels without nexthop objects).
+    Multipath,
+}
+
+/// The agent's id range for nexthop objects, `[base, base + span)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdRange {
+    pub base: u32,
+    pub span: u32,
+}
+
+impl IdRange {
+    pub fn contains(&self, id: u32) -> bool {
+        id >= self.base && id - self.base < self.span
+    }
+}
+
+/// What the kernel holds that matters to the diff.
+#[derive(Clone, Debug, Default)]
+pub struct KernelState {
+    /// Every nexthop object of the namespace (foreign ones too: their ids are taken).
+    pub nexthops: Vec<Nexthop>,
+    /// The agent's routes (its protocol, its table) by destination.
+    pub routes: BTreeMap<IpNet, Target>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    AddNexthop(Nexthop),
+    ReplaceNexthop(Nexthop),
+    AddRoute(IpNet, Target),
+    ReplaceRoute(IpNet, Target),
+    DelRoute(IpNet),
+    DelNexthop(u32),
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the agent's nexthop id range {base}..{end} is exhausted", end = .0.base + .0.span, base = .0.base)]
+pub struct RangeExhausted(pub IdRange);
+
+/// Diffs `kernel` against `desired` (destination → next hops, non-empty).
+pub fn diff(
+    desired: &BTreeMap<IpNet, Vec<Hop>>,
+    kernel: &KernelState,
+    mode: Mode,
+    range: IdRange,
+    protocol: u8,
+) -> Result<Vec<Op>, RangeExhausted> {
+    let mut ops = Vec::new();
+    let targets: BTreeMap<IpNet, Target> = match mode {
+        Mode::Multipath => desired
+            .iter()
+            .map(|(dst, hops)| {
+                let mut hops = hops.clone();
+                hops.sort();
+                hops.dedup();
+                (*dst, Target::Hops(hops))
+            })
+            .collect(),
+        Mode::Nexthop(res) => nexthop_targets(desired, kernel, res, range, protocol, &mut ops)?,
+    };
+
+    let mut route_ops = Vec::new();
+    for (dst, target) in &targets {
+        match kernel.routes.get(dst) {
+            Some(t) if t == target => {}
+            Some(_) => route_ops.push(Op::ReplaceRoute(*dst, target.clone())),
+            None => route_ops.push(Op::AddRoute(*dst, target.clone())),
+        }
+    }
+    for dst in kernel.routes.keys() {
+        if !targets.contains_key(dst) {
+            route_ops.push(Op::DelRoute(*dst));
+        }
+    }
+    ops.extend(route_ops);
+
+    // Garbage: owned nexthops no desired route reaches any more; groups before members.
+    let mut known: BTreeMap<u32, &Nexthop> = owned(kernel, range, protocol).map(|n| (n.id, n)).collect();
+    for op in &ops {
+        if let Op::AddNexthop(n) | Op::ReplaceNexthop(n) = op {
+            known.insert(n.id, n);
+        }
+    }
+    let mut live = BTreeSet::new();
+    for t in targets.values() {
+        if let Target::Nhid(id) = t {
+            live.insert(*id);
+            if let Some(NexthopKind::Group { members, .. }) = known.get(id).map(|n| &n.kind) {
+                live.extend(members.iter().map(|m| m.0));
+            }
+        }
+    }
+    let stale: Vec<&Nexthop> = owned(kernel, range, protocol)
+        .filter(|n| !live.contains(&n.id))
+        .collect();
+    let is_group = |n: &&&Nexthop| matches!(n.kind, NexthopKind::Group { .. });
+    ops.extend(stale.iter().filter(is_group).map(|n| Op::DelNexthop(n.id)));
+    ops.extend(stale.iter().filter(|n| !is_group(n)).map(|n| Op::DelNexthop(n.id)));
+    Ok(ops)
+}
+
+fn owned(kernel: &KernelState, range: IdRange, protocol: u8) -> impl Iterator<Item = &Nexthop> {
+    kernel
+        .nexthops
+        .iter()
+        .filter(move |n| range.contains(n.id) && n.protocol == protocol)
+}
+
+fn nexthop_targets(
+    desired: &BTreeMap<IpNet, Vec<Hop>>,
+    kernel: &KernelState,
+    res: Resilient,
+    range: IdRange,
+    protocol: u8,
+    ops: &mut Vec<Op>,
+) -> Result<BTreeMap<IpNet, Target>, RangeExhausted> {
+    let mut taken: BTreeSet<u32> = kernel.nexthops.iter().map(|n| n.id).collect();
+    let mut alloc = || -> Result<u32, RangeExhausted> {
+        let id = (range.base..range.base.saturating_add(range.span))
+            .find(|id| !taken.contains(id))
+            .ok_or(RangeExhausted(range))?;
+        taken.insert(id);
+        Ok(id)
+    };
+
+    // One nexthop object per (gateway, interface).
+    let mut hop_ids: BTreeMap<Hop, u32> = BTreeMap::new();
+    for nh in owned(kernel, range, protocol) {
+        if let NexthopKind::Gateway { gateway, oif } = nh.kind {
+            hop_ids.entry((gateway, oif)).or_insert(nh.id);
+        }
+    }
+    let wanted_hops: BTreeSet<Hop> = desired.values().flatten().copied().collect();
+    for hop in &wanted_hops {
+        if !hop_ids.contains_key(hop) {
+            let id = alloc()?;
+            hop_ids.insert(*hop, id);
+            ops.push(Op::AddNexthop(Nexthop {
+                id,
+                protocol,
+                kind: NexthopKind::Gateway {
+                    gateway: hop.0,
+                    oif: hop.1,
+                },
+            }));
+        }
+    }
+
+    // One resilient group per distinct set of next hops, found again by its members.
+    let mut group_ids: BTreeMap<Vec<u32>, u32> = BTreeMap::new();
+    for nh in owned(kernel, range, protocol) {
+        if let NexthopKind::Group { members, resilient } = &nh.kind
+            && resilient.map(|r| r.buckets) == Some(res.buckets)
+        {
+            let mut ids: Vec<u32> = members.iter().map(|m| m.0).collect();
+            ids.sort();
+            group_ids.entry(ids).or_insert(nh.id);
+        }
+    }
+    let mut targets = BTreeMap::new();
+    for (dst, hops) in desired {
+        let mut ids: Vec<u32> = hops.iter().map(|h| hop_ids[h]).collect();
+        ids.sort();
+        ids.dedup();
+        let gid = match group_ids.get(&ids) {
+            Some(g) => *g,
+            None => {
+                let g = alloc()?;
+                ops.push(Op::AddNexthop(Nexthop {
+                    id: g,
+                    protocol,
+                    kind: NexthopKind::Group {
+                        members: ids.iter().map(|i| (*i, 1)).collect(),
+                        resilient: Some(res),
+                    },
+                }));
+                group_ids.insert(ids, g);
+                g
+            }
+        };
+        targets.insert(*dst, Target::Nhid(gid));
+    }
+    Ok(targets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u8 = 196;
+    const RANGE: IdRange = IdRange { base: 1000, span: 100 };
+    const RES: Resilient = Resilient { buckets: 128, idle_timer_s: 120 };
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+    fn hop(s: &str) -> Hop {
+        (s.parse().unwrap(), 4)
+    }
+    fn desired(entries: &[(&str, &[&str])]) -> BTreeMap<IpNet, Vec<Hop>> {
+        entries
+            .iter()
+            .map(|(d, gws)| (net(d), gws.iter().map(|g| hop(g)).collect()))
+            .collect()
+    }
+
+    /// Applies ops to a kernel model the way the kernel would.
+    fn apply(kernel: &mut KernelState, ops: &[Op]) {
+        for op in ops {
+            match op {
+                Op::AddNexthop(n) => {
+                    assert!(kernel.nexthops.iter().all(|k| k.id != n.id), "id {} taken", n.id);
+                    kernel.nexthops.push(n.clone())
+                }
+                Op::ReplaceNexthop(n) => {
+                    let k = kernel.nexthops.iter_mut().find(|k| k.id == n.id).unwrap();
+                    *k = n.clone();
+                }
+                Op::AddRoute(d, t) => assert!(kernel.routes.insert(*d, t.clone()).is_none()),
+                Op::ReplaceRoute(d, t) => assert!(kernel.routes.insert(*d, t.clone()).is_some()),
+                Op::DelRoute(d) => assert!(kernel.routes.remove(d).is_some()),
+                Op::DelNexthop(id) => {
+                    let in_use = kernel.routes.values().any(|t| *t == Target::Nhid(*id));
+                    assert!(!in_use, "deleting nexthop {id} still used by a route");
+                    kernel.nexthops.retain(|k| k.id != *id)
+                }
+            }
+        }
+    }
+
+    fn converge(kernel: &mut KernelState, want: &BTreeMap<IpNet, Vec<Hop>>, mode: Mode) -> Vec<Op> {
+        let ops = diff(want, kernel, mode, RANGE, P).unwrap();
+        apply(kernel, &ops);
+        assert_eq!(diff(want, kernel, mode, RANGE, P).unwrap(), vec![], "second diff must be empty");
+        ops
+    }
+
+    #[test]
+    fn fresh_install_creates_members_then_group_then_routes() {
+        let mut k = KernelState::default();
+        let want = desired(&[("198.51.100.0/24", &["10.0.0.3", "10.0.0.4"]), ("192.0.2.0/24", &["10.0.0.4", "10.0.0.3"])]);
+        let ops = converge(&mut k, &want, Mode::Nexthop(RES));
+        assert!(matches!(ops[0], Op::AddNexthop(Nexthop { id: 1000, kind: NexthopKind::Gateway { .. }, .. })));
+        assert!(matches!(ops[1], Op::AddNexthop(Nexthop { id: 1001, kind: NexthopKind::Gateway { .. }, .. })));
+        assert!(matches!(&ops[2], Op::AddNexthop(Nexthop { id: 1002, kind: NexthopKind::Group { .. }, .. })));
+        assert_eq!(ops.len(), 5, "two members, one shared group, two routes: {ops:?}");
+        assert_eq!(k.routes[&net("192.0.2.0/24")], Target::Nhid(1002));
+    }
+
+    #[test]
+    fn restart_adopts_without_any_op() {
+        let mut k = KernelState::default();
+        let want = desired(&[("198.51.100.0/24", &["10.0.0.3", "10.0.0.4", "10.0.0.5"])]);
+        converge(&mut k, &want, Mode::Nexthop(RES));
+        // Same kernel, fresh agent: nothing to do.
+        assert_eq!(diff(&want, &k, Mode::Nexthop(RES), RANGE, P).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn editing_gateways_switches_group_and_collects_garbage() {
+        let mut k = KernelState::default();
+        converge(&mut k, &desired(&[("198.51.100.0/24", &["10.0.0.3", "10.0.0.4"])]), Mode::Nexthop(RES));
+        let ops = converge(&mut k, &desired(&[("198.51.100.0/24", &["10.0.0.4", "10.0.0.5"])]), Mode::Nexthop(RES));
+        assert!(ops.iter().any(|o| matches!(o, Op::ReplaceRoute(..))));
+        // Old group and the gateway nobody uses (10.0.0.3) are gone; 10.0.0.4 is kept.
+        let ids: Vec<u32> = k.nexthops.iter().map(|n| n.id).collect();
+        assert!(ids.contains(&1001), "10.0.0.4 keeps its id: {ids:?}");
+        assert!(!ids.contains(&1000) && !ids.contains(&1002), "{ids:?}");
+        assert_eq!(k.nexthops.len(), 3);
+    }
+
+    #[test]
+    fn deleting_everything_leaves_nothing_owned_but_keeps_foreign() {
+        let mut k = KernelState::default();
+        k.nexthops.push(Nexthop { id: 1000, protocol: 4, kind: NexthopKind::Blackhole });
+        k.nexthops.push(Nexthop { id: 5, protocol: P, kind: NexthopKind::Blackhole });
+        converge(&mut k, &desired(&[("198.51.100.0/24", &["10.0.0.3"])]), Mode::Nexthop(RES));
+        assert!(k.nexthops.iter().all(|n| n.id != 1000 || n.protocol == 4), "foreign id 1000 skipped");
+        converge(&mut k, &BTreeMap::new(), Mode::Nexthop(RES));
+        assert_eq!(k.routes.len(), 0);
+        let left: Vec<u32> = k.nexthops.iter().map(|n| n.id).collect();
+        assert_eq!(left, vec![1000, 5], "only foreign nexthops remain (other protocol, or outside the range)");
+    }
+
+    #[test]
+    fn multipath_mode_uses_inline_hops() {
+        let mut k = KernelState::default();
+        let want = desired(&[("198.51.100.0/24", &["10.0.0.4", "10.0.0.3"])]);
+        let ops = converge(&mut k, &want, Mode::Multipath);
+        assert_eq!(ops, vec![Op::AddRoute(net("198.51.100.0/24"), Target::Hops(vec![hop("10.0.0.3"), hop("10.0.0.4")]))]);
+        let ops = converge(&mut k, &desired(&[("198.51.100.0/24", &["10.0.0.3"])]), Mode::Multipath);
+        assert!(matches!(ops[0], Op::ReplaceRoute(..)));
+    }
+
+    #[test]
+    fn exhausted_range_is_an_error() {
+        let k = KernelState::default();
+        let r = diff(&desired(&[("198.51.100.0/24", &["10.0.0.3", "10.0.0.4"])]), &k, Mode::Nexthop(RES), IdRange { base: 1, span: 2 }, P);
+        assert_eq!(r, Err(RangeExhausted(IdRange { base: 1, span: 2 })));
+    }
+}

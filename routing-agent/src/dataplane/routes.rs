@@ -1,0 +1,233 @@
+//! Routes through rtnetlink: dump the agent's own routes, add/replace/delete one, and look
+//! up how a gateway is reached.
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use netlink_packet_route::{
+    AddressFamily,
+    route::{
+        RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteNextHop, RouteProtocol,
+        RouteScope, RouteType,
+    },
+};
+use rtnetlink::{Handle, IpVersion};
+
+use super::diff::{Hop, Target};
+use super::nexthop::NlError;
+
+/// Where the agent's routes live and how they are marked.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteKey {
+    pub protocol: u8,
+    pub table: u32,
+    pub metric: u32,
+}
+
+pub fn nl_error(e: rtnetlink::Error) -> NlError {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => NlError {
+            errno: m.raw_code().abs(),
+            message: None,
+        },
+        other => NlError {
+            errno: libc::EIO,
+            message: Some(other.to_string()),
+        },
+    }
+}
+
+fn addr(a: IpAddr) -> RouteAddress {
+    match a {
+        IpAddr::V4(a) => RouteAddress::Inet(a),
+        IpAddr::V6(a) => RouteAddress::Inet6(a),
+    }
+}
+
+fn family(a: &IpAddr) -> AddressFamily {
+    match a {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+fn table_of(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
+fn base_message(key: RouteKey, dst: IpNet) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = family(&dst.addr());
+    m.header.destination_prefix_length = dst.prefix_len();
+    m.header.table = u8::try_from(key.table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+    m.header.protocol = RouteProtocol::from(key.protocol);
+    m.header.scope = RouteScope::Universe;
+    m.header.kind = RouteType::Unicast;
+    if dst.prefix_len() > 0 {
+        m.attributes.push(RouteAttribute::Destination(addr(dst.addr())));
+    }
+    m.attributes.push(RouteAttribute::Table(key.table));
+    if key.metric != 0 {
+        m.attributes.push(RouteAttribute::Priority(key.metric));
+    }
+    m
+}
+
+fn with_target(mut m: RouteMessage, target: &Target) -> RouteMessage {
+    match target {
+        Target::Nhid(id) => m.attributes.push(RouteAttribute::NhId(*id)),
+        Target::Hops(hops) if hops.len() == 1 => {
+            m.attributes.push(RouteAttribute::Gateway(addr(hops[0].0)));
+            m.attributes.push(RouteAttribute::Oif(hops[0].1));
+        }
+        Target::Hops(hops) => {
+            let nhs = hops
+                .iter()
+                .map(|(gw, oif)| {
+                    let mut nh = RouteNextHop::default();
+                    nh.interface_index = *oif;
+                    nh.attributes.push(RouteAttribute::Gateway(addr(*gw)));
+                    nh
+                })
+                .collect();
+            m.attributes.push(RouteAttribute::MultiPath(nhs));
+        }
+    }
+    m
+}
+
+fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        _ => None,
+    }
+}
+
+/// The destination and target of a route message, if it is one of ours.
+fn parse_owned(m: &RouteMessage, key: RouteKey) -> Option<(IpNet, Target)> {
+    if u8::from(m.header.protocol) != key.protocol || table_of(m) != key.table {
+        return None;
+    }
+    let len = m.header.destination_prefix_length;
+    let dst_addr = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(d) => route_addr(d),
+            _ => None,
+        })
+        .unwrap_or(match m.header.address_family {
+            AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            _ => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        });
+    let dst = IpNet::new(dst_addr, len).ok()?;
+    let (mut gw, mut oif, mut hops, mut nhid) = (None, None, None, None);
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::NhId(id) => nhid = Some(*id),
+            RouteAttribute::Gateway(g) => gw = route_addr(g),
+            RouteAttribute::Oif(o) => oif = Some(*o),
+            RouteAttribute::MultiPath(nhs) => {
+                let mut v: Vec<Hop> = nhs
+                    .iter()
+                    .filter_map(|nh| {
+                        nh.attributes.iter().find_map(|a| match a {
+                            RouteAttribute::Gateway(g) => route_addr(g).map(|g| (g, nh.interface_index)),
+                            _ => None,
+                        })
+                    })
+                    .collect();
+                v.sort();
+                hops = Some(v);
+            }
+            _ => {}
+        }
+    }
+    let target = if let Some(id) = nhid {
+        Target::Nhid(id)
+    } else if let Some(h) = hops {
+        Target::Hops(h)
+    } else {
+        Target::Hops(gw.zip(oif).into_iter().collect())
+    };
+    Some((dst, target))
+}
+
+/// The agent's routes (both families) in its table, marked with its protocol.
+pub async fn dump_owned(handle: &Handle, key: RouteKey) -> Result<Vec<(IpNet, Target)>, NlError> {
+    let mut out = Vec::new();
+    for v in [IpVersion::V4, IpVersion::V6] {
+        let mut req = handle.route().get(rtnetlink::RouteMessageBuilder::<IpAddr>::new().build());
+        req.message_mut().header.address_family = match v {
+            IpVersion::V4 => AddressFamily::Inet,
+            IpVersion::V6 => AddressFamily::Inet6,
+        };
+        let mut stream = req.execute();
+        while let Some(m) = stream.try_next().await.map_err(nl_error)? {
+            if let Some(r) = parse_owned(&m, key) {
+                out.push(r);
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub async fn add(handle: &Handle, key: RouteKey, dst: IpNet, target: &Target, replace: bool) -> Result<(), NlError> {
+    let req = handle.route().add(with_target(base_message(key, dst), target));
+    let req = if replace { req.replace() } else { req };
+    req.execute().await.map_err(nl_error)
+}
+
+pub async fn del(handle: &Handle, key: RouteKey, dst: IpNet) -> Result<(), NlError> {
+    handle
+        .route()
+        .del(base_message(key, dst))
+        .execute()
+        .await
+        .map_err(nl_error)
+}
+
+/// How `gateway` is reached: the interface of a directly connected network, or why not.
+pub async fn resolve_gateway(handle: &Handle, gateway: IpAddr) -> Result<u32, String> {
+    let mut m = RouteMessage::default();
+    m.header.address_family = family(&gateway);
+    m.header.destination_prefix_length = if gateway.is_ipv4() { 32 } else { 128 };
+    m.attributes.push(RouteAttribute::Destination(addr(gateway)));
+    let mut req = handle.route().get(RouteMessage::default());
+    *req.message_mut() = m;
+    let reply = match req.execute().try_next().await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Err("the kernel gave no route to it".into()),
+        Err(e) => {
+            let e = nl_error(e);
+            return Err(format!("no route to it ({e})"));
+        }
+    };
+    match reply.header.kind {
+        RouteType::Unicast => {}
+        RouteType::Local => return Err("it is an address of this node".into()),
+        other => return Err(format!("the route to it is of type {other:?}")),
+    }
+    let via = reply.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Gateway(g) => route_addr(g),
+        _ => None,
+    });
+    if let Some(via) = via {
+        return Err(format!("it is not on a directly connected network (reached via {via})"));
+    }
+    reply
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Oif(o) => Some(*o),
+            _ => None,
+        })
+        .ok_or_else(|| "the kernel named no interface for it".into())
+}

@@ -1,0 +1,227 @@
+//! Standalone mode: Route manifests from a directory (`*.yaml`, `*.yml`, multi-document
+//! allowed), watched with inotify (notify crate). A file that does not parse is reported
+//! with its path, line and reason, and its last good content stays in effect.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use super::Snapshot;
+use crate::crd::{API_VERSION, KIND, Route};
+
+/// A problem with one file, naming path and line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for FileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{l}: {}", self.path.display(), self.reason),
+            None => write!(f, "{}: {}", self.path.display(), self.reason),
+        }
+    }
+}
+
+/// Parses one file's text: every `kind: Route` document of our API group. Other kinds are
+/// skipped. Documents are separated by `---` lines.
+pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Route>, FileError> {
+    let mut routes = Vec::new();
+    let mut start = 0usize; // 0-based line where the current document starts
+    let lines: Vec<&str> = text.lines().collect();
+    let mut docs = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim_end() == "---" || line.starts_with("--- ") {
+            docs.push((start, lines[start..i].join("\n")));
+            start = i + 1;
+        }
+    }
+    docs.push((start, lines[start.min(lines.len())..].join("\n")));
+    for (first_line, doc) in docs {
+        let err = |e: serde_yaml::Error| FileError {
+            path: path.to_owned(),
+            line: e.location().map(|l| first_line + l.line()),
+            reason: e.to_string().split(" at line ").next().unwrap_or_default().to_string(),
+        };
+        let value: serde_yaml::Value = serde_yaml::from_str(&doc).map_err(err)?;
+        if value.is_null() {
+            continue;
+        }
+        let field = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let (api, kind) = (field("apiVersion"), field("kind"));
+        if kind != KIND || api != API_VERSION {
+            debug!(path = %path.display(), line = first_line + 1, %api, %kind, "not a Route; skipped");
+            continue;
+        }
+        let route: Route = serde_yaml::from_str(&doc).map_err(err)?;
+        if route.metadata.name.as_deref().unwrap_or_default().is_empty() {
+            return Err(FileError {
+                path: path.to_owned(),
+                line: Some(first_line + 1),
+                reason: "Route without metadata.name".into(),
+            });
+        }
+        routes.push(route);
+    }
+    Ok(routes)
+}
+
+/// Reads a directory into a snapshot, keeping each broken file's last good content
+/// (`last_good`, updated in place). Returns the snapshot and the errors of this pass.
+pub fn load(dir: &Path, last_good: &mut BTreeMap<PathBuf, Vec<Route>>) -> (Snapshot, Vec<FileError>) {
+    let mut errors = Vec::new();
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
+            .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .collect(),
+        Err(e) => {
+            errors.push(FileError {
+                path: dir.to_owned(),
+                line: None,
+                reason: format!("cannot read the directory: {e}; keeping the last good state"),
+            });
+            let routes = last_good.values().flatten().cloned().collect();
+            return (Snapshot { routes }, errors);
+        }
+    };
+    files.sort();
+    last_good.retain(|p, _| files.contains(p));
+    for path in &files {
+        let parsed = std::fs::read_to_string(path)
+            .map_err(|e| FileError {
+                path: path.clone(),
+                line: None,
+                reason: e.to_string(),
+            })
+            .and_then(|text| parse_file(path, &text));
+        match parsed {
+            Ok(routes) => {
+                last_good.insert(path.clone(), routes);
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    // One object per name: the first file (in path order) wins, later ones are errors.
+    let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut routes = Vec::new();
+    for (path, rs) in last_good.iter() {
+        for r in rs {
+            let name = r.metadata.name.clone().unwrap_or_default();
+            if let Some(first) = seen.get(&name) {
+                errors.push(FileError {
+                    path: path.clone(),
+                    line: None,
+                    reason: format!("Route {name} is also defined in {}; this copy is ignored", first.display()),
+                });
+                continue;
+            }
+            seen.insert(name, path.clone());
+            routes.push(r.clone());
+        }
+    }
+    (Snapshot { routes }, errors)
+}
+
+/// Watches `dir` and sends a snapshot at start and after every change (debounced).
+pub fn spawn(dir: PathBuf, tx: mpsc::Sender<Snapshot>) -> anyhow::Result<()> {
+    let (ev_tx, mut ev_rx) = mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            let _ = ev_tx.try_send(());
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    info!(dir = %dir.display(), "watching Route manifests");
+    tokio::spawn(async move {
+        let _watcher = watcher; // dropped with the task
+        let mut last_good = BTreeMap::new();
+        let mut last_errors: Vec<FileError> = Vec::new();
+        let mut last_sent: Option<Snapshot> = None;
+        loop {
+            let (snap, errors) = load(&dir, &mut last_good);
+            if errors != last_errors {
+                for e in &errors {
+                    error!(file = %e.path.display(), line = e.line, "invalid manifest, last good content kept: {e}");
+                }
+                last_errors = errors;
+            }
+            if last_sent.as_ref() != Some(&snap) {
+                if tx.send(snap.clone()).await.is_err() {
+                    return;
+                }
+                last_sent = Some(snap);
+            }
+            // Wait for a change, then let a burst of writes settle. A slow poll covers
+            // file systems without inotify.
+            tokio::select! {
+                r = ev_rx.recv() => {
+                    if r.is_none() {
+                        warn!("directory watch ended");
+                    }
+                }
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            while ev_rx.try_recv().is_ok() {}
+        }
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_document_files_skip_other_kinds() {
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n---\napiVersion: networking.doks.digitalocean.com/v1alpha1\nkind: Route\nmetadata: {name: a}\nspec: {destinations: [\"1.2.3.4/5\"], gateways: [\"10.114.0.3\"]}\n---\n";
+        let routes = parse_file(Path::new("f.yaml"), text).unwrap();
+        assert_eq!(routes.len(), 1);
+        assert_eq!(routes[0].metadata.name.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn errors_name_path_and_line() {
+        let text = "apiVersion: networking.doks.digitalocean.com/v1alpha1\nkind: Route\nmetadata: {name: a}\nspec: {destinations: [\"1.2.3.4/5\"], gateways: [\"10.114.0.3\"]}\n---\napiVersion: networking.doks.digitalocean.com/v1alpha1\nkind: Route\nmetadata: {name: b}\nspec:\n  destinations: 5\n  gateways: [\"10.114.0.3\"]\n";
+        let e = parse_file(Path::new("/r/f.yaml"), text).unwrap_err();
+        assert_eq!(e.line, Some(10), "{e}");
+        assert!(e.to_string().starts_with("/r/f.yaml:10: "), "{e}");
+        let e = parse_file(Path::new("g.yaml"), "a: [\n").unwrap_err();
+        assert!(e.line.is_some(), "{e}");
+        let e = parse_file(Path::new("h.yaml"), "apiVersion: networking.doks.digitalocean.com/v1alpha1\nkind: Route\nspec: {destinations: [], gateways: []}\n").unwrap_err();
+        assert!(e.reason.contains("metadata"), "{e}");
+    }
+
+    #[test]
+    fn broken_file_keeps_its_last_good_content_and_duplicates_are_reported() {
+        let dir = std::env::temp_dir().join(format!("ra-dir-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = "apiVersion: networking.doks.digitalocean.com/v1alpha1\nkind: Route\nmetadata: {name: a}\nspec: {destinations: [\"1.0.0.0/8\"], gateways: [\"10.0.0.1\"]}\n";
+        std::fs::write(dir.join("a.yaml"), good).unwrap();
+        std::fs::write(dir.join("b.yml"), good).unwrap();
+        std::fs::write(dir.join("notes.txt"), "ignored").unwrap();
+        let mut last = BTreeMap::new();
+        let (snap, errors) = load(&dir, &mut last);
+        assert_eq!(snap.routes.len(), 1);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].reason.contains("also defined in"), "{errors:?}");
+        std::fs::write(dir.join("a.yaml"), "kind: [broken").unwrap();
+        std::fs::remove_file(dir.join("b.yml")).unwrap();
+        let (snap, errors) = load(&dir, &mut last);
+        assert_eq!(snap.routes.len(), 1, "last good content of a.yaml kept");
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].path, dir.join("a.yaml"));
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        let (snap, errors) = load(&dir, &mut last);
+        assert!(snap.routes.is_empty() && errors.is_empty(), "deleted file drops its routes");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
