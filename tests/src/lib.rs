@@ -1,1 +1,575 @@
+//! The network-namespace lab shared by the integration tests, the benchmarks and the demo
+//! (`../shared/lab.md`): a `fabric` namespace with the bridges, gateways that masquerade
+//! to their own public address, an `inet` namespace with an echo server that answers with
+//! the client's source address, and node namespaces where the agent runs.
+//!
+//! Nothing is created in the root network namespace: every `ip` call names the namespace
+//! it acts in (`ip -n`), veth pairs are created inside a lab namespace with their peer
+//! moved straight into another one. Every name carries the run's prefix (`ra<pid>x<n>`);
+//! `Drop` deletes the namespaces, pin directories and scratch files, and every new lab first
+//! sweeps what crashed earlier runs (whose pid is gone) left behind.
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
+use anyhow::{Context as _, Result, anyhow, bail};
+
+pub const ECHO_PORT: u16 = 7;
+pub const ECHO_V4: &str = "198.51.100.10";
+pub const ECHO_V6: &str = "2001:db8:198::10";
+pub const DEST_V4: &str = "198.51.100.0/24";
+pub const DEST_V6: &str = "2001:db8:198::/64";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs a command, returning stdout; the error carries the command and its stderr.
+pub fn run(args: &[&str]) -> Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawning {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or fails after `limit` naming `what`.
+/// The limit only stops a hung test; it is not what a test asserts.
+pub fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The agent binary: `$ROUTING_AGENT_BIN`, else the workspace's debug build.
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("ROUTING_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/routing-agent");
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (`cargo build -p routing-agent`; `cargo xtask test` does)",
+        p.display()
+    );
+    p
+}
+
+/// A node namespace of the lab.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    pub name: String,
+    /// Host part of its VPC address (10.114.0.H, fd00:114::H).
+    pub host: u8,
+}
+
+/// Shape of a lab.
+#[derive(Clone, Debug)]
+pub struct LabSpec {
+    pub gateways: u8,
+    pub nodes: Vec<NodeSpec>,
+}
+
+impl Default for LabSpec {
+    fn default() -> Self {
+        LabSpec {
+            gateways: 3,
+            nodes: vec![NodeSpec { name: "a".into(), host: 2 }],
+        }
+    }
+}
+
+/// Gateway `i` (1-based): VPC address 10.114.0.(2+i), public 203.0.113.i.
+pub fn gateway_v4(i: u8) -> String {
+    format!("10.114.0.{}", 2 + i)
+}
+pub fn gateway_v6(i: u8) -> String {
+    format!("fd00:114::{:x}", 2 + i)
+}
+pub fn public_v4(i: u8) -> IpAddr {
+    format!("203.0.113.{i}").parse().unwrap()
+}
+pub fn public_v6(i: u8) -> IpAddr {
+    format!("2001:db8:113::{i:x}").parse().unwrap()
+}
+
+pub struct Lab {
+    pub prefix: String,
+    pub spec: LabSpec,
+    pub scratch: PathBuf,
+    namespaces: Vec<String>,
+    stop: Arc<AtomicBool>,
+    server: Option<JoinHandle<()>>,
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Deletes what labs of dead processes left: namespaces, pins, scratch directories.
+pub fn sweep_stale() {
+    let stale = |name: &str| -> bool {
+        let Some(rest) = name.strip_prefix("ra") else { return false };
+        let Some((pid, _)) = rest.split_once('x') else { return false };
+        pid.parse::<u32>().is_ok_and(|p| !pid_alive(p))
+    };
+    if let Ok(rd) = fs::read_dir("/run/netns") {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if stale(&n) {
+                let _ = run(&["ip", "netns", "del", &n]);
+            }
+        }
+    }
+    if let Ok(rd) = fs::read_dir("/sys/fs/bpf") {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = n.strip_prefix("routing-agent-")
+                && stale(rest)
+            {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    if let Ok(rd) = fs::read_dir(std::env::temp_dir()) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if let Some(rest) = n.strip_prefix("routing-agent-lab-")
+                && stale(rest)
+            {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+impl Lab {
+    pub fn new(spec: LabSpec) -> Result<Lab> {
+        sweep_stale();
+        let prefix = format!("ra{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        let scratch = std::env::temp_dir().join(format!("routing-agent-lab-{prefix}"));
+        fs::create_dir_all(&scratch)?;
+        let mut lab = Lab {
+            prefix,
+            spec: spec.clone(),
+            scratch,
+            namespaces: Vec::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            server: None,
+        };
+        lab.build().with_context(|| format!("building lab {}", lab.prefix))?;
+        Ok(lab)
+    }
+
+    /// Full namespace name of a lab member (`fabric`, `inet`, `gw1`, `node-a`).
+    pub fn ns(&self, short: &str) -> String {
+        format!("{}-{short}", self.prefix)
+    }
+
+    pub fn node_ns(&self, node: &str) -> String {
+        self.ns(&format!("node-{node}"))
+    }
+
+    /// bpffs pin directory for an agent on `node` of this lab.
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/routing-agent-{}-{node}", self.prefix))
+    }
+
+    fn add_ns(&mut self, short: &str) -> Result<String> {
+        let name = self.ns(short);
+        run(&["ip", "netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        self.ip(&name, "link set lo up")?;
+        Ok(name)
+    }
+
+    /// `ip -n NS <args>`.
+    pub fn ip(&self, ns: &str, args: &str) -> Result<String> {
+        let mut v = vec!["ip", "-n", ns];
+        v.extend(args.split_whitespace());
+        run(&v)
+    }
+
+    /// A shell command inside `ns` (entered with nsenter, so bpffs stays visible).
+    pub fn sh(&self, ns: &str, cmd: &str) -> Result<String> {
+        run(&["nsenter", &format!("--net=/run/netns/{ns}"), "sh", "-c", cmd])
+    }
+
+    /// A veth pair `a_if` in `a_ns` ↔ `b_if` in `b_ns`, both up.
+    pub fn veth(&self, a_ns: &str, a_if: &str, b_ns: &str, b_if: &str) -> Result<()> {
+        self.ip(a_ns, &format!("link add {a_if} type veth peer name {b_if} netns {b_ns}"))?;
+        self.ip(a_ns, &format!("link set dev {a_if} up"))?;
+        self.ip(b_ns, &format!("link set dev {b_if} up"))?;
+        Ok(())
+    }
+
+    fn bridge_port(&self, ns_short: &str, if_name: &str, fab_if: &str, bridge: &str) -> Result<()> {
+        let fab = self.ns("fabric");
+        self.veth(&self.ns(ns_short), if_name, &fab, fab_if)?;
+        self.ip(&fab, &format!("link set dev {fab_if} master {bridge}"))?;
+        Ok(())
+    }
+
+    fn build(&mut self) -> Result<()> {
+        let fab = self.add_ns("fabric")?;
+        for br in ["br-vpc", "br-up"] {
+            self.ip(&fab, &format!("link add {br} type bridge mcast_snooping 0"))?;
+            self.ip(&fab, &format!("link set dev {br} up"))?;
+        }
+        // The internet: a router for the gateways' uplinks and the echo server.
+        let inet = self.add_ns("inet")?;
+        self.bridge_port("inet", "up0", "inet-up", "br-up")?;
+        self.ip(&inet, "addr add 203.0.113.254/24 dev up0")?;
+        self.ip(&inet, "addr add 2001:db8:113::fe/64 dev up0 nodad")?;
+        // Server addresses on loopback (the lab kernel may lack the dummy driver).
+        self.ip(&inet, &format!("addr add {ECHO_V4}/32 dev lo"))?;
+        self.ip(&inet, &format!("addr add {ECHO_V6}/128 dev lo nodad"))?;
+        for i in 1..=self.spec.gateways {
+            let gw = self.add_ns(&format!("gw{i}"))?;
+            self.bridge_port(&format!("gw{i}"), "vpc", &format!("gw{i}-vpc"), "br-vpc")?;
+            self.bridge_port(&format!("gw{i}"), "uplink", &format!("gw{i}-up"), "br-up")?;
+            self.ip(&gw, &format!("addr add {}/20 dev vpc", gateway_v4(i)))?;
+            self.ip(&gw, &format!("addr add {}/64 dev vpc nodad", gateway_v6(i)))?;
+            self.ip(&gw, &format!("addr add {}/24 dev uplink", public_v4(i)))?;
+            self.ip(&gw, &format!("addr add {}/64 dev uplink nodad", public_v6(i)))?;
+            self.ip(&gw, "route add default via 203.0.113.254")?;
+            self.ip(&gw, "-6 route add default via 2001:db8:113::fe")?;
+            self.sh(
+                &gw,
+                "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 && \
+                 nft add table inet nat && \
+                 nft add chain inet nat post '{ type nat hook postrouting priority 100 ; }' && \
+                 nft add rule inet nat post oifname uplink masquerade",
+            )?;
+        }
+        for n in self.spec.nodes.clone() {
+            self.add_node_ns(&n)?;
+        }
+        self.start_echo_server()?;
+        Ok(())
+    }
+
+    fn add_node_ns(&mut self, n: &NodeSpec) -> Result<()> {
+        let ns = self.add_ns(&format!("node-{}", n.name))?;
+        self.bridge_port(&format!("node-{}", n.name), "eth1", &format!("{}-vpc", n.name), "br-vpc")?;
+        self.ip(&ns, &format!("addr add 10.114.0.{}/20 dev eth1", n.host))?;
+        self.ip(&ns, &format!("addr add fd00:114::{:x}/64 dev eth1 nodad", n.host))?;
+        Ok(())
+    }
+
+    /// The echo server: a thread inside the `inet` namespace answering every TCP
+    /// connection on port 7 (v4 and v6) with the client's source address.
+    fn start_echo_server(&mut self) -> Result<()> {
+        let ns = self.ns("inet");
+        let stop = self.stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            let listener = in_netns(&ns, || TcpListener::bind(("::", ECHO_PORT)));
+            let listener = match listener {
+                Ok(Ok(l)) => l,
+                Ok(Err(e)) | Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow!("echo server: {e}")));
+                    return;
+                }
+            };
+            listener.set_nonblocking(true).expect("nonblocking");
+            let _ = ready_tx.send(Ok(()));
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, peer)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = writeln!(s, "{}", peer.ip().to_canonical());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        ready_rx.recv()??;
+        self.server = Some(handle);
+        Ok(())
+    }
+
+    /// Opens a TCP connection from `node` to the echo server at `dst` and returns the
+    /// source address the server saw (the egress gateway's public address).
+    pub fn connect(&self, node: &str, dst: IpAddr) -> Result<IpAddr> {
+        let ns = self.node_ns(node);
+        let addr = SocketAddr::new(dst, ECHO_PORT);
+        let out = in_netns(&ns, move || -> Result<IpAddr> {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text.trim().parse()?)
+        })?;
+        out.with_context(|| format!("connecting from node {node} to {addr}"))
+    }
+
+    /// `count` connections; the set of source addresses the server saw, with counts.
+    pub fn spread(&self, node: &str, dst: IpAddr, count: usize) -> Result<std::collections::BTreeMap<IpAddr, usize>> {
+        let mut seen = std::collections::BTreeMap::new();
+        for _ in 0..count {
+            *seen.entry(self.connect(node, dst)?).or_insert(0) += 1;
+        }
+        Ok(seen)
+    }
+
+    /// `ip -j` output of a node, parsed.
+    pub fn ip_json(&self, node: &str, args: &str) -> Result<serde_json::Value> {
+        let out = self.ip(&self.node_ns(node), &format!("-j {args}"))?;
+        if out.trim().is_empty() {
+            return Ok(serde_json::Value::Array(vec![]));
+        }
+        Ok(serde_json::from_str(&out)?)
+    }
+
+    /// The node's route to `dst` in the main table, if any.
+    pub fn route(&self, node: &str, dst: &str) -> Result<Option<serde_json::Value>> {
+        let fam = if dst.contains(':') { "-6" } else { "-4" };
+        let v = self.ip_json(node, &format!("{fam} route show exact {dst}"))?;
+        Ok(v.as_array().and_then(|a| a.first().cloned()))
+    }
+
+    /// Gateways of the node's route to `dst`, resolved through its nexthop group.
+    pub fn route_gateways(&self, node: &str, dst: &str) -> Result<Vec<String>> {
+        let Some(r) = self.route(node, dst)? else { return Ok(vec![]) };
+        let mut gws = Vec::new();
+        if let Some(hops) = r["nexthops"].as_array() {
+            gws.extend(hops.iter().filter_map(|h| h["gateway"].as_str().map(String::from)));
+        } else if let Some(g) = r["gateway"].as_str() {
+            gws.push(g.to_string());
+        } else if let Some(id) = r["nhid"].as_u64() {
+            let nh = self.ip_json(node, &format!("nexthop show id {id}"))?;
+            for m in nh[0]["group"].as_array().into_iter().flatten() {
+                let m = self.ip_json(node, &format!("nexthop show id {}", m["id"]))?;
+                if let Some(g) = m[0]["gateway"].as_str() {
+                    gws.push(g.to_string());
+                }
+            }
+            if let Some(g) = nh[0]["gateway"].as_str() {
+                gws.push(g.to_string());
+            }
+        }
+        gws.sort();
+        Ok(gws)
+    }
+
+    /// Adds a node namespace after the lab was built.
+    pub fn add_node(&mut self, n: NodeSpec) -> Result<()> {
+        self.add_node_ns(&n)?;
+        self.spec.nodes.push(n);
+        Ok(())
+    }
+
+    /// A fresh directory for Route manifests.
+    pub fn routes_dir(&self, name: &str) -> Result<PathBuf> {
+        let d = self.scratch.join(name);
+        fs::create_dir_all(&d)?;
+        Ok(d)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.server.take() {
+            let _ = h.join();
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = run(&["ip", "netns", "del", ns]);
+        }
+        for n in &self.spec.nodes {
+            let _ = fs::remove_dir_all(self.pin_dir(&n.name));
+        }
+        let _ = fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns` (setns is per thread).
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::io::Result<T> {
+    let file = fs::File::open(format!("/run/netns/{ns}"))?;
+    std::thread::spawn(move || -> std::io::Result<T> {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("thread panicked"))?
+}
+
+/// A Route manifest.
+pub fn route_yaml(name: &str, destinations: &[&str], gateways: &[&str], node_selector: Option<&str>) -> String {
+    let list = |v: &[&str]| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+    let mut y = format!(
+        "apiVersion: networking.doks.digitalocean.com/v1alpha1\nkind: Route\nmetadata:\n  name: {name}\nspec:\n  destinations: [{}]\n  gateways: [{}]\n",
+        list(destinations),
+        list(gateways)
+    );
+    if let Some(sel) = node_selector {
+        y.push_str("  nodeSelector:\n");
+        for line in sel.lines() {
+            y.push_str("    ");
+            y.push_str(line);
+            y.push('\n');
+        }
+    }
+    y
+}
+
+/// Writes a file atomically (rename), as editors and config management do.
+pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_file_name(format!(".{}.tmp", path.file_name().unwrap().to_string_lossy()));
+    fs::write(&tmp, text)?;
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The agent running in standalone mode inside a node namespace.
+pub struct Agent {
+    child: Option<Child>,
+    pub node: String,
+    pub log: PathBuf,
+    pub status: PathBuf,
+    args: Vec<String>,
+    ns: String,
+}
+
+impl Agent {
+    /// Starts the agent on `node` of `lab` with Routes from `dir`, plus `extra` flags.
+    pub fn start(lab: &Lab, node: &str, dir: &Path, extra: &[&str]) -> Result<Agent> {
+        let spec = lab
+            .spec
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .ok_or_else(|| anyhow!("no node {node} in the lab"))?;
+        let _ = spec;
+        let mut args = vec![
+            "run".to_string(),
+            "--routes-dir".into(),
+            dir.display().to_string(),
+            "--node-name".into(),
+            format!("node-{node}"),
+            "--bpf-pin-dir".into(),
+            lab.pin_dir(node).display().to_string(),
+            "--status-file".into(),
+            lab.scratch.join(format!("status-{node}.json")).display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut a = Agent {
+            child: None,
+            node: node.into(),
+            log: lab.scratch.join(format!("agent-{node}.log")),
+            status: lab.scratch.join(format!("status-{node}.json")),
+            args,
+            ns: lab.node_ns(node),
+        };
+        a.spawn()?;
+        Ok(a)
+    }
+
+    fn spawn(&mut self) -> Result<()> {
+        // The agent only ever runs inside a lab namespace.
+        assert!(self.ns.starts_with("ra"), "refusing to run the agent outside the lab");
+        let _ = fs::remove_file(&self.status);
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns))
+            .arg(agent_bin())
+            .args(&self.args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Stops the agent with SIGTERM (routes stay) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        self.spawn()
+    }
+
+    /// Fails if the process exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(c) = &mut self.child
+            && let Some(st) = c.try_wait()?
+        {
+            bail!("agent on {} exited ({st}); log:\n{}", self.node, self.log_text());
+        }
+        Ok(())
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn status(&self) -> Option<serde_json::Value> {
+        serde_json::from_str(&fs::read_to_string(&self.status).ok()?).ok()
+    }
+
+    /// Waits until the status file satisfies `pred`.
+    pub fn wait_status(&mut self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> Result<serde_json::Value> {
+        let r = wait_for(what, Duration::from_secs(20), || {
+            if self.check_alive().is_err() {
+                return Some(Err(anyhow!("agent exited")));
+            }
+            self.status().filter(|s| pred(s)).map(Ok)
+        });
+        match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) | Err(e) => Err(e.context(format!("agent log:\n{}", self.log_text()))),
+        }
+    }
+
+    /// Waits until the agent reports a reconcile with `n` installed routes and no change
+    /// pending (its last pass found the kernel as desired).
+    pub fn wait_settled(&mut self, n: usize) -> Result<serde_json::Value> {
+        self.wait_status(&format!("{n} routes installed, settled"), |s| {
+            s["routes"].as_array().is_some_and(|r| r.len() == n) && s["lastChanges"] == 0
+        })
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
