@@ -31,7 +31,11 @@ struct Backoff {
 
 impl Backoff {
     fn new(min: Duration, max: Duration) -> Self {
-        Backoff { min, max, next: min }
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
     }
     fn step(&mut self) -> Duration {
         let d = self.next;
@@ -93,7 +97,10 @@ pub async fn run(
                     p.sync(&outcome.interfaces);
                 }
                 let retryable = outcome.problems.iter().any(|p| {
-                    matches!(p.kind, ProblemKind::GatewayUnreachable { .. } | ProblemKind::Kernel { .. })
+                    matches!(
+                        p.kind,
+                        ProblemKind::GatewayUnreachable { .. } | ProblemKind::Kernel { .. }
+                    )
                 });
                 if retryable {
                     retry_at = Some(tokio::time::Instant::now() + backoff.step());
@@ -104,7 +111,9 @@ pub async fn run(
                 report(&desired, &outcome, last.as_ref(), started.elapsed());
                 if let Some(path) = &cfg.status_file {
                     let attached = programs.as_ref().map(|p| p.attached()).unwrap_or_default();
-                    if let Err(e) = write_status(path, &cfg.node, &desired, &outcome, &attached, reconciles) {
+                    if let Err(e) =
+                        write_status(path, &cfg.node, &desired, &outcome, &attached, reconciles)
+                    {
                         warn!(path = %path.display(), error = %e, "cannot write the status file");
                     }
                 }
@@ -123,18 +132,34 @@ pub async fn run(
 
 /// One log line per change: problems that appear or clear, warnings, and a summary when
 /// the kernel was changed.
-fn report(desired: &DesiredState, outcome: &Outcome, last: Option<&(DesiredState, Outcome)>, took: Duration) {
+fn report(
+    desired: &DesiredState,
+    outcome: &Outcome,
+    last: Option<&(DesiredState, Outcome)>,
+    took: Duration,
+) {
     let (old_problems, old_warnings) = match last {
         Some((d, o)) => (o.problems.as_slice(), d.warnings.as_slice()),
         None => (&[][..], &[][..]),
     };
-    for p in outcome.problems.iter().filter(|p| !old_problems.contains(p)) {
+    for p in outcome
+        .problems
+        .iter()
+        .filter(|p| !old_problems.contains(p))
+    {
         warn!(route = %p.route, "{}", p.message);
     }
-    for p in old_problems.iter().filter(|p| !outcome.problems.contains(p)) {
+    for p in old_problems
+        .iter()
+        .filter(|p| !outcome.problems.contains(p))
+    {
         info!(route = %p.route, "resolved: {}", p.message);
     }
-    for w in desired.warnings.iter().filter(|w| !old_warnings.contains(w)) {
+    for w in desired
+        .warnings
+        .iter()
+        .filter(|w| !old_warnings.contains(w))
+    {
         warn!("{w}");
     }
     if outcome.changes > 0 || last.is_none() {

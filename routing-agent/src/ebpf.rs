@@ -48,10 +48,15 @@ impl Programs {
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
                 .try_into()?;
-            prog.load().with_context(|| format!("the verifier rejected {name}"))?;
+            prog.load()
+                .with_context(|| format!("the verifier rejected {name}"))?;
         }
-        std::fs::create_dir_all(pin_dir)
-            .with_context(|| format!("creating {} (is bpffs mounted on /sys/fs/bpf?)", pin_dir.display()))?;
+        std::fs::create_dir_all(pin_dir).with_context(|| {
+            format!(
+                "creating {} (is bpffs mounted on /sys/fs/bpf?)",
+                pin_dir.display()
+            )
+        })?;
         let map_path = pin_dir.join(names::MAP_TRAFFIC);
         if map_path.exists() {
             // Counters restart from zero for now; reusing pinned state comes with the
@@ -83,7 +88,12 @@ impl Programs {
 
     /// Attaches to exactly `ifindexes` (attaching new ones, detaching the rest).
     pub fn sync(&mut self, ifindexes: &std::collections::BTreeSet<u32>) {
-        let stale: Vec<u32> = self.attached.keys().filter(|i| !ifindexes.contains(i)).copied().collect();
+        let stale: Vec<u32> = self
+            .attached
+            .keys()
+            .filter(|i| !ifindexes.contains(i))
+            .copied()
+            .collect();
         for i in stale {
             let a = self.attached.remove(&i).expect("present");
             // The interface may be gone already (then its attachments went with it).
@@ -101,7 +111,9 @@ impl Programs {
                     info!(interface = %name, "TC programs attached (egress, ingress)");
                     self.attached.insert(i, a);
                 }
-                Err(e) => warn!(interface = %name, error = format!("{e:#}"), "attaching TC programs failed"),
+                Err(e) => {
+                    warn!(interface = %name, error = format!("{e:#}"), "attaching TC programs failed")
+                }
             }
         }
     }
@@ -117,8 +129,13 @@ impl Programs {
                 return Err(e).context("adding the clsact qdisc");
             }
         }
-        let egress = self.prog(names::PROG_EGRESS).attach(name, TcAttachType::Egress)?;
-        let ingress = match self.prog(names::PROG_INGRESS).attach(name, TcAttachType::Ingress) {
+        let egress = self
+            .prog(names::PROG_EGRESS)
+            .attach(name, TcAttachType::Egress)?;
+        let ingress = match self
+            .prog(names::PROG_INGRESS)
+            .attach(name, TcAttachType::Ingress)
+        {
             Ok(l) => l,
             Err(e) => {
                 let _ = self.prog(names::PROG_EGRESS).detach(egress);
@@ -137,4 +154,3 @@ impl Programs {
         self.attached.values().map(|a| a.name.clone()).collect()
     }
 }
-

@@ -66,7 +66,7 @@ pub struct DesiredState {
 /// Plans the routes for `node`. The result does not depend on the order of `routes`.
 pub fn plan(routes: &[Route], node: &NodeInfo) -> DesiredState {
     let mut ordered: Vec<&Route> = routes.iter().collect();
-    ordered.sort_by(|a, b| precedence(a).cmp(&precedence(b)));
+    ordered.sort_by_key(|r| precedence(r));
 
     let mut state = DesiredState::default();
     for r in ordered {
@@ -139,7 +139,11 @@ fn precedence(r: &Route) -> (bool, Option<String>, String) {
         .creation_timestamp
         .as_ref()
         .map(|t| t.0.to_string());
-    (ts.is_none(), ts, r.metadata.name.clone().unwrap_or_default())
+    (
+        ts.is_none(),
+        ts,
+        r.metadata.name.clone().unwrap_or_default(),
+    )
 }
 
 #[cfg(test)]
@@ -182,7 +186,11 @@ mod tests {
         let s = plan(
             &[
                 route("one", &["1.2.3.0/24"], &["10.114.0.3"]),
-                route("two", &["5.6.0.0/16", "7.7.7.7"], &["10.114.0.4", "10.114.0.3"]),
+                route(
+                    "two",
+                    &["5.6.0.0/16", "7.7.7.7"],
+                    &["10.114.0.4", "10.114.0.3"],
+                ),
             ],
             &node(),
         );
@@ -190,7 +198,13 @@ mod tests {
         assert_eq!(s.routes.len(), 3);
         assert_eq!(s.routes[&net("1.2.3.0/24")].gateways.len(), 1);
         let ecmp = &s.routes[&net("5.6.0.0/16")];
-        assert_eq!(ecmp.gateways, vec!["10.114.0.3".parse::<IpAddr>().unwrap(), "10.114.0.4".parse().unwrap()]);
+        assert_eq!(
+            ecmp.gateways,
+            vec![
+                "10.114.0.3".parse::<IpAddr>().unwrap(),
+                "10.114.0.4".parse().unwrap()
+            ]
+        );
         assert_eq!(ecmp.owner, "two");
         assert!(s.routes.contains_key(&net("7.7.7.7/32")));
         assert_eq!(s.selected, vec!["one", "two"]);
@@ -199,7 +213,10 @@ mod tests {
     #[test]
     fn both_families() {
         let s = plan(
-            &[route("v6", &["2001:db8::/32", "::/0"], &["fd00::3", "fd00::4"]), route("v4", &["0.0.0.0/0"], &["10.0.0.1"])],
+            &[
+                route("v6", &["2001:db8::/32", "::/0"], &["fd00::3", "fd00::4"]),
+                route("v4", &["0.0.0.0/0"], &["10.0.0.1"]),
+            ],
             &node(),
         );
         assert_eq!(s.routes.len(), 3);
@@ -210,28 +227,48 @@ mod tests {
     #[test]
     fn invalid_route_is_reported_and_others_still_apply() {
         let s = plan(
-            &[route("bad", &["10.0.0.0/8"], &["fd00::1"]), route("good", &["10.0.0.0/8"], &["10.1.0.1"])],
+            &[
+                route("bad", &["10.0.0.0/8"], &["fd00::1"]),
+                route("good", &["10.0.0.0/8"], &["10.1.0.1"]),
+            ],
             &node(),
         );
         assert_eq!(s.routes[&net("10.0.0.0/8")].owner, "good");
         assert_eq!(s.problems.len(), 1);
         assert_eq!(s.problems[0].route, "bad");
         assert_eq!(s.problems[0].kind, ProblemKind::Invalid);
-        assert!(s.problems[0].message.contains("spec.destinations[0]"), "{}", s.problems[0].message);
+        assert!(
+            s.problems[0].message.contains("spec.destinations[0]"),
+            "{}",
+            s.problems[0].message
+        );
     }
 
     #[test]
     fn conflict_oldest_wins_and_loser_is_reported() {
-        let old = aged(route("zzz-old", &["10.0.0.0/8", "11.0.0.0/8"], &["10.1.0.1"]), 0);
-        let new = aged(route("aaa-new", &["10.0.0.0/8", "12.0.0.0/8"], &["10.1.0.2"]), 60);
+        let old = aged(
+            route("zzz-old", &["10.0.0.0/8", "11.0.0.0/8"], &["10.1.0.1"]),
+            0,
+        );
+        let new = aged(
+            route("aaa-new", &["10.0.0.0/8", "12.0.0.0/8"], &["10.1.0.2"]),
+            60,
+        );
         let s = plan(&[new, old], &node());
         assert_eq!(s.routes[&net("10.0.0.0/8")].owner, "zzz-old");
-        assert_eq!(s.routes[&net("12.0.0.0/8")].owner, "aaa-new", "loser keeps its other destinations");
+        assert_eq!(
+            s.routes[&net("12.0.0.0/8")].owner,
+            "aaa-new",
+            "loser keeps its other destinations"
+        );
         assert_eq!(
             s.problems,
             vec![Problem {
                 route: "aaa-new".into(),
-                kind: ProblemKind::Conflict { destination: net("10.0.0.0/8"), winner: "zzz-old".into() },
+                kind: ProblemKind::Conflict {
+                    destination: net("10.0.0.0/8"),
+                    winner: "zzz-old".into()
+                },
                 message: s.problems[0].message.clone(),
             }]
         );
@@ -240,16 +277,38 @@ mod tests {
 
     #[test]
     fn conflict_tie_and_missing_timestamps_break_by_name() {
-        let s = plan(&[route("b", &["10.0.0.0/8"], &["10.1.0.2"]), route("a", &["10.0.0.0/8"], &["10.1.0.1"])], &node());
+        let s = plan(
+            &[
+                route("b", &["10.0.0.0/8"], &["10.1.0.2"]),
+                route("a", &["10.0.0.0/8"], &["10.1.0.1"]),
+            ],
+            &node(),
+        );
         assert_eq!(s.routes[&net("10.0.0.0/8")].owner, "a");
         // A Route with a timestamp beats one without.
-        let s = plan(&[route("a", &["10.0.0.0/8"], &["10.1.0.1"]), aged(route("b", &["10.0.0.0/8"], &["10.1.0.2"]), 5)], &node());
+        let s = plan(
+            &[
+                route("a", &["10.0.0.0/8"], &["10.1.0.1"]),
+                aged(route("b", &["10.0.0.0/8"], &["10.1.0.2"]), 5),
+            ],
+            &node(),
+        );
         assert_eq!(s.routes[&net("10.0.0.0/8")].owner, "b");
         // Host bits cleared: both name the same network, so they conflict.
-        let s = plan(&[route("a", &["10.1.2.3/8"], &["10.1.0.1"]), route("b", &["10.0.0.0/8"], &["10.1.0.2"])], &node());
+        let s = plan(
+            &[
+                route("a", &["10.1.2.3/8"], &["10.1.0.1"]),
+                route("b", &["10.0.0.0/8"], &["10.1.0.2"]),
+            ],
+            &node(),
+        );
         assert_eq!(s.problems.len(), 1);
         assert_eq!(s.warnings.len(), 1);
-        assert!(s.warnings[0].starts_with("Route a: spec.destinations[0]"), "{:?}", s.warnings);
+        assert!(
+            s.warnings[0].starts_with("Route a: spec.destinations[0]"),
+            "{:?}",
+            s.warnings
+        );
     }
 
     #[test]
@@ -272,7 +331,7 @@ mod tests {
         }
         assert_eq!(reference.routes[&net("10.0.0.0/8")].owner, "b");
         assert_eq!(reference.routes[&net("2.0.0.0/8")].owner, "e");
-        assert_eq!(reference.problems.len(), 4, "a, c twice (to b and e), d"); 
+        assert_eq!(reference.problems.len(), 4, "a, c twice (to b and e), d");
     }
 
     #[test]
@@ -290,13 +349,21 @@ mod tests {
         };
         sel.spec.node_selector = Some(term("In", "b"));
         assert!(plan(std::slice::from_ref(&sel), &node()).routes.is_empty());
-        assert!(plan(std::slice::from_ref(&sel), &node()).selected.is_empty());
+        assert!(
+            plan(std::slice::from_ref(&sel), &node())
+                .selected
+                .is_empty()
+        );
         sel.spec.node_selector = Some(term("In", "a"));
         assert_eq!(plan(std::slice::from_ref(&sel), &node()).routes.len(), 1);
         sel.spec.node_selector = Some(term("Gt", "x"));
         let s = plan(&[sel], &node());
         assert!(s.routes.is_empty());
         assert_eq!(s.problems[0].kind, ProblemKind::Invalid);
-        assert!(s.problems[0].message.contains("nodeSelectorTerms[0].matchExpressions[0].values"));
+        assert!(
+            s.problems[0]
+                .message
+                .contains("nodeSelectorTerms[0].matchExpressions[0].values")
+        );
     }
 }

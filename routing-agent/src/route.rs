@@ -74,11 +74,15 @@ pub fn parse_gateway(value: &str) -> Result<IpAddr, String> {
         .parse()
         .map_err(|_| format!("{value:?} is not an IP address"))?;
     let bad = match addr {
-        IpAddr::V4(a) => a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_loopback(),
+        IpAddr::V4(a) => {
+            a.is_unspecified() || a.is_multicast() || a.is_broadcast() || a.is_loopback()
+        }
         IpAddr::V6(a) => a.is_unspecified() || a.is_multicast() || a.is_loopback(),
     };
     if bad {
-        return Err(format!("{addr} is not a unicast address a gateway can have"));
+        return Err(format!(
+            "{addr} is not a unicast address a gateway can have"
+        ));
     }
     Ok(addr)
 }
@@ -109,10 +113,17 @@ pub fn validate(route: &Route) -> Result<ValidRoute, InvalidRoute> {
         }
     }
     let family = Family::of(&gateways[0]);
-    if let Some((i, gw)) = gateways.iter().enumerate().find(|(_, g)| Family::of(g) != family) {
+    if let Some((i, gw)) = gateways
+        .iter()
+        .enumerate()
+        .find(|(_, g)| Family::of(g) != family)
+    {
         return Err(err(
             format!("spec.gateways[{i}]"),
-            format!("{gw} is {} but spec.gateways[0] is {family}: one family per Route", Family::of(gw)),
+            format!(
+                "{gw} is {} but spec.gateways[0] is {family}: one family per Route",
+                Family::of(gw)
+            ),
         ));
     }
     let mut destinations: Vec<IpNet> = Vec::new();
@@ -123,7 +134,9 @@ pub fn validate(route: &Route) -> Result<ValidRoute, InvalidRoute> {
         if net_family != family {
             return Err(err(
                 format!("spec.destinations[{i}]"),
-                format!("{net} is {net_family} but the gateways are {family}: one family per Route"),
+                format!(
+                    "{net} is {net_family} but the gateways are {family}: one family per Route"
+                ),
             ));
         }
         if truncated {
@@ -192,7 +205,10 @@ mod tests {
         assert_eq!(e.route, "r");
         let e = validate(&route(&["10.0.0.0/8"], &["10.0.0.1", "fd00::1"])).unwrap_err();
         assert_eq!(e.field, "spec.gateways[1]");
-        assert!(e.to_string().starts_with("Route r: spec.gateways[1]:"), "{e}");
+        assert!(
+            e.to_string().starts_with("Route r: spec.gateways[1]:"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -203,19 +219,40 @@ mod tests {
         assert_eq!(e.field, "spec.destinations[0]");
         let e = validate(&route(&["10.0.0.0/8"], &["10.0.0.1/24"])).unwrap_err();
         assert_eq!(e.field, "spec.gateways[0]");
-        for bad in ["0.0.0.0", "224.0.0.1", "255.255.255.255", "127.0.0.1", "::", "ff02::1"] {
+        for bad in [
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "127.0.0.1",
+            "::",
+            "ff02::1",
+        ] {
             let e = validate(&route(&["10.0.0.0/8"], &[bad])).unwrap_err();
             assert_eq!(e.field, "spec.gateways[0]", "{bad}");
         }
-        assert_eq!(validate(&route(&[], &["10.0.0.1"])).unwrap_err().field, "spec.destinations");
-        assert_eq!(validate(&route(&["10.0.0.0/8"], &[])).unwrap_err().field, "spec.gateways");
+        assert_eq!(
+            validate(&route(&[], &["10.0.0.1"])).unwrap_err().field,
+            "spec.destinations"
+        );
+        assert_eq!(
+            validate(&route(&["10.0.0.0/8"], &[])).unwrap_err().field,
+            "spec.gateways"
+        );
     }
 
     #[test]
     fn duplicates_are_folded_with_a_warning() {
-        let v = validate(&route(&["10.0.0.0/8", "10.1.0.0/8"], &["10.0.0.1", "10.0.0.1"])).unwrap();
+        let v = validate(&route(
+            &["10.0.0.0/8", "10.1.0.0/8"],
+            &["10.0.0.1", "10.0.0.1"],
+        ))
+        .unwrap();
         assert_eq!(v.destinations.len(), 1);
         assert_eq!(v.gateways.len(), 1);
-        assert_eq!(v.warnings.len(), 3, "host bits, duplicate destination, duplicate gateway");
+        assert_eq!(
+            v.warnings.len(),
+            3,
+            "host bits, duplicate destination, duplicate gateway"
+        );
     }
 }

@@ -44,7 +44,10 @@ pub fn matches(selector: Option<&NodeSelector>, node: &NodeInfo) -> Result<bool,
             })?;
         }
     }
-    Ok(selector.node_selector_terms.iter().any(|t| term_matches(t, node)))
+    Ok(selector
+        .node_selector_terms
+        .iter()
+        .any(|t| term_matches(t, node)))
 }
 
 fn term_matches(term: &NodeSelectorTerm, node: &NodeInfo) -> bool {
@@ -109,7 +112,10 @@ fn check_expression(req: &NodeSelectorRequirement) -> Check {
             values[0].parse::<i64>().map(|_| ()).map_err(|_| {
                 (
                     ".values",
-                    format!("operator {} needs an integer, got {:?}", req.operator, values[0]),
+                    format!(
+                        "operator {} needs an integer, got {:?}",
+                        req.operator, values[0]
+                    ),
                 )
             })
         }
@@ -125,7 +131,10 @@ fn check_field(req: &NodeSelectorRequirement) -> Check {
     if req.key != "metadata.name" {
         return Err((
             ".key",
-            format!("{:?} is not supported; matchFields supports metadata.name", req.key),
+            format!(
+                "{:?} is not supported; matchFields supports metadata.name",
+                req.key
+            ),
         ));
     }
     match req.operator.as_str() {
@@ -148,7 +157,10 @@ mod tests {
     fn node(name: &str, labels: &[(&str, &str)]) -> NodeInfo {
         NodeInfo {
             name: name.into(),
-            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 
@@ -184,7 +196,15 @@ mod tests {
     #[test]
     fn empty_term_list_and_empty_term_match_nothing() {
         let n = node("a", &[("pool", "x")]);
-        assert!(!matches(Some(&NodeSelector { node_selector_terms: vec![] }), &n).unwrap());
+        assert!(
+            !matches(
+                Some(&NodeSelector {
+                    node_selector_terms: vec![]
+                }),
+                &n
+            )
+            .unwrap()
+        );
         let empty_term = NodeSelector {
             node_selector_terms: vec![NodeSelectorTerm::default()],
         };
@@ -197,16 +217,25 @@ mod tests {
         let n = node("a", &[("pool", "x")]);
         assert!(one(req("pool", "In", &["y", "x"]), &n));
         assert!(!one(req("pool", "In", &["y"]), &n));
-        assert!(!one(req("zone", "In", &["x"]), &n), "missing label never matches In");
+        assert!(
+            !one(req("zone", "In", &["x"]), &n),
+            "missing label never matches In"
+        );
         assert!(one(req("pool", "NotIn", &["y"]), &n));
         assert!(!one(req("pool", "NotIn", &["x"]), &n));
-        assert!(one(req("zone", "NotIn", &["x"]), &n), "missing label matches NotIn");
+        assert!(
+            one(req("zone", "NotIn", &["x"]), &n),
+            "missing label matches NotIn"
+        );
     }
 
     #[test]
     fn exists_and_does_not_exist() {
         let n = node("a", &[("pool", "")]);
-        assert!(one(req("pool", "Exists", &[]), &n), "empty value still exists");
+        assert!(
+            one(req("pool", "Exists", &[]), &n),
+            "empty value still exists"
+        );
         assert!(!one(req("zone", "Exists", &[]), &n));
         assert!(one(req("zone", "DoesNotExist", &[]), &n));
         assert!(!one(req("pool", "DoesNotExist", &[]), &n));
@@ -220,8 +249,14 @@ mod tests {
         assert!(one(req("cpus", "Lt", &["16"]), &n));
         assert!(!one(req("cpus", "Lt", &["8"]), &n));
         assert!(one(req("cpus", "Gt", &["-3"]), &n));
-        assert!(!one(req("name", "Gt", &["1"]), &n), "non-integer label never matches");
-        assert!(!one(req("missing", "Lt", &["100"]), &n), "missing label never matches");
+        assert!(
+            !one(req("name", "Gt", &["1"]), &n),
+            "non-integer label never matches"
+        );
+        assert!(
+            !one(req("missing", "Lt", &["100"]), &n),
+            "missing label never matches"
+        );
     }
 
     #[test]
@@ -230,7 +265,10 @@ mod tests {
         for values in [&[][..], &["1", "2"][..], &["eight"][..]] {
             let sel = exprs(vec![vec![req("cpus", "Gt", values)]]);
             let e = matches(Some(&sel), &n).unwrap_err();
-            assert_eq!(e.field, "spec.nodeSelector.nodeSelectorTerms[0].matchExpressions[0].values");
+            assert_eq!(
+                e.field,
+                "spec.nodeSelector.nodeSelectorTerms[0].matchExpressions[0].values"
+            );
         }
     }
 
@@ -260,7 +298,10 @@ mod tests {
     #[test]
     fn terms_are_ored_requirements_anded() {
         let n = node("a", &[("pool", "x"), ("zone", "1")]);
-        let and_fails = exprs(vec![vec![req("pool", "In", &["x"]), req("zone", "In", &["2"])]]);
+        let and_fails = exprs(vec![vec![
+            req("pool", "In", &["x"]),
+            req("zone", "In", &["2"]),
+        ]]);
         assert!(!matches(Some(&and_fails), &n).unwrap());
         let or_holds = exprs(vec![
             vec![req("pool", "In", &["x"]), req("zone", "In", &["2"])],
@@ -277,9 +318,21 @@ mod tests {
                 match_fields: Some(vec![req("metadata.name", op, v)]),
             }],
         };
-        assert!(matches(Some(&fields("In", &["worker-pool-y"])), &node("worker-pool-y", &[])).unwrap());
+        assert!(
+            matches(
+                Some(&fields("In", &["worker-pool-y"])),
+                &node("worker-pool-y", &[])
+            )
+            .unwrap()
+        );
         assert!(!matches(Some(&fields("In", &["worker-pool-y"])), &node("other", &[])).unwrap());
-        assert!(matches(Some(&fields("NotIn", &["worker-pool-y"])), &node("other", &[])).unwrap());
+        assert!(
+            matches(
+                Some(&fields("NotIn", &["worker-pool-y"])),
+                &node("other", &[])
+            )
+            .unwrap()
+        );
         let both = NodeSelector {
             node_selector_terms: vec![NodeSelectorTerm {
                 match_expressions: Some(vec![req("pool", "In", &["x"])]),
@@ -300,8 +353,14 @@ mod tests {
             }],
         };
         let e = matches(Some(&f("metadata.uid", "In")), &node("a", &[])).unwrap_err();
-        assert_eq!(e.field, "spec.nodeSelector.nodeSelectorTerms[0].matchFields[0].key");
+        assert_eq!(
+            e.field,
+            "spec.nodeSelector.nodeSelectorTerms[0].matchFields[0].key"
+        );
         let e = matches(Some(&f("metadata.name", "Gt")), &node("a", &[])).unwrap_err();
-        assert_eq!(e.field, "spec.nodeSelector.nodeSelectorTerms[0].matchFields[0].operator");
+        assert_eq!(
+            e.field,
+            "spec.nodeSelector.nodeSelectorTerms[0].matchFields[0].operator"
+        );
     }
 }

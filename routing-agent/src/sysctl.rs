@@ -10,7 +10,12 @@ pub fn ensure(key: &str, value: &str) -> std::io::Result<()> {
     let current = std::fs::read_to_string(&path)?;
     if current.trim() != value {
         std::fs::write(&path, value)?;
-        info!(sysctl = key, from = current.trim(), to = value, "sysctl set");
+        info!(
+            sysctl = key,
+            from = current.trim(),
+            to = value,
+            "sysctl set"
+        );
     }
     Ok(())
 }

@@ -95,7 +95,10 @@ impl Default for LabSpec {
     fn default() -> Self {
         LabSpec {
             gateways: 3,
-            nodes: vec![NodeSpec { name: "a".into(), host: 2 }],
+            nodes: vec![NodeSpec {
+                name: "a".into(),
+                host: 2,
+            }],
         }
     }
 }
@@ -130,8 +133,12 @@ fn pid_alive(pid: u32) -> bool {
 /// Deletes what labs of dead processes left: namespaces, pins, scratch directories.
 pub fn sweep_stale() {
     let stale = |name: &str| -> bool {
-        let Some(rest) = name.strip_prefix("ra") else { return false };
-        let Some((pid, _)) = rest.split_once('x') else { return false };
+        let Some(rest) = name.strip_prefix("ra") else {
+            return false;
+        };
+        let Some((pid, _)) = rest.split_once('x') else {
+            return false;
+        };
         pid.parse::<u32>().is_ok_and(|p| !pid_alive(p))
     };
     if let Ok(rd) = fs::read_dir("/run/netns") {
@@ -167,7 +174,11 @@ pub fn sweep_stale() {
 impl Lab {
     pub fn new(spec: LabSpec) -> Result<Lab> {
         sweep_stale();
-        let prefix = format!("ra{}x{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
+        let prefix = format!(
+            "ra{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
         let scratch = std::env::temp_dir().join(format!("routing-agent-lab-{prefix}"));
         fs::create_dir_all(&scratch)?;
         let mut lab = Lab {
@@ -178,7 +189,8 @@ impl Lab {
             stop: Arc::new(AtomicBool::new(false)),
             server: None,
         };
-        lab.build().with_context(|| format!("building lab {}", lab.prefix))?;
+        lab.build()
+            .with_context(|| format!("building lab {}", lab.prefix))?;
         Ok(lab)
     }
 
@@ -213,12 +225,21 @@ impl Lab {
 
     /// A shell command inside `ns` (entered with nsenter, so bpffs stays visible).
     pub fn sh(&self, ns: &str, cmd: &str) -> Result<String> {
-        run(&["nsenter", &format!("--net=/run/netns/{ns}"), "sh", "-c", cmd])
+        run(&[
+            "nsenter",
+            &format!("--net=/run/netns/{ns}"),
+            "sh",
+            "-c",
+            cmd,
+        ])
     }
 
     /// A veth pair `a_if` in `a_ns` ↔ `b_if` in `b_ns`, both up.
     pub fn veth(&self, a_ns: &str, a_if: &str, b_ns: &str, b_if: &str) -> Result<()> {
-        self.ip(a_ns, &format!("link add {a_if} type veth peer name {b_if} netns {b_ns}"))?;
+        self.ip(
+            a_ns,
+            &format!("link add {a_if} type veth peer name {b_if} netns {b_ns}"),
+        )?;
         self.ip(a_ns, &format!("link set dev {a_if} up"))?;
         self.ip(b_ns, &format!("link set dev {b_if} up"))?;
         Ok(())
@@ -252,7 +273,10 @@ impl Lab {
             self.ip(&gw, &format!("addr add {}/20 dev vpc", gateway_v4(i)))?;
             self.ip(&gw, &format!("addr add {}/64 dev vpc nodad", gateway_v6(i)))?;
             self.ip(&gw, &format!("addr add {}/24 dev uplink", public_v4(i)))?;
-            self.ip(&gw, &format!("addr add {}/64 dev uplink nodad", public_v6(i)))?;
+            self.ip(
+                &gw,
+                &format!("addr add {}/64 dev uplink nodad", public_v6(i)),
+            )?;
             self.ip(&gw, "route add default via 203.0.113.254")?;
             self.ip(&gw, "-6 route add default via 2001:db8:113::fe")?;
             self.sh(
@@ -272,9 +296,17 @@ impl Lab {
 
     fn add_node_ns(&mut self, n: &NodeSpec) -> Result<()> {
         let ns = self.add_ns(&format!("node-{}", n.name))?;
-        self.bridge_port(&format!("node-{}", n.name), "eth1", &format!("{}-vpc", n.name), "br-vpc")?;
+        self.bridge_port(
+            &format!("node-{}", n.name),
+            "eth1",
+            &format!("{}-vpc", n.name),
+            "br-vpc",
+        )?;
         self.ip(&ns, &format!("addr add 10.114.0.{}/20 dev eth1", n.host))?;
-        self.ip(&ns, &format!("addr add fd00:114::{:x}/64 dev eth1 nodad", n.host))?;
+        self.ip(
+            &ns,
+            &format!("addr add fd00:114::{:x}/64 dev eth1 nodad", n.host),
+        )?;
         Ok(())
     }
 
@@ -326,7 +358,12 @@ impl Lab {
     }
 
     /// `count` connections; the set of source addresses the server saw, with counts.
-    pub fn spread(&self, node: &str, dst: IpAddr, count: usize) -> Result<std::collections::BTreeMap<IpAddr, usize>> {
+    pub fn spread(
+        &self,
+        node: &str,
+        dst: IpAddr,
+        count: usize,
+    ) -> Result<std::collections::BTreeMap<IpAddr, usize>> {
         let mut seen = std::collections::BTreeMap::new();
         for _ in 0..count {
             *seen.entry(self.connect(node, dst)?).or_insert(0) += 1;
@@ -352,10 +389,15 @@ impl Lab {
 
     /// Gateways of the node's route to `dst`, resolved through its nexthop group.
     pub fn route_gateways(&self, node: &str, dst: &str) -> Result<Vec<String>> {
-        let Some(r) = self.route(node, dst)? else { return Ok(vec![]) };
+        let Some(r) = self.route(node, dst)? else {
+            return Ok(vec![]);
+        };
         let mut gws = Vec::new();
         if let Some(hops) = r["nexthops"].as_array() {
-            gws.extend(hops.iter().filter_map(|h| h["gateway"].as_str().map(String::from)));
+            gws.extend(
+                hops.iter()
+                    .filter_map(|h| h["gateway"].as_str().map(String::from)),
+            );
         } else if let Some(g) = r["gateway"].as_str() {
             gws.push(g.to_string());
         } else if let Some(id) = r["nhid"].as_u64() {
@@ -406,10 +448,14 @@ impl Drop for Lab {
 }
 
 /// Runs `f` on a thread that has entered network namespace `ns` (setns is per thread).
-pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::io::Result<T> {
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
     let file = fs::File::open(format!("/run/netns/{ns}"))?;
     std::thread::spawn(move || -> std::io::Result<T> {
-        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)?;
         Ok(f())
     })
     .join()
@@ -417,8 +463,18 @@ pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'sta
 }
 
 /// A Route manifest.
-pub fn route_yaml(name: &str, destinations: &[&str], gateways: &[&str], node_selector: Option<&str>) -> String {
-    let list = |v: &[&str]| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ");
+pub fn route_yaml(
+    name: &str,
+    destinations: &[&str],
+    gateways: &[&str],
+    node_selector: Option<&str>,
+) -> String {
+    let list = |v: &[&str]| {
+        v.iter()
+            .map(|s| format!("\"{s}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut y = format!(
         "apiVersion: networking.doks.digitalocean.com/v1alpha1\nkind: Route\nmetadata:\n  name: {name}\nspec:\n  destinations: [{}]\n  gateways: [{}]\n",
         list(destinations),
@@ -437,7 +493,10 @@ pub fn route_yaml(name: &str, destinations: &[&str], gateways: &[&str], node_sel
 
 /// Writes a file atomically (rename), as editors and config management do.
 pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_file_name(format!(".{}.tmp", path.file_name().unwrap().to_string_lossy()));
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name().unwrap().to_string_lossy()
+    ));
     fs::write(&tmp, text)?;
     fs::rename(&tmp, path)?;
     Ok(())
@@ -454,15 +513,23 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent on `node` of `lab` with Routes from `dir`, plus `extra` flags.
+    /// Starts the agent on `node` of `lab` with Routes from `dir`, plus `extra` flags,
+    /// writing a status file the test can read.
     pub fn start(lab: &Lab, node: &str, dir: &Path, extra: &[&str]) -> Result<Agent> {
-        let spec = lab
-            .spec
-            .nodes
-            .iter()
-            .find(|n| n.name == node)
-            .ok_or_else(|| anyhow!("no node {node} in the lab"))?;
-        let _ = spec;
+        Self::launch(lab, node, dir, extra, true)
+    }
+
+    /// Like [`Agent::start`]; without `status_file` the agent writes none (benchmarks).
+    pub fn launch(
+        lab: &Lab,
+        node: &str,
+        dir: &Path,
+        extra: &[&str],
+        status_file: bool,
+    ) -> Result<Agent> {
+        if !lab.spec.nodes.iter().any(|n| n.name == node) {
+            bail!("no node {node} in the lab");
+        }
         let mut args = vec![
             "run".to_string(),
             "--routes-dir".into(),
@@ -471,9 +538,16 @@ impl Agent {
             format!("node-{node}"),
             "--bpf-pin-dir".into(),
             lab.pin_dir(node).display().to_string(),
-            "--status-file".into(),
-            lab.scratch.join(format!("status-{node}.json")).display().to_string(),
         ];
+        if status_file {
+            args.push("--status-file".into());
+            args.push(
+                lab.scratch
+                    .join(format!("status-{node}.json"))
+                    .display()
+                    .to_string(),
+            );
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut a = Agent {
             child: None,
@@ -489,14 +563,23 @@ impl Agent {
 
     fn spawn(&mut self) -> Result<()> {
         // The agent only ever runs inside a lab namespace.
-        assert!(self.ns.starts_with("ra"), "refusing to run the agent outside the lab");
+        assert!(
+            self.ns.starts_with("ra"),
+            "refusing to run the agent outside the lab"
+        );
         let _ = fs::remove_file(&self.status);
-        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.ns))
             .arg(agent_bin())
             .args(&self.args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -509,7 +592,10 @@ impl Agent {
     /// Stops the agent with SIGTERM (routes stay) and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -532,9 +618,18 @@ impl Agent {
         if let Some(c) = &mut self.child
             && let Some(st) = c.try_wait()?
         {
-            bail!("agent on {} exited ({st}); log:\n{}", self.node, self.log_text());
+            bail!(
+                "agent on {} exited ({st}); log:\n{}",
+                self.node,
+                self.log_text()
+            );
         }
         Ok(())
+    }
+
+    /// Process id of the running agent.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn log_text(&self) -> String {
@@ -546,7 +641,11 @@ impl Agent {
     }
 
     /// Waits until the status file satisfies `pred`.
-    pub fn wait_status(&mut self, what: &str, pred: impl Fn(&serde_json::Value) -> bool) -> Result<serde_json::Value> {
+    pub fn wait_status(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
         let r = wait_for(what, Duration::from_secs(20), || {
             if self.check_alive().is_err() {
                 return Some(Err(anyhow!("agent exited")));

@@ -24,11 +24,22 @@ fn v6(i: u8) -> String {
 /// Packets counted by the TC programs (all CPUs, both directions), from the pinned map.
 fn bpf_packets(lab: &Lab, node: &str) -> Result<u64> {
     let pin = lab.pin_dir(node).join("RA_TRAFFIC");
-    let out = run(&["bpftool", "-j", "map", "dump", "pinned", pin.to_str().unwrap()])?;
+    let out = run(&[
+        "bpftool",
+        "-j",
+        "map",
+        "dump",
+        "pinned",
+        pin.to_str().unwrap(),
+    ])?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     let mut total = 0;
     for entry in v.as_array().into_iter().flatten() {
-        for cpu in entry["formatted"]["values"].as_array().into_iter().flatten() {
+        for cpu in entry["formatted"]["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             total += cpu["value"]["packets"].as_u64().unwrap_or(0);
         }
     }
@@ -41,14 +52,25 @@ fn single_gateway_v4_and_v6_through_kernel_and_traffic() -> Result<()> {
     let dir = lab.routes_dir("routes")?;
     std::fs::write(
         dir.join("r.yaml"),
-        route_yaml("v4", &[DEST_V4], &[&v4(1)], None) + "---\n" + &route_yaml("v6", &[DEST_V6], &[&v6(2)], None),
+        route_yaml("v4", &[DEST_V4], &[&v4(1)], None)
+            + "---\n"
+            + &route_yaml("v6", &[DEST_V6], &[&v6(2)], None),
     )?;
     let mut agent = Agent::start(&lab, "a", &dir, &[])?;
     agent.wait_settled(2)?;
 
     let r = lab.route("a", DEST_V4)?.expect("v4 route installed");
-    assert_eq!(r["protocol"].as_u64().or(r["protocol"].as_str().map(|_| PROTO)), Some(PROTO), "{r}");
-    assert!(r["nhid"].as_u64().is_some(), "route points at a nexthop object: {r}");
+    assert_eq!(
+        r["protocol"]
+            .as_u64()
+            .or(r["protocol"].as_str().map(|_| PROTO)),
+        Some(PROTO),
+        "{r}"
+    );
+    assert!(
+        r["nhid"].as_u64().is_some(),
+        "route points at a nexthop object: {r}"
+    );
     assert_eq!(lab.route_gateways("a", DEST_V4)?, vec![v4(1)]);
     assert_eq!(lab.route_gateways("a", DEST_V6)?, vec![v6(2)]);
 
@@ -63,16 +85,22 @@ fn single_gateway_v4_and_v6_through_kernel_and_traffic() -> Result<()> {
     Ok(())
 }
 
+/// Destination, gateways, echo address and public-address function of one family.
+type Family = (&'static str, Vec<String>, &'static str, fn(u8) -> IpAddr);
+
 fn ecmp_spreads(family_v6: bool, extra: &[&str]) -> Result<()> {
     let lab = Lab::new(LabSpec::default())?;
     let dir = lab.routes_dir("routes")?;
-    let (dst, gws, echo, public): (&str, Vec<String>, &str, fn(u8) -> IpAddr) = if family_v6 {
+    let (dst, gws, echo, public): Family = if family_v6 {
         (DEST_V6, (1..=3).map(v6).collect(), ECHO_V6, public_v6)
     } else {
         (DEST_V4, (1..=3).map(v4).collect(), ECHO_V4, public_v4)
     };
     let gw_refs: Vec<&str> = gws.iter().map(String::as_str).collect();
-    std::fs::write(dir.join("ecmp.yaml"), route_yaml("ecmp", &[dst], &gw_refs, None))?;
+    std::fs::write(
+        dir.join("ecmp.yaml"),
+        route_yaml("ecmp", &[dst], &gw_refs, None),
+    )?;
     let mut agent = Agent::start(&lab, "a", &dir, extra)?;
     agent.wait_settled(1)?;
     let mut sorted = gws.clone();
@@ -82,7 +110,11 @@ fn ecmp_spreads(family_v6: bool, extra: &[&str]) -> Result<()> {
     let seen = lab.spread("a", echo.parse()?, 60)?;
     eprintln!("ECMP spread over 60 connections: {seen:?}");
     let sources: BTreeSet<IpAddr> = seen.keys().copied().collect();
-    assert_eq!(sources, set(&[public(1), public(2), public(3)]), "every gateway carries flows");
+    assert_eq!(
+        sources,
+        set(&[public(1), public(2), public(3)]),
+        "every gateway carries flows"
+    );
     Ok(())
 }
 
@@ -102,15 +134,29 @@ fn ecmp_multipath_fallback_mode() -> Result<()> {
     ecmp_spreads(false, &["--dataplane", "multipath"])?;
     let lab = Lab::new(LabSpec::default())?;
     let dir = lab.routes_dir("routes")?;
-    std::fs::write(dir.join("r.yaml"), route_yaml("r", &[DEST_V4], &[&v4(1), &v4(2)], None))?;
+    std::fs::write(
+        dir.join("r.yaml"),
+        route_yaml("r", &[DEST_V4], &[&v4(1), &v4(2)], None),
+    )?;
     let mut agent = Agent::start(&lab, "a", &dir, &["--dataplane", "multipath"])?;
     agent.wait_settled(1)?;
     let r = lab.route("a", DEST_V4)?.unwrap();
-    assert!(r["nhid"].is_null(), "no nexthop object in multipath mode: {r}");
+    assert!(
+        r["nhid"].is_null(),
+        "no nexthop object in multipath mode: {r}"
+    );
     assert_eq!(r["nexthops"].as_array().map(Vec::len), Some(2), "{r}");
-    assert!(lab.ip_json("a", "nexthop show")?.as_array().unwrap().is_empty());
+    assert!(
+        lab.ip_json("a", "nexthop show")?
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     // Edit to one gateway: replaced in place.
-    write_atomic(&dir.join("r.yaml"), &route_yaml("r", &[DEST_V4], &[&v4(3)], None))?;
+    write_atomic(
+        &dir.join("r.yaml"),
+        &route_yaml("r", &[DEST_V4], &[&v4(3)], None),
+    )?;
     wait_for("single gateway route", Duration::from_secs(20), || {
         (lab.route_gateways("a", DEST_V4).ok()? == vec![v4(3)]).then_some(())
     })?;
@@ -130,28 +176,51 @@ fn edit_gateways_in_place_and_broken_file_keeps_last_good_state() -> Result<()> 
 
     // The case the predecessor operator could not do: change the gateways of a live Route.
     let t = Instant::now();
-    write_atomic(&file, &route_yaml("egress", &[DEST_V4], &[&v4(2), &v4(3)], None))?;
+    write_atomic(
+        &file,
+        &route_yaml("egress", &[DEST_V4], &[&v4(2), &v4(3)], None),
+    )?;
     wait_for("route via gw2+gw3", Duration::from_secs(20), || {
         (lab.route_gateways("a", DEST_V4).ok()? == vec![v4(2), v4(3)]).then_some(())
     })?;
     eprintln!("edit reached the kernel after {:?}", t.elapsed());
     let seen = lab.spread("a", ECHO_V4.parse()?, 30)?;
-    assert!(!seen.contains_key(&public_v4(1)), "gw1 no longer used: {seen:?}");
+    assert!(
+        !seen.contains_key(&public_v4(1)),
+        "gw1 no longer used: {seen:?}"
+    );
     // The nexthop of gw1 is garbage-collected.
     let nhs = lab.ip_json("a", "nexthop show")?;
     assert!(
-        !nhs.as_array().unwrap().iter().any(|n| n["gateway"] == v4(1).as_str()),
+        !nhs.as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["gateway"] == v4(1).as_str()),
         "stale nexthop left: {nhs}"
     );
 
     // A file that does not parse changes nothing and is reported with path and line.
-    std::fs::write(&file, "apiVersion: networking.doks.digitalocean.com/v1alpha1\nkind: Route\nmetadata: {name: egress}\nspec:\n  destinations: [\n")?;
+    std::fs::write(
+        &file,
+        "apiVersion: networking.doks.digitalocean.com/v1alpha1\nkind: Route\nmetadata: {name: egress}\nspec:\n  destinations: [\n",
+    )?;
     wait_for("parse error in the log", Duration::from_secs(20), || {
-        agent.log_text().contains(&format!("{}:", file.display())).then_some(())
+        agent
+            .log_text()
+            .contains(&format!("{}:", file.display()))
+            .then_some(())
     })?;
-    assert!(agent.log_text().contains("invalid manifest"), "{}", agent.log_text());
+    assert!(
+        agent.log_text().contains("invalid manifest"),
+        "{}",
+        agent.log_text()
+    );
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(lab.route_gateways("a", DEST_V4)?, vec![v4(2), v4(3)], "last good state kept");
+    assert_eq!(
+        lab.route_gateways("a", DEST_V4)?,
+        vec![v4(2), v4(3)],
+        "last good state kept"
+    );
     agent.check_alive()?;
     Ok(())
 }
@@ -160,18 +229,35 @@ fn edit_gateways_in_place_and_broken_file_keeps_last_good_state() -> Result<()> 
 fn delete_removes_routes_and_nexthops() -> Result<()> {
     let lab = Lab::new(LabSpec::default())?;
     let dir = lab.routes_dir("routes")?;
-    std::fs::write(dir.join("a.yaml"), route_yaml("a", &[DEST_V4, DEST_V6][..1], &[&v4(1), &v4(2)], None))?;
-    std::fs::write(dir.join("b.yaml"), route_yaml("b", &[DEST_V6], &[&v6(1)], None))?;
+    std::fs::write(
+        dir.join("a.yaml"),
+        route_yaml("a", &[DEST_V4, DEST_V6][..1], &[&v4(1), &v4(2)], None),
+    )?;
+    std::fs::write(
+        dir.join("b.yaml"),
+        route_yaml("b", &[DEST_V6], &[&v6(1)], None),
+    )?;
     let mut agent = Agent::start(&lab, "a", &dir, &[])?;
     agent.wait_settled(2)?;
-    assert_eq!(lab.ip_json("a", "nexthop show")?.as_array().unwrap().len(), 5, "3 gateway nexthops + 2 groups");
+    assert_eq!(
+        lab.ip_json("a", "nexthop show")?.as_array().unwrap().len(),
+        5,
+        "3 gateway nexthops + 2 groups"
+    );
     std::fs::remove_file(dir.join("a.yaml"))?;
-    wait_for("v4 route removed", Duration::from_secs(20), || lab.route("a", DEST_V4).ok()?.is_none().then_some(()))?;
+    wait_for("v4 route removed", Duration::from_secs(20), || {
+        lab.route("a", DEST_V4).ok()?.is_none().then_some(())
+    })?;
     assert!(lab.route("a", DEST_V6)?.is_some(), "the other Route stays");
     std::fs::remove_file(dir.join("b.yaml"))?;
     wait_for("everything owned removed", Duration::from_secs(20), || {
-        (lab.route("a", DEST_V6).ok()?.is_none() && lab.ip_json("a", "nexthop show").ok()?.as_array()?.is_empty())
-            .then_some(())
+        (lab.route("a", DEST_V6).ok()?.is_none()
+            && lab
+                .ip_json("a", "nexthop show")
+                .ok()?
+                .as_array()?
+                .is_empty())
+        .then_some(())
     })?;
     Ok(())
 }
@@ -182,7 +268,9 @@ fn restart_adopts_without_flap() -> Result<()> {
     let dir = lab.routes_dir("routes")?;
     std::fs::write(
         dir.join("r.yaml"),
-        route_yaml("r", &[DEST_V4], &[&v4(1), &v4(2), &v4(3)], None) + "---\n" + &route_yaml("s", &[DEST_V6], &[&v6(1)], None),
+        route_yaml("r", &[DEST_V4], &[&v4(1), &v4(2), &v4(3)], None)
+            + "---\n"
+            + &route_yaml("s", &[DEST_V6], &[&v6(1)], None),
     )?;
     let mut agent = Agent::start(&lab, "a", &dir, &[])?;
     agent.wait_settled(2)?;
@@ -199,19 +287,38 @@ fn restart_adopts_without_flap() -> Result<()> {
     std::thread::sleep(Duration::from_millis(200));
 
     agent.stop();
-    assert_eq!(lab.ip(&lab.node_ns("a"), "route show proto 196")?, routes_before, "a stopped agent leaves its routes");
+    assert_eq!(
+        lab.ip(&lab.node_ns("a"), "route show proto 196")?,
+        routes_before,
+        "a stopped agent leaves its routes"
+    );
     agent.restart()?;
-    let status = agent.wait_status("first reconcile after restart", |s| s["reconciles"].as_u64() >= Some(1))?;
-    assert_eq!(status["lastChanges"], 0, "the restarted agent changed nothing: {status}");
+    let status = agent.wait_status("first reconcile after restart", |s| {
+        s["reconciles"].as_u64() >= Some(1)
+    })?;
+    assert_eq!(
+        status["lastChanges"], 0,
+        "the restarted agent changed nothing: {status}"
+    );
     agent.wait_settled(2)?;
     std::thread::sleep(Duration::from_millis(300));
     let _ = monitor.kill();
     let _ = monitor.wait();
 
     let events = std::fs::read_to_string(&monitor_log)?;
-    assert!(events.trim().is_empty(), "route/nexthop events during the restart:\n{events}");
-    assert_eq!(lab.ip(&lab.node_ns("a"), "nexthop show")?, nh_before, "same nexthop ids");
-    assert_eq!(lab.ip(&lab.node_ns("a"), "route show proto 196")?, routes_before);
+    assert!(
+        events.trim().is_empty(),
+        "route/nexthop events during the restart:\n{events}"
+    );
+    assert_eq!(
+        lab.ip(&lab.node_ns("a"), "nexthop show")?,
+        nh_before,
+        "same nexthop ids"
+    );
+    assert_eq!(
+        lab.ip(&lab.node_ns("a"), "route show proto 196")?,
+        routes_before
+    );
     Ok(())
 }
 
@@ -221,23 +328,41 @@ fn hand_changes_are_repaired_and_foreign_state_is_untouched() -> Result<()> {
     let ns = lab.node_ns("a");
     // Foreign state: a route, a nexthop inside the agent's id range but of another protocol,
     // one outside the range.
-    lab.ip(&ns, &format!("route add 198.51.101.0/24 via {} proto static", v4(1)))?;
-    lab.ip(&ns, &format!("nexthop add id 1960000 via {} dev eth1 proto static", v4(2)))?;
+    lab.ip(
+        &ns,
+        &format!("route add 198.51.101.0/24 via {} proto static", v4(1)),
+    )?;
+    lab.ip(
+        &ns,
+        &format!("nexthop add id 1960000 via {} dev eth1 proto static", v4(2)),
+    )?;
     lab.ip(&ns, &format!("nexthop add id 7 via {} dev eth1", v4(3)))?;
     let dir = lab.routes_dir("routes")?;
-    std::fs::write(dir.join("r.yaml"), route_yaml("r", &[DEST_V4], &[&v4(1), &v4(2)], None))?;
+    std::fs::write(
+        dir.join("r.yaml"),
+        route_yaml("r", &[DEST_V4], &[&v4(1), &v4(2)], None),
+    )?;
     let mut agent = Agent::start(&lab, "a", &dir, &[])?;
     agent.wait_settled(1)?;
     let owned_route = lab.route("a", DEST_V4)?.unwrap();
-    assert_ne!(owned_route["nhid"].as_u64(), Some(1960000), "foreign id in the range is skipped");
+    assert_ne!(
+        owned_route["nhid"].as_u64(),
+        Some(1960000),
+        "foreign id in the range is skipped"
+    );
 
     // Deleted by hand: repaired.
     let t = Instant::now();
     lab.ip(&ns, &format!("route del {DEST_V4}"))?;
-    wait_for("route repaired", Duration::from_secs(20), || lab.route("a", DEST_V4).ok()?)?;
+    wait_for("route repaired", Duration::from_secs(20), || {
+        lab.route("a", DEST_V4).ok()?
+    })?;
     eprintln!("hand-deleted route repaired after {:?}", t.elapsed());
     // Changed by hand (still marked as ours): put back.
-    lab.ip(&ns, &format!("route replace {DEST_V4} via {} proto 196", v4(3)))?;
+    lab.ip(
+        &ns,
+        &format!("route replace {DEST_V4} via {} proto 196", v4(3)),
+    )?;
     wait_for("route restored", Duration::from_secs(20), || {
         (lab.route_gateways("a", DEST_V4).ok()? == vec![v4(1), v4(2)]).then_some(())
     })?;
@@ -253,7 +378,9 @@ fn hand_changes_are_repaired_and_foreign_state_is_untouched() -> Result<()> {
     // A foreign route added later, and the agent removing its own: the foreign state stays.
     lab.ip(&ns, &format!("route add 198.51.102.0/24 via {}", v4(2)))?;
     std::fs::remove_file(dir.join("r.yaml"))?;
-    wait_for("owned route removed", Duration::from_secs(20), || lab.route("a", DEST_V4).ok()?.is_none().then_some(()))?;
+    wait_for("owned route removed", Duration::from_secs(20), || {
+        lab.route("a", DEST_V4).ok()?.is_none().then_some(())
+    })?;
     std::thread::sleep(Duration::from_millis(300));
     assert!(lab.route("a", "198.51.101.0/24")?.is_some());
     assert!(lab.route("a", "198.51.102.0/24")?.is_some());
@@ -264,7 +391,11 @@ fn hand_changes_are_repaired_and_foreign_state_is_untouched() -> Result<()> {
         .iter()
         .filter_map(|n| n["id"].as_u64())
         .collect();
-    assert_eq!(ids, [7, 1960000].into_iter().collect(), "only the foreign nexthops remain");
+    assert_eq!(
+        ids,
+        [7, 1960000].into_iter().collect(),
+        "only the foreign nexthops remain"
+    );
     agent.check_alive()?;
     Ok(())
 }
@@ -273,17 +404,35 @@ fn hand_changes_are_repaired_and_foreign_state_is_untouched() -> Result<()> {
 fn foreign_route_at_the_same_destination_is_reported_not_replaced() -> Result<()> {
     let lab = Lab::new(LabSpec::default())?;
     let ns = lab.node_ns("a");
-    lab.ip(&ns, &format!("route add {DEST_V4} via {} proto static", v4(3)))?;
+    lab.ip(
+        &ns,
+        &format!("route add {DEST_V4} via {} proto static", v4(3)),
+    )?;
     let dir = lab.routes_dir("routes")?;
-    std::fs::write(dir.join("r.yaml"), route_yaml("clash", &[DEST_V4, "192.0.2.0/24"], &[&v4(1)], None))?;
+    std::fs::write(
+        dir.join("r.yaml"),
+        route_yaml("clash", &[DEST_V4, "192.0.2.0/24"], &[&v4(1)], None),
+    )?;
     let mut agent = Agent::start(&lab, "a", &dir, &[])?;
     let s = agent.wait_status("kernel problem reported", |s| {
-        s["problems"].as_array().is_some_and(|p| p.iter().any(|p| p["kind"] == "Kernel"))
+        s["problems"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["kind"] == "Kernel"))
     })?;
     let msg = s["problems"][0]["message"].as_str().unwrap();
-    assert!(msg.contains("clash") && msg.contains(DEST_V4) && msg.contains("does not own"), "{msg}");
-    assert_eq!(lab.route_gateways("a", DEST_V4)?, vec![v4(3)], "foreign route untouched");
-    assert!(lab.route("a", "192.0.2.0/24")?.is_some(), "the Route's other destination is installed");
+    assert!(
+        msg.contains("clash") && msg.contains(DEST_V4) && msg.contains("does not own"),
+        "{msg}"
+    );
+    assert_eq!(
+        lab.route_gateways("a", DEST_V4)?,
+        vec![v4(3)],
+        "foreign route untouched"
+    );
+    assert!(
+        lab.route("a", "192.0.2.0/24")?.is_some(),
+        "the Route's other destination is installed"
+    );
     Ok(())
 }
 
@@ -291,16 +440,27 @@ fn foreign_route_at_the_same_destination_is_reported_not_replaced() -> Result<()
 fn unreachable_gateway_is_reported_then_installed_when_reachable() -> Result<()> {
     let lab = Lab::new(LabSpec::default())?;
     let dir = lab.routes_dir("routes")?;
-    std::fs::write(dir.join("far.yaml"), route_yaml("far", &["192.0.2.0/24"], &["10.116.0.1"], None))?;
-    std::fs::write(dir.join("near.yaml"), route_yaml("near", &[DEST_V4], &[&v4(1)], None))?;
+    std::fs::write(
+        dir.join("far.yaml"),
+        route_yaml("far", &["192.0.2.0/24"], &["10.116.0.1"], None),
+    )?;
+    std::fs::write(
+        dir.join("near.yaml"),
+        route_yaml("near", &[DEST_V4], &[&v4(1)], None),
+    )?;
     let mut agent = Agent::start(&lab, "a", &dir, &[])?;
     let s = agent.wait_status("unreachable gateway reported", |s| {
-        s["problems"].as_array().is_some_and(|p| p.iter().any(|p| p["kind"] == "GatewayUnreachable"))
+        s["problems"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["kind"] == "GatewayUnreachable"))
     })?;
     let p = &s["problems"][0];
     assert_eq!(p["route"], "far");
     assert!(p["message"].as_str().unwrap().contains("10.116.0.1"), "{p}");
-    assert!(lab.route("a", DEST_V4)?.is_some(), "other routes are installed regardless");
+    assert!(
+        lab.route("a", DEST_V4)?.is_some(),
+        "other routes are installed regardless"
+    );
     assert!(lab.route("a", "192.0.2.0/24")?.is_none());
 
     // The node gets a link into 10.116.0.0/24: the agent installs the route on its own.
@@ -308,9 +468,18 @@ fn unreachable_gateway_is_reported_then_installed_when_reachable() -> Result<()>
     lab.veth(&ns, "eth2", &lab.ns("fabric"), "a-far")?;
     let t = Instant::now();
     lab.ip(&ns, "addr add 10.116.0.2/24 dev eth2")?;
-    wait_for("route via the now reachable gateway", Duration::from_secs(40), || lab.route("a", "192.0.2.0/24").ok()?)?;
-    eprintln!("installed {:?} after the gateway became reachable", t.elapsed());
-    agent.wait_status("problem cleared", |s| s["problems"].as_array().is_some_and(|p| p.is_empty()))?;
+    wait_for(
+        "route via the now reachable gateway",
+        Duration::from_secs(40),
+        || lab.route("a", "192.0.2.0/24").ok()?,
+    )?;
+    eprintln!(
+        "installed {:?} after the gateway became reachable",
+        t.elapsed()
+    );
+    agent.wait_status("problem cleared", |s| {
+        s["problems"].as_array().is_some_and(|p| p.is_empty())
+    })?;
     Ok(())
 }
 
@@ -318,24 +487,58 @@ fn unreachable_gateway_is_reported_then_installed_when_reachable() -> Result<()>
 fn node_selector_in_a_two_node_lab() -> Result<()> {
     let lab = Lab::new(LabSpec {
         gateways: 2,
-        nodes: vec![NodeSpec { name: "a".into(), host: 2 }, NodeSpec { name: "b".into(), host: 6 }],
+        nodes: vec![
+            NodeSpec {
+                name: "a".into(),
+                host: 2,
+            },
+            NodeSpec {
+                name: "b".into(),
+                host: 6,
+            },
+        ],
     })?;
     let dir = lab.routes_dir("routes")?;
     let pool_a = "nodeSelectorTerms:\n  - matchExpressions:\n      - key: doks.digitalocean.com/node-pool\n        operator: In\n        values: [\"pool-a\"]";
     let name_b = "nodeSelectorTerms:\n  - matchFields:\n      - key: metadata.name\n        operator: In\n        values: [\"node-b\"]";
-    std::fs::write(dir.join("a.yaml"), route_yaml("only-a", &[DEST_V4], &[&v4(1)], Some(pool_a)))?;
-    std::fs::write(dir.join("b.yaml"), route_yaml("only-b", &["192.0.2.0/24"], &[&v4(2)], Some(name_b)))?;
-    std::fs::write(dir.join("all.yaml"), route_yaml("all", &[DEST_V6], &[&v6(1)], None))?;
-    let mut a = Agent::start(&lab, "a", &dir, &["--node-label", "doks.digitalocean.com/node-pool=pool-a"])?;
-    let mut b = Agent::start(&lab, "b", &dir, &["--node-label", "doks.digitalocean.com/node-pool=pool-b"])?;
+    std::fs::write(
+        dir.join("a.yaml"),
+        route_yaml("only-a", &[DEST_V4], &[&v4(1)], Some(pool_a)),
+    )?;
+    std::fs::write(
+        dir.join("b.yaml"),
+        route_yaml("only-b", &["192.0.2.0/24"], &[&v4(2)], Some(name_b)),
+    )?;
+    std::fs::write(
+        dir.join("all.yaml"),
+        route_yaml("all", &[DEST_V6], &[&v6(1)], None),
+    )?;
+    let mut a = Agent::start(
+        &lab,
+        "a",
+        &dir,
+        &["--node-label", "doks.digitalocean.com/node-pool=pool-a"],
+    )?;
+    let mut b = Agent::start(
+        &lab,
+        "b",
+        &dir,
+        &["--node-label", "doks.digitalocean.com/node-pool=pool-b"],
+    )?;
     a.wait_settled(2)?;
     b.wait_settled(2)?;
     assert!(lab.route("a", DEST_V4)?.is_some() && lab.route("a", "192.0.2.0/24")?.is_none());
     assert!(lab.route("b", DEST_V4)?.is_none() && lab.route("b", "192.0.2.0/24")?.is_some());
     assert!(lab.route("a", DEST_V6)?.is_some() && lab.route("b", DEST_V6)?.is_some());
     assert_eq!(lab.connect("a", ECHO_V4.parse()?)?, public_v4(1));
-    assert_eq!(a.status().unwrap()["selected"], serde_json::json!(["all", "only-a"]));
-    assert_eq!(b.status().unwrap()["selected"], serde_json::json!(["all", "only-b"]));
+    assert_eq!(
+        a.status().unwrap()["selected"],
+        serde_json::json!(["all", "only-a"])
+    );
+    assert_eq!(
+        b.status().unwrap()["selected"],
+        serde_json::json!(["all", "only-b"])
+    );
     Ok(())
 }
 
@@ -343,9 +546,15 @@ fn node_selector_in_a_two_node_lab() -> Result<()> {
 fn cleanup_removes_everything_owned() -> Result<()> {
     let lab = Lab::new(LabSpec::default())?;
     let ns = lab.node_ns("a");
-    lab.ip(&ns, &format!("route add 198.51.101.0/24 via {} proto static", v4(1)))?;
+    lab.ip(
+        &ns,
+        &format!("route add 198.51.101.0/24 via {} proto static", v4(1)),
+    )?;
     let dir = lab.routes_dir("routes")?;
-    std::fs::write(dir.join("r.yaml"), route_yaml("r", &[DEST_V4, "192.0.2.0/24"], &[&v4(1), &v4(2)], None))?;
+    std::fs::write(
+        dir.join("r.yaml"),
+        route_yaml("r", &[DEST_V4, "192.0.2.0/24"], &[&v4(1), &v4(2)], None),
+    )?;
     let mut agent = Agent::start(&lab, "a", &dir, &[])?;
     agent.wait_settled(2)?;
     agent.stop();
@@ -360,8 +569,16 @@ fn cleanup_removes_everything_owned() -> Result<()> {
         pin.to_str().unwrap(),
     ])?;
     assert_eq!(lab.ip(&ns, "route show proto 196")?.trim(), "");
-    assert!(lab.ip_json("a", "nexthop show")?.as_array().unwrap().is_empty());
-    assert!(lab.route("a", "198.51.101.0/24")?.is_some(), "foreign route kept");
+    assert!(
+        lab.ip_json("a", "nexthop show")?
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        lab.route("a", "198.51.101.0/24")?.is_some(),
+        "foreign route kept"
+    );
     assert!(!pin.exists(), "pins removed");
     Ok(())
 }

@@ -103,7 +103,8 @@ pub fn diff(
     ops.extend(route_ops);
 
     // Garbage: owned nexthops no desired route reaches any more; groups before members.
-    let mut known: BTreeMap<u32, &Nexthop> = owned(kernel, range, protocol).map(|n| (n.id, n)).collect();
+    let mut known: BTreeMap<u32, &Nexthop> =
+        owned(kernel, range, protocol).map(|n| (n.id, n)).collect();
     for op in &ops {
         if let Op::AddNexthop(n) | Op::ReplaceNexthop(n) = op {
             known.insert(n.id, n);
@@ -123,7 +124,12 @@ pub fn diff(
         .collect();
     let is_group = |n: &&&Nexthop| matches!(n.kind, NexthopKind::Group { .. });
     ops.extend(stale.iter().filter(is_group).map(|n| Op::DelNexthop(n.id)));
-    ops.extend(stale.iter().filter(|n| !is_group(n)).map(|n| Op::DelNexthop(n.id)));
+    ops.extend(
+        stale
+            .iter()
+            .filter(|n| !is_group(n))
+            .map(|n| Op::DelNexthop(n.id)),
+    );
     Ok(ops)
 }
 
@@ -216,8 +222,14 @@ mod tests {
     use super::*;
 
     const P: u8 = 196;
-    const RANGE: IdRange = IdRange { base: 1000, span: 100 };
-    const RES: Resilient = Resilient { buckets: 128, idle_timer_s: 120 };
+    const RANGE: IdRange = IdRange {
+        base: 1000,
+        span: 100,
+    };
+    const RES: Resilient = Resilient {
+        buckets: 128,
+        idle_timer_s: 120,
+    };
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
@@ -237,7 +249,11 @@ mod tests {
         for op in ops {
             match op {
                 Op::AddNexthop(n) => {
-                    assert!(kernel.nexthops.iter().all(|k| k.id != n.id), "id {} taken", n.id);
+                    assert!(
+                        kernel.nexthops.iter().all(|k| k.id != n.id),
+                        "id {} taken",
+                        n.id
+                    );
                     kernel.nexthops.push(n.clone())
                 }
                 Op::ReplaceNexthop(n) => {
@@ -259,19 +275,51 @@ mod tests {
     fn converge(kernel: &mut KernelState, want: &BTreeMap<IpNet, Vec<Hop>>, mode: Mode) -> Vec<Op> {
         let ops = diff(want, kernel, mode, RANGE, P).unwrap();
         apply(kernel, &ops);
-        assert_eq!(diff(want, kernel, mode, RANGE, P).unwrap(), vec![], "second diff must be empty");
+        assert_eq!(
+            diff(want, kernel, mode, RANGE, P).unwrap(),
+            vec![],
+            "second diff must be empty"
+        );
         ops
     }
 
     #[test]
     fn fresh_install_creates_members_then_group_then_routes() {
         let mut k = KernelState::default();
-        let want = desired(&[("198.51.100.0/24", &["10.0.0.3", "10.0.0.4"]), ("192.0.2.0/24", &["10.0.0.4", "10.0.0.3"])]);
+        let want = desired(&[
+            ("198.51.100.0/24", &["10.0.0.3", "10.0.0.4"]),
+            ("192.0.2.0/24", &["10.0.0.4", "10.0.0.3"]),
+        ]);
         let ops = converge(&mut k, &want, Mode::Nexthop(RES));
-        assert!(matches!(ops[0], Op::AddNexthop(Nexthop { id: 1000, kind: NexthopKind::Gateway { .. }, .. })));
-        assert!(matches!(ops[1], Op::AddNexthop(Nexthop { id: 1001, kind: NexthopKind::Gateway { .. }, .. })));
-        assert!(matches!(&ops[2], Op::AddNexthop(Nexthop { id: 1002, kind: NexthopKind::Group { .. }, .. })));
-        assert_eq!(ops.len(), 5, "two members, one shared group, two routes: {ops:?}");
+        assert!(matches!(
+            ops[0],
+            Op::AddNexthop(Nexthop {
+                id: 1000,
+                kind: NexthopKind::Gateway { .. },
+                ..
+            })
+        ));
+        assert!(matches!(
+            ops[1],
+            Op::AddNexthop(Nexthop {
+                id: 1001,
+                kind: NexthopKind::Gateway { .. },
+                ..
+            })
+        ));
+        assert!(matches!(
+            &ops[2],
+            Op::AddNexthop(Nexthop {
+                id: 1002,
+                kind: NexthopKind::Group { .. },
+                ..
+            })
+        ));
+        assert_eq!(
+            ops.len(),
+            5,
+            "two members, one shared group, two routes: {ops:?}"
+        );
         assert_eq!(k.routes[&net("192.0.2.0/24")], Target::Nhid(1002));
     }
 
@@ -281,14 +329,25 @@ mod tests {
         let want = desired(&[("198.51.100.0/24", &["10.0.0.3", "10.0.0.4", "10.0.0.5"])]);
         converge(&mut k, &want, Mode::Nexthop(RES));
         // Same kernel, fresh agent: nothing to do.
-        assert_eq!(diff(&want, &k, Mode::Nexthop(RES), RANGE, P).unwrap(), vec![]);
+        assert_eq!(
+            diff(&want, &k, Mode::Nexthop(RES), RANGE, P).unwrap(),
+            vec![]
+        );
     }
 
     #[test]
     fn editing_gateways_switches_group_and_collects_garbage() {
         let mut k = KernelState::default();
-        converge(&mut k, &desired(&[("198.51.100.0/24", &["10.0.0.3", "10.0.0.4"])]), Mode::Nexthop(RES));
-        let ops = converge(&mut k, &desired(&[("198.51.100.0/24", &["10.0.0.4", "10.0.0.5"])]), Mode::Nexthop(RES));
+        converge(
+            &mut k,
+            &desired(&[("198.51.100.0/24", &["10.0.0.3", "10.0.0.4"])]),
+            Mode::Nexthop(RES),
+        );
+        let ops = converge(
+            &mut k,
+            &desired(&[("198.51.100.0/24", &["10.0.0.4", "10.0.0.5"])]),
+            Mode::Nexthop(RES),
+        );
         assert!(ops.iter().any(|o| matches!(o, Op::ReplaceRoute(..))));
         // Old group and the gateway nobody uses (10.0.0.3) are gone; 10.0.0.4 is kept.
         let ids: Vec<u32> = k.nexthops.iter().map(|n| n.id).collect();
@@ -300,14 +359,33 @@ mod tests {
     #[test]
     fn deleting_everything_leaves_nothing_owned_but_keeps_foreign() {
         let mut k = KernelState::default();
-        k.nexthops.push(Nexthop { id: 1000, protocol: 4, kind: NexthopKind::Blackhole });
-        k.nexthops.push(Nexthop { id: 5, protocol: P, kind: NexthopKind::Blackhole });
-        converge(&mut k, &desired(&[("198.51.100.0/24", &["10.0.0.3"])]), Mode::Nexthop(RES));
-        assert!(k.nexthops.iter().all(|n| n.id != 1000 || n.protocol == 4), "foreign id 1000 skipped");
+        k.nexthops.push(Nexthop {
+            id: 1000,
+            protocol: 4,
+            kind: NexthopKind::Blackhole,
+        });
+        k.nexthops.push(Nexthop {
+            id: 5,
+            protocol: P,
+            kind: NexthopKind::Blackhole,
+        });
+        converge(
+            &mut k,
+            &desired(&[("198.51.100.0/24", &["10.0.0.3"])]),
+            Mode::Nexthop(RES),
+        );
+        assert!(
+            k.nexthops.iter().all(|n| n.id != 1000 || n.protocol == 4),
+            "foreign id 1000 skipped"
+        );
         converge(&mut k, &BTreeMap::new(), Mode::Nexthop(RES));
         assert_eq!(k.routes.len(), 0);
         let left: Vec<u32> = k.nexthops.iter().map(|n| n.id).collect();
-        assert_eq!(left, vec![1000, 5], "only foreign nexthops remain (other protocol, or outside the range)");
+        assert_eq!(
+            left,
+            vec![1000, 5],
+            "only foreign nexthops remain (other protocol, or outside the range)"
+        );
     }
 
     #[test]
@@ -315,15 +393,31 @@ mod tests {
         let mut k = KernelState::default();
         let want = desired(&[("198.51.100.0/24", &["10.0.0.4", "10.0.0.3"])]);
         let ops = converge(&mut k, &want, Mode::Multipath);
-        assert_eq!(ops, vec![Op::AddRoute(net("198.51.100.0/24"), Target::Hops(vec![hop("10.0.0.3"), hop("10.0.0.4")]))]);
-        let ops = converge(&mut k, &desired(&[("198.51.100.0/24", &["10.0.0.3"])]), Mode::Multipath);
+        assert_eq!(
+            ops,
+            vec![Op::AddRoute(
+                net("198.51.100.0/24"),
+                Target::Hops(vec![hop("10.0.0.3"), hop("10.0.0.4")])
+            )]
+        );
+        let ops = converge(
+            &mut k,
+            &desired(&[("198.51.100.0/24", &["10.0.0.3"])]),
+            Mode::Multipath,
+        );
         assert!(matches!(ops[0], Op::ReplaceRoute(..)));
     }
 
     #[test]
     fn exhausted_range_is_an_error() {
         let k = KernelState::default();
-        let r = diff(&desired(&[("198.51.100.0/24", &["10.0.0.3", "10.0.0.4"])]), &k, Mode::Nexthop(RES), IdRange { base: 1, span: 2 }, P);
+        let r = diff(
+            &desired(&[("198.51.100.0/24", &["10.0.0.3", "10.0.0.4"])]),
+            &k,
+            Mode::Nexthop(RES),
+            IdRange { base: 1, span: 2 },
+            P,
+        );
         assert_eq!(r, Err(RangeExhausted(IdRange { base: 1, span: 2 })));
     }
 }

@@ -70,7 +70,9 @@ impl Dataplane {
         let mode = match (cfg.mode, has_nexthops) {
             (ModeChoice::Multipath, _) | (ModeChoice::Auto, false) => Mode::Multipath,
             (ModeChoice::Nexthop, false) => {
-                anyhow::bail!("--dataplane nexthop: this kernel has no nexthop objects (Linux >= 5.13 needed)")
+                anyhow::bail!(
+                    "--dataplane nexthop: this kernel has no nexthop objects (Linux >= 5.13 needed)"
+                )
             }
             (_, true) => Mode::Nexthop(cfg.resilient),
         };
@@ -100,7 +102,10 @@ impl Dataplane {
             Some(s) => s.dump()?,
             None => vec![],
         };
-        let routes = routes::dump_owned(&self.handle, self.key()).await?.into_iter().collect();
+        let routes = routes::dump_owned(&self.handle, self.key())
+            .await?
+            .into_iter()
+            .collect();
         Ok(KernelState { nexthops, routes })
     }
 
@@ -111,7 +116,11 @@ impl Dataplane {
         let mut problems = desired.problems.clone();
 
         // Resolve every gateway once.
-        let gateways: BTreeSet<IpAddr> = desired.routes.values().flat_map(|r| r.gateways.iter().copied()).collect();
+        let gateways: BTreeSet<IpAddr> = desired
+            .routes
+            .values()
+            .flat_map(|r| r.gateways.iter().copied())
+            .collect();
         let mut reach: BTreeMap<IpAddr, Result<u32, String>> = BTreeMap::new();
         for gw in gateways {
             reach.insert(gw, routes::resolve_gateway(&self.handle, gw).await);
@@ -148,7 +157,11 @@ impl Dataplane {
         let mut changes = ops.len();
         for (dst, err) in &failed {
             changes -= 1;
-            let owner = desired.routes.get(dst).map(|r| r.owner.clone()).unwrap_or_default();
+            let owner = desired
+                .routes
+                .get(dst)
+                .map(|r| r.owner.clone())
+                .unwrap_or_default();
             let message = if err.errno == libc::EEXIST {
                 format!(
                     "Route {owner}: destination {dst}: a route the agent does not own already exists \
@@ -201,33 +214,34 @@ impl Dataplane {
             }
         }
         let handle = self.handle.clone();
-        let results: Vec<Option<(IpNet, NlError)>> = futures::stream::iter(ops.iter().filter_map(|op| match op {
-            Op::AddRoute(d, t) => Some((*d, Some(t.clone()), false)),
-            Op::ReplaceRoute(d, t) => Some((*d, Some(t.clone()), true)),
-            Op::DelRoute(d) => Some((*d, None, false)),
-            _ => None,
-        }))
-        .map(|(dst, target, replace)| {
-            let handle = handle.clone();
-            async move {
-                let r = match &target {
-                    Some(t) => routes::add(&handle, key, dst, t, replace).await,
-                    None => routes::del(&handle, key, dst).await,
-                };
-                match r {
-                    Ok(()) => {
-                        debug!(%dst, ?target, replace, "route applied");
-                        None
+        let results: Vec<Option<(IpNet, NlError)>> =
+            futures::stream::iter(ops.iter().filter_map(|op| match op {
+                Op::AddRoute(d, t) => Some((*d, Some(t.clone()), false)),
+                Op::ReplaceRoute(d, t) => Some((*d, Some(t.clone()), true)),
+                Op::DelRoute(d) => Some((*d, None, false)),
+                _ => None,
+            }))
+            .map(|(dst, target, replace)| {
+                let handle = handle.clone();
+                async move {
+                    let r = match &target {
+                        Some(t) => routes::add(&handle, key, dst, t, replace).await,
+                        None => routes::del(&handle, key, dst).await,
+                    };
+                    match r {
+                        Ok(()) => {
+                            debug!(%dst, ?target, replace, "route applied");
+                            None
+                        }
+                        // Already gone: the goal is reached.
+                        Err(e) if target.is_none() && e.errno == libc::ESRCH => None,
+                        Err(e) => Some((dst, e)),
                     }
-                    // Already gone: the goal is reached.
-                    Err(e) if target.is_none() && e.errno == libc::ESRCH => None,
-                    Err(e) => Some((dst, e)),
                 }
-            }
-        })
-        .buffer_unordered(64)
-        .collect()
-        .await;
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
         failed.extend(results.into_iter().flatten());
         for op in ops {
             if let Op::DelNexthop(id) = op

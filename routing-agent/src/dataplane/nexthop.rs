@@ -9,8 +9,8 @@ use std::net::IpAddr;
 
 use netlink_packet_core::{
     DefaultNla, Emitable, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
-    NLM_F_REQUEST, NlaBuffer, NlasIterator, NetlinkHeader, NetlinkMessage, NetlinkPayload,
-    NetlinkDeserializable, NetlinkSerializable,
+    NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NetlinkSerializable, NlaBuffer, NlasIterator,
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -50,7 +50,10 @@ pub struct Resilient {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NexthopKind {
     /// A single next hop: a gateway reached through an interface.
-    Gateway { gateway: IpAddr, oif: u32 },
+    Gateway {
+        gateway: IpAddr,
+        oif: u32,
+    },
     /// A group of next-hop ids with weights (1..=256).
     Group {
         members: Vec<(u32, u16)>,
@@ -114,7 +117,10 @@ impl NetlinkDeserializable for NhMsg {
     type Error = netlink_packet_core::DecodeError;
     fn deserialize(header: &NetlinkHeader, payload: &[u8]) -> Result<Self, Self::Error> {
         if payload.len() < 8 {
-            return Err(netlink_packet_core::DecodeError::buffer_too_small(payload.len(), 8));
+            return Err(netlink_packet_core::DecodeError::buffer_too_small(
+                payload.len(),
+                8,
+            ));
         }
         let mut nlas = Vec::new();
         for nla in NlasIterator::new(&payload[8..]) {
@@ -211,7 +217,8 @@ fn nla_value_u16(v: &[u8]) -> Option<u16> {
 
 fn from_msg(msg: &NhMsg) -> Option<Nexthop> {
     let mut id = None;
-    let (mut gateway, mut oif, mut group, mut group_type) = (None, None, None, NEXTHOP_GRP_TYPE_MPATH);
+    let (mut gateway, mut oif, mut group, mut group_type) =
+        (None, None, None, NEXTHOP_GRP_TYPE_MPATH);
     let (mut blackhole, mut other, mut res) = (false, false, None);
     for nla in &msg.nlas {
         let mut buf = vec![0u8; nla.buffer_len()];
@@ -245,7 +252,9 @@ fn from_msg(msg: &NhMsg) -> Option<Nexthop> {
                 let (mut buckets, mut idle) = (0, 0);
                 for inner in NlasIterator::new(value).flatten() {
                     match inner.kind() & NLA_TYPE_MASK {
-                        NHA_RES_GROUP_BUCKETS => buckets = nla_value_u16(inner.value()).unwrap_or(0),
+                        NHA_RES_GROUP_BUCKETS => {
+                            buckets = nla_value_u16(inner.value()).unwrap_or(0)
+                        }
                         NHA_RES_GROUP_IDLE_TIMER => {
                             idle = nla_value_u32(inner.value()).unwrap_or(0) / USER_HZ
                         }
@@ -267,7 +276,11 @@ fn from_msg(msg: &NhMsg) -> Option<Nexthop> {
     } else if let Some(members) = group {
         NexthopKind::Group {
             members,
-            resilient: if group_type == NEXTHOP_GRP_TYPE_RES { res } else { None },
+            resilient: if group_type == NEXTHOP_GRP_TYPE_RES {
+                res
+            } else {
+                None
+            },
         }
     } else if blackhole {
         NexthopKind::Blackhole
@@ -288,7 +301,10 @@ fn from_msg(msg: &NhMsg) -> Option<Nexthop> {
 pub fn decode_payload(message_type: u16, payload: &[u8]) -> Option<Nexthop> {
     let mut header = NetlinkHeader::default();
     header.message_type = message_type;
-    NhMsg::deserialize(&header, payload).ok().as_ref().and_then(from_msg)
+    NhMsg::deserialize(&header, payload)
+        .ok()
+        .as_ref()
+        .and_then(from_msg)
 }
 
 /// A synchronous rtnetlink socket for nexthop requests.
@@ -301,7 +317,9 @@ impl NexthopSocket {
     pub fn new() -> Result<Self, NlError> {
         let mut socket = Socket::new(NETLINK_ROUTE).map_err(NlError::io)?;
         socket.bind_auto().map_err(NlError::io)?;
-        socket.connect(&SocketAddr::new(0, 0)).map_err(NlError::io)?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(NlError::io)?;
         // Errors carry the kernel's explanation and no copy of our request.
         let _ = socket.set_ext_ack(true);
         let _ = socket.set_cap_ack(true);
@@ -340,7 +358,8 @@ impl NexthopSocket {
     fn request(&mut self, msg: NhMsg, flags: u16) -> Result<Vec<NhMsg>, NlError> {
         self.seq = self.seq.wrapping_add(1);
         let seq = self.seq;
-        let mut nl = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::InnerMessage(msg));
+        let mut nl =
+            NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::InnerMessage(msg));
         nl.header.flags = flags;
         nl.header.sequence_number = seq;
         nl.finalize();
@@ -421,25 +440,37 @@ mod tests {
         round_trip(Nexthop {
             id: 7,
             protocol: 196,
-            kind: NexthopKind::Gateway { gateway: "10.114.0.3".parse().unwrap(), oif: 4 },
+            kind: NexthopKind::Gateway {
+                gateway: "10.114.0.3".parse().unwrap(),
+                oif: 4,
+            },
         });
         round_trip(Nexthop {
             id: 8,
             protocol: 196,
-            kind: NexthopKind::Gateway { gateway: "fd00:114::3".parse().unwrap(), oif: 9 },
+            kind: NexthopKind::Gateway {
+                gateway: "fd00:114::3".parse().unwrap(),
+                oif: 9,
+            },
         });
         round_trip(Nexthop {
             id: 9,
             protocol: 196,
             kind: NexthopKind::Group {
                 members: vec![(7, 1), (8, 256)],
-                resilient: Some(Resilient { buckets: 128, idle_timer_s: 120 }),
+                resilient: Some(Resilient {
+                    buckets: 128,
+                    idle_timer_s: 120,
+                }),
             },
         });
         round_trip(Nexthop {
             id: 10,
             protocol: 0,
-            kind: NexthopKind::Group { members: vec![(7, 3)], resilient: None },
+            kind: NexthopKind::Group {
+                members: vec![(7, 3)],
+                resilient: None,
+            },
         });
     }
 
@@ -448,7 +479,10 @@ mod tests {
         let msg = to_msg(&Nexthop {
             id: 0x01020304,
             protocol: 196,
-            kind: NexthopKind::Group { members: vec![(5, 1)], resilient: None },
+            kind: NexthopKind::Group {
+                members: vec![(5, 1)],
+                resilient: None,
+            },
         });
         let mut buf = vec![0; msg.buffer_len()];
         msg.serialize(&mut buf);
@@ -468,9 +502,12 @@ mod tests {
         echo.extend_from_slice(&len.to_ne_bytes());
         echo.extend_from_slice(&1u16.to_ne_bytes());
         echo.extend_from_slice(text);
-        while echo.len() % 4 != 0 {
+        while !echo.len().is_multiple_of(4) {
             echo.push(0);
         }
-        assert_eq!(ext_ack_message(&echo).as_deref(), Some("Nexthop has invalid gateway"));
+        assert_eq!(
+            ext_ack_message(&echo).as_deref(),
+            Some("Nexthop has invalid gateway")
+        );
     }
 }

@@ -70,7 +70,8 @@ fn base_message(key: RouteKey, dst: IpNet) -> RouteMessage {
     m.header.scope = RouteScope::Universe;
     m.header.kind = RouteType::Unicast;
     if dst.prefix_len() > 0 {
-        m.attributes.push(RouteAttribute::Destination(addr(dst.addr())));
+        m.attributes
+            .push(RouteAttribute::Destination(addr(dst.addr())));
     }
     m.attributes.push(RouteAttribute::Table(key.table));
     if key.metric != 0 {
@@ -139,7 +140,9 @@ fn parse_owned(m: &RouteMessage, key: RouteKey) -> Option<(IpNet, Target)> {
                     .iter()
                     .filter_map(|nh| {
                         nh.attributes.iter().find_map(|a| match a {
-                            RouteAttribute::Gateway(g) => route_addr(g).map(|g| (g, nh.interface_index)),
+                            RouteAttribute::Gateway(g) => {
+                                route_addr(g).map(|g| (g, nh.interface_index))
+                            }
                             _ => None,
                         })
                     })
@@ -164,7 +167,9 @@ fn parse_owned(m: &RouteMessage, key: RouteKey) -> Option<(IpNet, Target)> {
 pub async fn dump_owned(handle: &Handle, key: RouteKey) -> Result<Vec<(IpNet, Target)>, NlError> {
     let mut out = Vec::new();
     for v in [IpVersion::V4, IpVersion::V6] {
-        let mut req = handle.route().get(rtnetlink::RouteMessageBuilder::<IpAddr>::new().build());
+        let mut req = handle
+            .route()
+            .get(rtnetlink::RouteMessageBuilder::<IpAddr>::new().build());
         req.message_mut().header.address_family = match v {
             IpVersion::V4 => AddressFamily::Inet,
             IpVersion::V6 => AddressFamily::Inet6,
@@ -179,8 +184,16 @@ pub async fn dump_owned(handle: &Handle, key: RouteKey) -> Result<Vec<(IpNet, Ta
     Ok(out)
 }
 
-pub async fn add(handle: &Handle, key: RouteKey, dst: IpNet, target: &Target, replace: bool) -> Result<(), NlError> {
-    let req = handle.route().add(with_target(base_message(key, dst), target));
+pub async fn add(
+    handle: &Handle,
+    key: RouteKey,
+    dst: IpNet,
+    target: &Target,
+    replace: bool,
+) -> Result<(), NlError> {
+    let req = handle
+        .route()
+        .add(with_target(base_message(key, dst), target));
     let req = if replace { req.replace() } else { req };
     req.execute().await.map_err(nl_error)
 }
@@ -199,7 +212,8 @@ pub async fn resolve_gateway(handle: &Handle, gateway: IpAddr) -> Result<u32, St
     let mut m = RouteMessage::default();
     m.header.address_family = family(&gateway);
     m.header.destination_prefix_length = if gateway.is_ipv4() { 32 } else { 128 };
-    m.attributes.push(RouteAttribute::Destination(addr(gateway)));
+    m.attributes
+        .push(RouteAttribute::Destination(addr(gateway)));
     let mut req = handle.route().get(RouteMessage::default());
     *req.message_mut() = m;
     let reply = match req.execute().try_next().await {
@@ -220,7 +234,9 @@ pub async fn resolve_gateway(handle: &Handle, gateway: IpAddr) -> Result<u32, St
         _ => None,
     });
     if let Some(via) = via {
-        return Err(format!("it is not on a directly connected network (reached via {via})"));
+        return Err(format!(
+            "it is not on a directly connected network (reached via {via})"
+        ));
     }
     reply
         .attributes

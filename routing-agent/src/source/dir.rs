@@ -47,20 +47,37 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Route>, FileError> {
         let err = |e: serde_yaml::Error| FileError {
             path: path.to_owned(),
             line: e.location().map(|l| first_line + l.line()),
-            reason: e.to_string().split(" at line ").next().unwrap_or_default().to_string(),
+            reason: e
+                .to_string()
+                .split(" at line ")
+                .next()
+                .unwrap_or_default()
+                .to_string(),
         };
         let value: serde_yaml::Value = serde_yaml::from_str(&doc).map_err(err)?;
         if value.is_null() {
             continue;
         }
-        let field = |k: &str| value.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let field = |k: &str| {
+            value
+                .get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
         let (api, kind) = (field("apiVersion"), field("kind"));
         if kind != KIND || api != API_VERSION {
             debug!(path = %path.display(), line = first_line + 1, %api, %kind, "not a Route; skipped");
             continue;
         }
         let route: Route = serde_yaml::from_str(&doc).map_err(err)?;
-        if route.metadata.name.as_deref().unwrap_or_default().is_empty() {
+        if route
+            .metadata
+            .name
+            .as_deref()
+            .unwrap_or_default()
+            .is_empty()
+        {
             return Err(FileError {
                 path: path.to_owned(),
                 line: Some(first_line + 1),
@@ -72,15 +89,37 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Route>, FileError> {
     Ok(routes)
 }
 
-/// Reads a directory into a snapshot, keeping each broken file's last good content
-/// (`last_good`, updated in place). Returns the snapshot and the errors of this pass.
-pub fn load(dir: &Path, last_good: &mut BTreeMap<PathBuf, Vec<Route>>) -> (Snapshot, Vec<FileError>) {
+/// What is known of one manifest file.
+#[derive(Clone, Debug, Default)]
+pub struct CachedFile {
+    /// (inode, size, mtime): a file is parsed again only when this changes.
+    stamp: Option<(u64, u64, std::time::SystemTime)>,
+    /// Its last good content (kept while the file is broken).
+    good: Option<Vec<Route>>,
+    error: Option<FileError>,
+}
+
+/// The directory source's memory between passes.
+pub type DirCache = BTreeMap<PathBuf, CachedFile>;
+
+fn stamp(path: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.len(), m.modified().ok()?))
+}
+
+/// Reads a directory into a snapshot. Files are parsed again only when they changed; a
+/// broken file keeps its last good content. Returns the snapshot and the current errors.
+pub fn load(dir: &Path, cache: &mut DirCache) -> (Snapshot, Vec<FileError>) {
     let mut errors = Vec::new();
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+    let files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-            .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
             .collect(),
         Err(e) => {
             errors.push(FileError {
@@ -88,13 +127,22 @@ pub fn load(dir: &Path, last_good: &mut BTreeMap<PathBuf, Vec<Route>>) -> (Snaps
                 line: None,
                 reason: format!("cannot read the directory: {e}; keeping the last good state"),
             });
-            let routes = last_good.values().flatten().cloned().collect();
+            let routes = cache
+                .values()
+                .filter_map(|c| c.good.clone())
+                .flatten()
+                .collect();
             return (Snapshot { routes }, errors);
         }
     };
-    files.sort();
-    last_good.retain(|p, _| files.contains(p));
+    cache.retain(|p, _| files.contains(p));
     for path in &files {
+        let entry = cache.entry(path.clone()).or_default();
+        let now = stamp(path);
+        if now.is_some() && entry.stamp == now {
+            continue;
+        }
+        entry.stamp = now;
         let parsed = std::fs::read_to_string(path)
             .map_err(|e| FileError {
                 path: path.clone(),
@@ -104,22 +152,27 @@ pub fn load(dir: &Path, last_good: &mut BTreeMap<PathBuf, Vec<Route>>) -> (Snaps
             .and_then(|text| parse_file(path, &text));
         match parsed {
             Ok(routes) => {
-                last_good.insert(path.clone(), routes);
+                entry.good = Some(routes);
+                entry.error = None;
             }
-            Err(e) => errors.push(e),
+            Err(e) => entry.error = Some(e),
         }
     }
+    errors.extend(cache.values().filter_map(|c| c.error.clone()));
     // One object per name: the first file (in path order) wins, later ones are errors.
     let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
     let mut routes = Vec::new();
-    for (path, rs) in last_good.iter() {
-        for r in rs {
+    for (path, c) in cache.iter() {
+        for r in c.good.iter().flatten() {
             let name = r.metadata.name.clone().unwrap_or_default();
             if let Some(first) = seen.get(&name) {
                 errors.push(FileError {
                     path: path.clone(),
                     line: None,
-                    reason: format!("Route {name} is also defined in {}; this copy is ignored", first.display()),
+                    reason: format!(
+                        "Route {name} is also defined in {}; this copy is ignored",
+                        first.display()
+                    ),
                 });
                 continue;
             }
@@ -142,11 +195,11 @@ pub fn spawn(dir: PathBuf, tx: mpsc::Sender<Snapshot>) -> anyhow::Result<()> {
     info!(dir = %dir.display(), "watching Route manifests");
     tokio::spawn(async move {
         let _watcher = watcher; // dropped with the task
-        let mut last_good = BTreeMap::new();
+        let mut cache = DirCache::new();
         let mut last_errors: Vec<FileError> = Vec::new();
         let mut last_sent: Option<Snapshot> = None;
         loop {
-            let (snap, errors) = load(&dir, &mut last_good);
+            let (snap, errors) = load(&dir, &mut cache);
             if errors != last_errors {
                 for e in &errors {
                     error!(file = %e.path.display(), line = e.line, "invalid manifest, last good content kept: {e}");
@@ -169,7 +222,7 @@ pub fn spawn(dir: PathBuf, tx: mpsc::Sender<Snapshot>) -> anyhow::Result<()> {
                 }
                 _ = tokio::time::sleep(Duration::from_secs(10)) => {}
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
             while ev_rx.try_recv().is_ok() {}
         }
     });
@@ -208,7 +261,7 @@ mod tests {
         std::fs::write(dir.join("a.yaml"), good).unwrap();
         std::fs::write(dir.join("b.yml"), good).unwrap();
         std::fs::write(dir.join("notes.txt"), "ignored").unwrap();
-        let mut last = BTreeMap::new();
+        let mut last = DirCache::new();
         let (snap, errors) = load(&dir, &mut last);
         assert_eq!(snap.routes.len(), 1);
         assert_eq!(errors.len(), 1, "{errors:?}");
@@ -221,7 +274,10 @@ mod tests {
         assert_eq!(errors[0].path, dir.join("a.yaml"));
         std::fs::remove_file(dir.join("a.yaml")).unwrap();
         let (snap, errors) = load(&dir, &mut last);
-        assert!(snap.routes.is_empty() && errors.is_empty(), "deleted file drops its routes");
+        assert!(
+            snap.routes.is_empty() && errors.is_empty(),
+            "deleted file drops its routes"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
