@@ -43,6 +43,8 @@ fn apt() -> Result<()> {
         return Ok(());
     }
     step("apt packages", &format!("installing {}", missing.join(" ")));
+    // SAFETY: set-up runs before any thread is spawned.
+    unsafe { std::env::set_var("DEBIAN_FRONTEND", "noninteractive") };
     crate::cmd("apt-get", &["update", "-qq"])?;
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
     args.extend(&missing);
