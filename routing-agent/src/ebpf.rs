@@ -4,7 +4,7 @@
 //! Attachment goes through aya: TCX links on kernels ≥ 6.6, clsact + cls_bpf through
 //! netlink before that (Debian 12: 6.1). The agent only ever detaches links it created.
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context as _;
 use aya::programs::{SchedClassifier, TcAttachType, tc};
@@ -21,7 +21,6 @@ struct Attached {
 pub struct Programs {
     bpf: aya::Ebpf,
     attached: BTreeMap<u32, Attached>,
-    pin_dir: PathBuf,
 }
 
 /// The object built by `build.rs` (aya-build).
@@ -71,12 +70,7 @@ impl Programs {
         Ok(Programs {
             bpf,
             attached: BTreeMap::new(),
-            pin_dir: pin_dir.to_owned(),
         })
-    }
-
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
     }
 
     fn prog(&mut self, name: &str) -> &mut SchedClassifier {

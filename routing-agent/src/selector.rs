@@ -15,6 +15,19 @@ pub struct NodeInfo {
     pub labels: BTreeMap<String, String>,
 }
 
+impl NodeInfo {
+    /// A node with `labels` given as `(key, value)` pairs.
+    pub fn new(name: &str, labels: &[(&str, &str)]) -> Self {
+        NodeInfo {
+            name: name.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+}
+
 /// A selector that cannot be evaluated. `field` is relative to the Route
 /// (`spec.nodeSelector.nodeSelectorTerms[0].matchExpressions[1].values`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,13 +168,7 @@ mod tests {
     use super::*;
 
     fn node(name: &str, labels: &[(&str, &str)]) -> NodeInfo {
-        NodeInfo {
-            name: name.into(),
-            labels: labels
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        }
+        NodeInfo::new(name, labels)
     }
 
     fn req(key: &str, op: &str, values: &[&str]) -> NodeSelectorRequirement {

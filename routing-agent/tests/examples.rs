@@ -1,6 +1,5 @@
 //! Every `kind: Route` example of the DOKS routing-agent how-to (fixtures/, verbatim)
 //! parses and plans as that document describes.
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 
@@ -17,13 +16,7 @@ fn load(name: &str) -> Vec<routing_agent::crd::Route> {
 }
 
 fn node(name: &str, labels: &[(&str, &str)]) -> NodeInfo {
-    NodeInfo {
-        name: name.into(),
-        labels: labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<BTreeMap<_, _>>(),
-    }
+    NodeInfo::new(name, labels)
 }
 
 fn gateways(s: &DesiredState, dst: &str) -> Vec<IpAddr> {

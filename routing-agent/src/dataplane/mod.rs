@@ -17,7 +17,7 @@ use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
 use crate::plan::{DesiredState, Problem, ProblemKind};
-use diff::{Hop, IdRange, KernelState, Mode, Op, Target};
+use diff::{Hop, IdRange, KernelState, Mode, Op};
 use nexthop::{NexthopSocket, NlError, Resilient};
 use routes::RouteKey;
 
@@ -83,10 +83,6 @@ impl Dataplane {
             mode,
             cfg,
         })
-    }
-
-    pub fn mode(&self) -> Mode {
-        self.mode
     }
 
     fn key(&self) -> RouteKey {
@@ -259,10 +255,5 @@ impl Dataplane {
     pub async fn remove_all(&mut self) -> anyhow::Result<usize> {
         let outcome = self.reconcile(&DesiredState::default()).await?;
         Ok(outcome.changes)
-    }
-
-    /// Routes the agent owns now, for status and tests.
-    pub async fn owned_routes(&mut self) -> Result<BTreeMap<IpNet, Target>, NlError> {
-        Ok(self.snapshot().await?.routes)
     }
 }

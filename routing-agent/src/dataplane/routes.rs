@@ -214,9 +214,7 @@ pub async fn resolve_gateway(handle: &Handle, gateway: IpAddr) -> Result<u32, St
     m.header.destination_prefix_length = if gateway.is_ipv4() { 32 } else { 128 };
     m.attributes
         .push(RouteAttribute::Destination(addr(gateway)));
-    let mut req = handle.route().get(RouteMessage::default());
-    *req.message_mut() = m;
-    let reply = match req.execute().try_next().await {
+    let reply = match handle.route().get(m).execute().try_next().await {
         Ok(Some(r)) => r,
         Ok(None) => return Err("the kernel gave no route to it".into()),
         Err(e) => {
