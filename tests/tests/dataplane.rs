@@ -3,6 +3,7 @@
 //! through its status file. Needs root; every test builds and deletes its own lab.
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -19,6 +20,25 @@ fn v4(i: u8) -> String {
 }
 fn v6(i: u8) -> String {
     gateway_v6(i)
+}
+
+/// A default lab (3 gateways, node-a) whose routes directory holds `files`.
+fn lab_with(files: &[(&str, String)]) -> Result<(Lab, PathBuf)> {
+    let lab = Lab::new(LabSpec::default())?;
+    let dir = lab.routes_dir("routes")?;
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text)?;
+    }
+    Ok((lab, dir))
+}
+
+/// A route on node-a that the agent does not own (`proto static`), as an operator adds it.
+fn foreign_route(lab: &Lab, dst: &str, gateway: &str) -> Result<()> {
+    lab.ip(
+        &lab.node_ns("a"),
+        &format!("route add {dst} via {gateway} proto static"),
+    )?;
+    Ok(())
 }
 
 /// Packets counted by the TC programs (all CPUs, both directions), from the pinned map.
@@ -48,16 +68,33 @@ fn bpf_packets(lab: &Lab, node: &str) -> Result<u64> {
 
 #[test]
 fn single_gateway_v4_and_v6_through_kernel_and_traffic() -> Result<()> {
-    let lab = Lab::new(LabSpec::default())?;
-    let dir = lab.routes_dir("routes")?;
-    std::fs::write(
-        dir.join("r.yaml"),
+    let (lab, dir) = lab_with(&[(
+        "r.yaml",
         route_yaml("v4", &[DEST_V4], &[&v4(1)], None)
             + "---\n"
             + &route_yaml("v6", &[DEST_V6], &[&v6(2)], None),
-    )?;
+    )])?;
+    let root_policy = run(&["sysctl", "-n", "net.ipv4.fib_multipath_hash_policy"])?;
     let mut agent = Agent::start(&lab, "a", &dir, &[])?;
     agent.wait_settled(2)?;
+
+    // ECMP hashes on ports in the agent's namespace; the root namespace is left as it was.
+    let ns = lab.node_ns("a");
+    for key in [
+        "net.ipv4.fib_multipath_hash_policy",
+        "net.ipv6.fib_multipath_hash_policy",
+        "net.ipv4.fib_multipath_use_neigh",
+    ] {
+        assert_eq!(
+            lab.sh(&ns, &format!("sysctl -n {key}"))?.trim(),
+            "1",
+            "{key}"
+        );
+    }
+    assert_eq!(
+        run(&["sysctl", "-n", "net.ipv4.fib_multipath_hash_policy"])?,
+        root_policy
+    );
 
     let r = lab.route("a", DEST_V4)?.expect("v4 route installed");
     assert_eq!(
@@ -132,12 +169,10 @@ fn ecmp_over_three_gateways_spreads_connections_v6() -> Result<()> {
 fn ecmp_multipath_fallback_mode() -> Result<()> {
     // The path for kernels without nexthop objects, forced here.
     ecmp_spreads(false, &["--dataplane", "multipath"])?;
-    let lab = Lab::new(LabSpec::default())?;
-    let dir = lab.routes_dir("routes")?;
-    std::fs::write(
-        dir.join("r.yaml"),
+    let (lab, dir) = lab_with(&[(
+        "r.yaml",
         route_yaml("r", &[DEST_V4], &[&v4(1), &v4(2)], None),
-    )?;
+    )])?;
     let mut agent = Agent::start(&lab, "a", &dir, &["--dataplane", "multipath"])?;
     agent.wait_settled(1)?;
     let r = lab.route("a", DEST_V4)?.unwrap();
@@ -227,16 +262,13 @@ fn edit_gateways_in_place_and_broken_file_keeps_last_good_state() -> Result<()> 
 
 #[test]
 fn delete_removes_routes_and_nexthops() -> Result<()> {
-    let lab = Lab::new(LabSpec::default())?;
-    let dir = lab.routes_dir("routes")?;
-    std::fs::write(
-        dir.join("a.yaml"),
-        route_yaml("a", &[DEST_V4, DEST_V6][..1], &[&v4(1), &v4(2)], None),
-    )?;
-    std::fs::write(
-        dir.join("b.yaml"),
-        route_yaml("b", &[DEST_V6], &[&v6(1)], None),
-    )?;
+    let (lab, dir) = lab_with(&[
+        (
+            "a.yaml",
+            route_yaml("a", &[DEST_V4], &[&v4(1), &v4(2)], None),
+        ),
+        ("b.yaml", route_yaml("b", &[DEST_V6], &[&v6(1)], None)),
+    ])?;
     let mut agent = Agent::start(&lab, "a", &dir, &[])?;
     agent.wait_settled(2)?;
     assert_eq!(
@@ -264,14 +296,12 @@ fn delete_removes_routes_and_nexthops() -> Result<()> {
 
 #[test]
 fn restart_adopts_without_flap() -> Result<()> {
-    let lab = Lab::new(LabSpec::default())?;
-    let dir = lab.routes_dir("routes")?;
-    std::fs::write(
-        dir.join("r.yaml"),
+    let (lab, dir) = lab_with(&[(
+        "r.yaml",
         route_yaml("r", &[DEST_V4], &[&v4(1), &v4(2), &v4(3)], None)
             + "---\n"
             + &route_yaml("s", &[DEST_V6], &[&v6(1)], None),
-    )?;
+    )])?;
     let mut agent = Agent::start(&lab, "a", &dir, &[])?;
     agent.wait_settled(2)?;
     let routes_before = lab.ip(&lab.node_ns("a"), "route show proto 196")?;
@@ -324,24 +354,19 @@ fn restart_adopts_without_flap() -> Result<()> {
 
 #[test]
 fn hand_changes_are_repaired_and_foreign_state_is_untouched() -> Result<()> {
-    let lab = Lab::new(LabSpec::default())?;
+    let (lab, dir) = lab_with(&[(
+        "r.yaml",
+        route_yaml("r", &[DEST_V4], &[&v4(1), &v4(2)], None),
+    )])?;
     let ns = lab.node_ns("a");
     // Foreign state: a route, a nexthop inside the agent's id range but of another protocol,
     // one outside the range.
-    lab.ip(
-        &ns,
-        &format!("route add 198.51.101.0/24 via {} proto static", v4(1)),
-    )?;
+    foreign_route(&lab, "198.51.101.0/24", &v4(1))?;
     lab.ip(
         &ns,
         &format!("nexthop add id 1960000 via {} dev eth1 proto static", v4(2)),
     )?;
     lab.ip(&ns, &format!("nexthop add id 7 via {} dev eth1", v4(3)))?;
-    let dir = lab.routes_dir("routes")?;
-    std::fs::write(
-        dir.join("r.yaml"),
-        route_yaml("r", &[DEST_V4], &[&v4(1), &v4(2)], None),
-    )?;
     let mut agent = Agent::start(&lab, "a", &dir, &[])?;
     agent.wait_settled(1)?;
     let owned_route = lab.route("a", DEST_V4)?.unwrap();
@@ -402,17 +427,11 @@ fn hand_changes_are_repaired_and_foreign_state_is_untouched() -> Result<()> {
 
 #[test]
 fn foreign_route_at_the_same_destination_is_reported_not_replaced() -> Result<()> {
-    let lab = Lab::new(LabSpec::default())?;
-    let ns = lab.node_ns("a");
-    lab.ip(
-        &ns,
-        &format!("route add {DEST_V4} via {} proto static", v4(3)),
-    )?;
-    let dir = lab.routes_dir("routes")?;
-    std::fs::write(
-        dir.join("r.yaml"),
+    let (lab, dir) = lab_with(&[(
+        "r.yaml",
         route_yaml("clash", &[DEST_V4, "192.0.2.0/24"], &[&v4(1)], None),
-    )?;
+    )])?;
+    foreign_route(&lab, DEST_V4, &v4(3))?;
     let mut agent = Agent::start(&lab, "a", &dir, &[])?;
     let s = agent.wait_status("kernel problem reported", |s| {
         s["problems"]
@@ -438,16 +457,13 @@ fn foreign_route_at_the_same_destination_is_reported_not_replaced() -> Result<()
 
 #[test]
 fn unreachable_gateway_is_reported_then_installed_when_reachable() -> Result<()> {
-    let lab = Lab::new(LabSpec::default())?;
-    let dir = lab.routes_dir("routes")?;
-    std::fs::write(
-        dir.join("far.yaml"),
-        route_yaml("far", &["192.0.2.0/24"], &["10.116.0.1"], None),
-    )?;
-    std::fs::write(
-        dir.join("near.yaml"),
-        route_yaml("near", &[DEST_V4], &[&v4(1)], None),
-    )?;
+    let (lab, dir) = lab_with(&[
+        (
+            "far.yaml",
+            route_yaml("far", &["192.0.2.0/24"], &["10.116.0.1"], None),
+        ),
+        ("near.yaml", route_yaml("near", &[DEST_V4], &[&v4(1)], None)),
+    ])?;
     let mut agent = Agent::start(&lab, "a", &dir, &[])?;
     let s = agent.wait_status("unreachable gateway reported", |s| {
         s["problems"]
@@ -477,6 +493,10 @@ fn unreachable_gateway_is_reported_then_installed_when_reachable() -> Result<()>
         "installed {:?} after the gateway became reachable",
         t.elapsed()
     );
+    // The TC programs follow the gateway onto the new interface.
+    agent.wait_status("TC programs on eth2", |s| {
+        s["attached"] == serde_json::json!(["eth1", "eth2"])
+    })?;
     agent.wait_status("problem cleared", |s| {
         s["problems"].as_array().is_some_and(|p| p.is_empty())
     })?;
@@ -544,17 +564,12 @@ fn node_selector_in_a_two_node_lab() -> Result<()> {
 
 #[test]
 fn cleanup_removes_everything_owned() -> Result<()> {
-    let lab = Lab::new(LabSpec::default())?;
-    let ns = lab.node_ns("a");
-    lab.ip(
-        &ns,
-        &format!("route add 198.51.101.0/24 via {} proto static", v4(1)),
-    )?;
-    let dir = lab.routes_dir("routes")?;
-    std::fs::write(
-        dir.join("r.yaml"),
+    let (lab, dir) = lab_with(&[(
+        "r.yaml",
         route_yaml("r", &[DEST_V4, "192.0.2.0/24"], &[&v4(1), &v4(2)], None),
-    )?;
+    )])?;
+    let ns = lab.node_ns("a");
+    foreign_route(&lab, "198.51.101.0/24", &v4(1))?;
     let mut agent = Agent::start(&lab, "a", &dir, &[])?;
     agent.wait_settled(2)?;
     agent.stop();
