@@ -1,34 +1,140 @@
 //! Types shared by the kernel side (`routing-agent-ebpf`) and user space.
 //!
-//! Everything here is `#[repr(C)]` plain data: the eBPF programs write it into maps and
-//! user space reads it back (directly, or through `bpftool map dump`, which prints the field
-//! names from BTF).
+//! Everything here is `#[repr(C)]` plain data without implicit padding: the eBPF programs
+//! write it into maps and user space reads it back (directly, or through
+//! `bpftool map dump pinned …`, which prints the field names from BTF).
+//!
+//! How the maps fit together:
+//! - user space assigns every gateway a *slot* (`0..MAX_GATEWAYS`) and records it in
+//!   `RA_GATEWAYS[slot]` (`GatewayInfo`: address, health as user space sees it);
+//! - user space maps each gateway's (interface, MAC) to its slot in `RA_NEIGH`, from the
+//!   neighbour table;
+//! - the TC programs attribute each packet to a slot by its destination MAC (egress) or
+//!   source MAC (ingress), count into `RA_GW_STATS[slot]`, and follow TCP handshakes in
+//!   `RA_FLOWS`.
 #![no_std]
 
-/// Index into the `RA_TRAFFIC` per-CPU array: packets leaving the interface.
-pub const DIRECTION_EGRESS: u32 = 0;
-/// Index into the `RA_TRAFFIC` per-CPU array: packets entering the interface.
-pub const DIRECTION_INGRESS: u32 = 1;
-/// Number of entries of `RA_TRAFFIC`.
-pub const DIRECTIONS: u32 = 2;
+/// Gateways the programs can tell apart (size of `RA_GATEWAYS` and `RA_GW_STATS`).
+pub const MAX_GATEWAYS: u32 = 256;
+/// Handshakes followed at once (LRU: the oldest are evicted first).
+pub const MAX_FLOWS: u32 = 65536;
+/// (interface, MAC) pairs known to belong to gateways.
+pub const MAX_NEIGHBOURS: u32 = 1024;
 
-/// Packet and byte counters of one direction, summed over every interface the
-/// programs are attached to. One value per CPU; user space adds them up.
+/// `RA_NEIGH` key: a gateway's MAC address as seen on one interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NeighKey {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// `RA_NEIGH` value: the slot of the gateway that owns the MAC.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TrafficCounters {
-    pub packets: u64,
-    pub bytes: u64,
+pub struct GatewaySlot {
+    pub slot: u32,
+}
+
+/// `RA_GW_STATS[slot]`: per-CPU counters of one gateway; user space adds the CPUs up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GatewayStats {
+    /// TCP connection attempts (first SYN) sent through the gateway.
+    pub syn_sent: u64,
+    /// Attempts answered by a SYN-ACK from the gateway's side.
+    pub established: u64,
+    /// Attempts whose SYN was retransmitted while still unanswered, or that drew an ICMP
+    /// destination-unreachable from the gateway's side; counted once per attempt.
+    pub failed: u64,
+    /// Attempts answered by a RST (the gateway forwarded; the destination refused).
+    pub rst: u64,
+    /// ICMP / ICMPv6 destination-unreachable messages arriving from the gateway.
+    pub icmp_unreachable: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+/// `RA_FLOWS` key: one TCP connection attempt, seen from this node. IPv4 addresses take
+/// the first 4 bytes of the 16; ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// The first SYN has gone out; no answer yet.
+pub const FLOW_PENDING: u32 = 1;
+/// The SYN was retransmitted (or an ICMP unreachable came back) before any answer.
+pub const FLOW_FAILED: u32 = 2;
+
+/// `RA_FLOWS` value. Answered attempts are deleted from the map, so only pending and
+/// failed ones stay (and the LRU evicts the oldest).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowState {
+    pub slot: u32,
+    /// `FLOW_PENDING` or `FLOW_FAILED`.
+    pub state: u32,
+    /// `bpf_ktime_get_ns()` of the first SYN.
+    pub started_ns: u64,
+}
+
+/// `RA_GATEWAYS[slot].state`: slot not in use.
+pub const GW_UNUSED: u32 = 0;
+/// In rotation.
+pub const GW_UP: u32 = 1;
+/// Detected as black-holing; withdrawn (unless it is a route's last gateway) and probed.
+pub const GW_DOWN: u32 = 2;
+
+/// `RA_GATEWAYS[slot]`, written by user space only: which gateway a slot stands for and
+/// its health, so that a restarted agent keeps its slots and its verdicts, and so that
+/// `bpftool` users can read the slot numbers of the other maps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GatewayInfo {
+    /// The gateway's address (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+    /// 4 or 6; 0 when the slot is unused.
+    pub family: u32,
+    /// `GW_UNUSED`, `GW_UP` or `GW_DOWN`.
+    pub state: u32,
+    /// Damping level: how many times in a row it failed again soon after a restore.
+    pub penalty: u32,
+    pub _pad: u32,
+    /// When it went down (ms since the Unix epoch; 0 when up).
+    pub down_since_ms: u64,
 }
 
 #[cfg(feature = "user")]
-// SAFETY: plain old data, `#[repr(C)]`, no padding (two u64).
-unsafe impl aya::Pod for TrafficCounters {}
+mod pod {
+    // SAFETY (all): plain old data, `#[repr(C)]`, explicit padding, every bit pattern valid.
+    unsafe impl aya::Pod for super::NeighKey {}
+    unsafe impl aya::Pod for super::GatewaySlot {}
+    unsafe impl aya::Pod for super::GatewayStats {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::GatewayInfo {}
+}
 
 /// Names of the programs and maps in the object file, shared so that user space and
 /// the kernel side cannot drift apart.
 pub mod names {
     pub const PROG_EGRESS: &str = "ra_egress";
     pub const PROG_INGRESS: &str = "ra_ingress";
-    pub const MAP_TRAFFIC: &str = "RA_TRAFFIC";
+    pub const MAP_NEIGH: &str = "RA_NEIGH";
+    pub const MAP_GW_STATS: &str = "RA_GW_STATS";
+    pub const MAP_FLOWS: &str = "RA_FLOWS";
+    pub const MAP_GATEWAYS: &str = "RA_GATEWAYS";
+    /// Every map, all pinned under the pin directory.
+    pub const MAPS: [&str; 4] = [MAP_NEIGH, MAP_GW_STATS, MAP_FLOWS, MAP_GATEWAYS];
 }

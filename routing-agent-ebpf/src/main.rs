@@ -1,46 +1,294 @@
-//! TC programs of the routing agent.
+//! TC programs of the routing agent: per-gateway traffic counters and TCP handshake
+//! tracking on the interfaces that face gateways.
 //!
-//! This is the minimal data path of the foundation: two classifiers, one per direction,
-//! that count packets and bytes into a per-CPU BTF array and hand every packet on
-//! unchanged (`TC_ACT_UNSPEC`, i.e. "next program / default action"), so they coexist
-//! with programs of other owners on the same hook. Per-gateway flow tracking builds on
-//! this in the gateway-health work.
+//! Attribution: user space fills `RA_NEIGH` with (ifindex, MAC) → gateway slot from the
+//! neighbour table. On egress the destination MAC names the gateway a packet is handed to;
+//! on ingress the source MAC names the gateway it came from. Packets of other neighbours
+//! are not touched (one hash lookup, then out).
+//!
+//! Handshakes (`RA_FLOWS`, LRU): a first SYN through gateway G starts an attempt; a SYN-ACK
+//! or RST from G's side ends it (`established` / `rst`, entry deleted); a retransmitted SYN
+//! of an attempt still waiting, or an ICMP destination-unreachable quoting it, marks it
+//! `failed` (once per attempt).
+//!
+//! Every program returns `TC_ACT_UNSPEC` (never drops, never redirects), so it coexists
+//! with programs of other owners on the same hook.
 #![no_std]
 #![no_main]
+// Map keys are passed by reference on purpose: no copies of 40-byte keys on the 512-byte
+// BPF stack.
+#![allow(clippy::needless_borrows_for_generic_args)]
 
 use aya_ebpf::{
-    bindings::TC_ACT_UNSPEC,
-    btf_maps::PerCpuArray,
+    bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    helpers::bpf_ktime_get_ns,
     macros::{btf_map, classifier},
     programs::TcContext,
 };
-use routing_agent_common::{DIRECTION_EGRESS, DIRECTION_INGRESS, DIRECTIONS, TrafficCounters};
+use routing_agent_common::{
+    FLOW_FAILED, FLOW_PENDING, FlowKey, FlowState, GatewayInfo, GatewaySlot, GatewayStats,
+    MAX_FLOWS, MAX_GATEWAYS, MAX_NEIGHBOURS, NeighKey,
+};
 
 #[btf_map]
-static RA_TRAFFIC: PerCpuArray<TrafficCounters, { DIRECTIONS as usize }> = PerCpuArray::new();
+static RA_NEIGH: HashMap<NeighKey, GatewaySlot, { MAX_NEIGHBOURS as usize }> = HashMap::new();
+
+#[btf_map]
+static RA_GW_STATS: PerCpuArray<GatewayStats, { MAX_GATEWAYS as usize }> = PerCpuArray::new();
+
+#[btf_map]
+static RA_FLOWS: LruHashMap<FlowKey, FlowState, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+/// Written by user space only; declared here so that it is part of the object and pinned
+/// with the others.
+#[btf_map]
+static RA_GATEWAYS: Array<GatewayInfo, { MAX_GATEWAYS as usize }> = Array::new();
+
+const ETH_LEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 
 #[classifier]
 pub fn ra_egress(ctx: TcContext) -> i32 {
-    count(&ctx, DIRECTION_EGRESS);
+    let _ = handle(&ctx, true);
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn ra_ingress(ctx: TcContext) -> i32 {
-    count(&ctx, DIRECTION_INGRESS);
+    let _ = handle(&ctx, false);
     TC_ACT_UNSPEC
 }
 
+/// What a packet carries that matters here, addresses as (source, destination).
+struct Packet {
+    family: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    proto: u8,
+    /// Offset of the L4 header.
+    l4: usize,
+}
+
 #[inline(always)]
-fn count(ctx: &TcContext, direction: u32) {
-    if let Some(counters) = RA_TRAFFIC.get_ptr_mut(direction) {
-        // SAFETY: the pointer comes from a successful lookup in a per-CPU map, so it is
-        // valid and only this CPU writes through it while the program runs.
-        unsafe {
-            (*counters).packets += 1;
-            (*counters).bytes += u64::from(ctx.len());
+fn handle(ctx: &TcContext, egress: bool) -> Result<(), ()> {
+    let eth: [u8; ETH_LEN] = ctx.load(0).map_err(|_| ())?;
+    let key = NeighKey {
+        // SAFETY: the context pointer is valid for the program's run.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        mac: if egress {
+            [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]]
+        } else {
+            [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]]
+        },
+        _pad: [0; 2],
+    };
+    // SAFETY: the value is plain data copied out at once.
+    let slot = match unsafe { RA_NEIGH.get(&key) } {
+        Some(s) => s.slot,
+        None => return Ok(()),
+    };
+    let stats = RA_GW_STATS.get_ptr_mut(slot).ok_or(())?;
+    let len = u64::from(ctx.len());
+    // SAFETY: per-CPU value of a successful lookup; only this CPU writes it while we run.
+    unsafe {
+        if egress {
+            (*stats).tx_packets += 1;
+            (*stats).tx_bytes += len;
+        } else {
+            (*stats).rx_packets += 1;
+            (*stats).rx_bytes += len;
         }
     }
+    let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+    let p = parse_ip(ctx, ethertype, ETH_LEN)?;
+    match p.proto {
+        IPPROTO_TCP => {
+            // Ports (4 bytes) and the flags byte at offset 13.
+            let ports: [u8; 4] = ctx.load(p.l4).map_err(|_| ())?;
+            let flags: u8 = ctx.load(p.l4 + 13).map_err(|_| ())?;
+            let sport = u16::from_be_bytes([ports[0], ports[1]]);
+            let dport = u16::from_be_bytes([ports[2], ports[3]]);
+            if egress {
+                if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                    syn_out(p.family, p.src, p.dst, sport, dport, slot, stats);
+                }
+            } else if flags & TCP_SYN != 0 && flags & TCP_ACK != 0 {
+                answer(p.family, p.dst, p.src, dport, sport, slot, stats, false);
+            } else if flags & TCP_RST != 0 {
+                answer(p.family, p.dst, p.src, dport, sport, slot, stats, true);
+            }
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if !egress => {
+            let t: u8 = ctx.load(p.l4).map_err(|_| ())?;
+            let unreachable = if p.family == 4 { t == 3 } else { t == 1 };
+            if unreachable {
+                // SAFETY: as above.
+                unsafe { (*stats).icmp_unreachable += 1 };
+                icmp_quote(ctx, &p, slot, stats)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Parses the IPv4 or IPv6 header at `off`. IPv6 extension headers and non-first IPv4
+/// fragments are not followed (reported as protocol 0).
+#[inline(always)]
+fn parse_ip(ctx: &TcContext, ethertype: u16, off: usize) -> Result<Packet, ()> {
+    let mut p = Packet {
+        family: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        proto: 0,
+        l4: 0,
+    };
+    if ethertype == ETH_P_IP {
+        let h: [u8; 20] = ctx.load(off).map_err(|_| ())?;
+        if h[0] >> 4 != 4 {
+            return Err(());
+        }
+        p.family = 4;
+        p.src[..4].copy_from_slice(&h[12..16]);
+        p.dst[..4].copy_from_slice(&h[16..20]);
+        let frag_off = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
+        p.proto = if frag_off == 0 { h[9] } else { 0 };
+        p.l4 = off + usize::from(h[0] & 0x0f) * 4;
+    } else if ethertype == ETH_P_IPV6 {
+        let h: [u8; 40] = ctx.load(off).map_err(|_| ())?;
+        p.family = 6;
+        p.src.copy_from_slice(&h[8..24]);
+        p.dst.copy_from_slice(&h[24..40]);
+        p.proto = h[6];
+        p.l4 = off + 40;
+    } else {
+        return Err(());
+    }
+    Ok(p)
+}
+
+#[inline(always)]
+fn flow_key(family: u8, local: [u8; 16], remote: [u8; 16], lport: u16, rport: u16) -> FlowKey {
+    FlowKey {
+        local,
+        remote,
+        local_port: lport,
+        remote_port: rport,
+        family,
+        _pad: [0; 3],
+    }
+}
+
+/// A SYN leaving through gateway `slot`.
+#[inline(always)]
+fn syn_out(
+    family: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: u16,
+    dport: u16,
+    slot: u32,
+    stats: *mut GatewayStats,
+) {
+    let key = flow_key(family, src, dst, sport, dport);
+    match RA_FLOWS.get_ptr_mut(&key) {
+        Some(f) => {
+            // SAFETY: the entry may be updated concurrently by another CPU; a lost update
+            // costs at most one count, never memory safety (plain integers).
+            unsafe {
+                if (*f).slot != slot {
+                    // The attempt was re-routed (the gateway was withdrawn): a new attempt
+                    // through the new gateway.
+                    (*f).slot = slot;
+                    (*f).state = FLOW_PENDING;
+                    (*stats).syn_sent += 1;
+                } else if (*f).state == FLOW_PENDING {
+                    (*f).state = FLOW_FAILED;
+                    (*stats).failed += 1;
+                }
+            }
+        }
+        None => {
+            let v = FlowState {
+                slot,
+                state: FLOW_PENDING,
+                // SAFETY: helper without preconditions.
+                started_ns: unsafe { bpf_ktime_get_ns() },
+            };
+            if RA_FLOWS.insert(&key, &v, u64::from(BPF_NOEXIST)).is_ok() {
+                // SAFETY: per-CPU value, see `handle`.
+                unsafe { (*stats).syn_sent += 1 };
+            }
+        }
+    }
+}
+
+/// A SYN-ACK or RST arriving from gateway `slot` for the attempt (local, remote).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn answer(
+    family: u8,
+    local: [u8; 16],
+    remote: [u8; 16],
+    lport: u16,
+    rport: u16,
+    slot: u32,
+    stats: *mut GatewayStats,
+    rst: bool,
+) {
+    let key = flow_key(family, local, remote, lport, rport);
+    let Some(f) = RA_FLOWS.get_ptr(&key) else {
+        return;
+    };
+    // SAFETY: see `syn_out`.
+    if unsafe { (*f).slot } != slot {
+        return;
+    }
+    if RA_FLOWS.remove(&key).is_ok() {
+        // SAFETY: per-CPU value, see `handle`.
+        unsafe {
+            if rst {
+                (*stats).rst += 1;
+            } else {
+                (*stats).established += 1;
+            }
+        }
+    }
+}
+
+/// An ICMP destination-unreachable from gateway `slot`: if it quotes a pending TCP attempt
+/// of ours through that gateway, the attempt failed (the kernel aborts the connect at once,
+/// so no SYN retransmission would tell).
+#[inline(always)]
+fn icmp_quote(ctx: &TcContext, p: &Packet, slot: u32, stats: *mut GatewayStats) -> Result<(), ()> {
+    let inner_type = if p.family == 4 { ETH_P_IP } else { ETH_P_IPV6 };
+    let q = parse_ip(ctx, inner_type, p.l4 + 8)?;
+    if q.proto != IPPROTO_TCP {
+        return Ok(());
+    }
+    let ports: [u8; 4] = ctx.load(q.l4).map_err(|_| ())?;
+    let sport = u16::from_be_bytes([ports[0], ports[1]]);
+    let dport = u16::from_be_bytes([ports[2], ports[3]]);
+    // The quoted packet is ours: source = local.
+    let key = flow_key(q.family, q.src, q.dst, sport, dport);
+    if let Some(f) = RA_FLOWS.get_ptr_mut(&key) {
+        // SAFETY: see `syn_out`.
+        unsafe {
+            if (*f).slot == slot && (*f).state == FLOW_PENDING {
+                (*f).state = FLOW_FAILED;
+                (*stats).failed += 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(not(test))]

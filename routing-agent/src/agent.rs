@@ -1,8 +1,10 @@
 //! The reconcile loop: latest Route snapshot + this node → plan → dataplane → eBPF
 //! attachments → report. Level-based: every trigger (a new snapshot, a netlink change,
 //! a retry, the periodic resync) runs the same full reconcile.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
@@ -10,7 +12,9 @@ use tracing::{error, info, warn};
 use crate::crd::Route;
 use crate::dataplane::{Dataplane, Outcome, monitor};
 use crate::ebpf::Programs;
+use crate::health::{self, Health, Transition};
 use crate::plan::{self, DesiredState, ProblemKind};
+use crate::probe::Prober;
 use crate::selector::NodeInfo;
 use crate::source::Snapshot;
 
@@ -20,6 +24,9 @@ pub struct AgentConfig {
     pub retry_min: Duration,
     pub retry_max: Duration,
     pub status_file: Option<PathBuf>,
+    pub health: health::Config,
+    /// How often the eBPF counters and the neighbour table are read.
+    pub health_tick: Duration,
 }
 
 /// Exponential back-off for retrying what the kernel could not take yet.
@@ -47,6 +54,31 @@ impl Backoff {
     }
 }
 
+/// What the health side needs to know of the last reconcile.
+#[derive(Default)]
+struct Watch {
+    /// Every gateway of the selected routes (withdrawn included) → its interface.
+    oifs: BTreeMap<IpAddr, u32>,
+    /// Gateway → gateways it shares a route with.
+    peers: BTreeMap<IpAddr, BTreeSet<IpAddr>>,
+    /// Route destinations whose gateways are all down, kept (fail-closed).
+    kept_down: BTreeMap<ipnet::IpNet, Vec<IpAddr>>,
+    /// Gateways' MAC addresses as last read from the neighbour table.
+    macs: BTreeMap<IpAddr, [u8; 6]>,
+    /// When an unresolved gateway was last pinged to make the kernel resolve it.
+    warmed: BTreeMap<IpAddr, Instant>,
+}
+
+/// How often an unresolved gateway is pinged so that its MAC is known (and its traffic
+/// attributed) before the first connection through it.
+const WARM_UP_EVERY: Duration = Duration::from_secs(5);
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 pub async fn run(
     cfg: AgentConfig,
     mut dataplane: Dataplane,
@@ -57,11 +89,36 @@ pub async fn run(
     monitor::spawn(wake_tx)?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut resync = tokio::time::interval(cfg.resync);
+    let mut tick = tokio::time::interval(cfg.health_tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Backoff::new(cfg.retry_min, cfg.retry_max);
     let mut retry_at: Option<tokio::time::Instant> = None;
     let mut routes: Option<Vec<Route>> = None;
     let mut last: Option<(DesiredState, Outcome)> = None;
     let mut reconciles: u64 = 0;
+
+    let mut health = Health::new(cfg.health.clone());
+    let prober = match &programs {
+        Some(_) => Some(Prober::new(
+            cfg.health.probe_interval.min(Duration::from_secs(1)),
+        )?),
+        None => None,
+    };
+    let (probe_tx, mut probe_rx) = mpsc::channel::<(IpAddr, bool)>(64);
+    if let Some(p) = &programs {
+        let now = Instant::now();
+        let now_ms = unix_ms(SystemTime::now());
+        for (gw, info) in p.recorded() {
+            if info.state == routing_agent_common::GW_DOWN {
+                let down_for = Duration::from_millis(now_ms.saturating_sub(info.down_since_ms));
+                health.restore_down(gw, info.penalty, down_for, now);
+                info!(gateway = %gw, penalty = info.penalty, down_for_s = down_for.as_secs(),
+                    "gateway still down according to the pinned record");
+            }
+        }
+    }
+    let mut watch = Watch::default();
+    let mut last_doc: Option<serde_json::Value> = None;
 
     loop {
         let retry = async {
@@ -82,13 +139,62 @@ pub async fn run(
             }
             _ = retry => retry_at = None,
             _ = resync.tick() => {}
+            _ = tick.tick(), if programs.is_some() => {
+                let p = programs.as_mut().expect("guarded");
+                let changes = health_step(&mut health, p, &dataplane, &mut watch, prober.as_ref(), &probe_tx).await;
+                if changes.is_empty() {
+                    emit_status(&cfg, last.as_ref(), programs.as_ref(), &health, &watch, reconciles, &mut last_doc);
+                    continue;
+                }
+                for t in &changes {
+                    log_transition(t, &health, &watch);
+                }
+            }
+            r = probe_rx.recv() => {
+                let Some((gw, ok)) = r else { continue };
+                let t = health.probe_result(gw, ok, Instant::now());
+                let h = health.get(&gw);
+                match (&t, h) {
+                    (Some(t), _) => log_transition(t, &health, &watch),
+                    (None, Some(h)) if h.down => {
+                        let wait = h.restore_after.map(|t| t.saturating_duration_since(Instant::now()));
+                        info!(gateway = %gw, answered = ok, restore_in_s = wait.map(|w| w.as_secs()),
+                            "probe of a withdrawn gateway");
+                    }
+                    _ => {}
+                }
+                if t.is_none() {
+                    continue;
+                }
+                if let Some(p) = &mut programs {
+                    record(p, &health, gw);
+                }
+            }
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
         // Until the source has delivered its first complete view, the kernel stays as it
         // is: a restart never removes routes it has not yet been told to remove.
         let Some(routes) = &routes else { continue };
-        let desired = plan::plan(routes, &cfg.node);
+        let mut desired = plan::plan(routes, &cfg.node);
+        let all_gateways: BTreeSet<IpAddr> = desired
+            .routes
+            .values()
+            .flat_map(|r| r.gateways.iter().copied())
+            .collect();
+        watch.peers = health::peers(desired.routes.values().map(|r| r.gateways.as_slice()));
+        health.set_gateways(&all_gateways, Instant::now());
+        if let Some(p) = &mut programs {
+            p.set_gateways(&all_gateways);
+        }
+        let kept_down = plan::withdraw(&mut desired, &health.down());
+        for (dst, gws) in &kept_down {
+            if watch.kept_down.get(dst) != Some(gws) {
+                warn!(destination = %dst, gateways = ?gws,
+                    "every gateway of the route is down; keeping them (fail-closed: never falling back to the node's default route)");
+            }
+        }
+        watch.kept_down = kept_down;
         let started = Instant::now();
         match dataplane.reconcile(&desired).await {
             Ok(outcome) => {
@@ -96,6 +202,7 @@ pub async fn run(
                 if let Some(p) = &mut programs {
                     p.sync(&outcome.interfaces);
                 }
+                watch.oifs = outcome.gateway_oifs.clone();
                 let retryable = outcome.problems.iter().any(|p| {
                     matches!(
                         p.kind,
@@ -109,15 +216,16 @@ pub async fn run(
                     retry_at = None;
                 }
                 report(&desired, &outcome, last.as_ref(), started.elapsed());
-                if let Some(path) = &cfg.status_file {
-                    let attached = programs.as_ref().map(|p| p.attached()).unwrap_or_default();
-                    if let Err(e) =
-                        write_status(path, &cfg.node, &desired, &outcome, &attached, reconciles)
-                    {
-                        warn!(path = %path.display(), error = %e, "cannot write the status file");
-                    }
-                }
                 last = Some((desired, outcome));
+                emit_status(
+                    &cfg,
+                    last.as_ref(),
+                    programs.as_ref(),
+                    &health,
+                    &watch,
+                    reconciles,
+                    &mut last_doc,
+                );
             }
             Err(e) => {
                 let wait = backoff.step();
@@ -128,6 +236,137 @@ pub async fn run(
     }
     info!("stopping; installed routes stay in place (`routing-agent cleanup` removes them)");
     Ok(())
+}
+
+/// One health tick: neighbour table → attribution map; counters + neighbour state →
+/// state machine; due probes are sent. Returns the transitions (already recorded).
+async fn health_step(
+    health: &mut Health,
+    programs: &mut Programs,
+    dataplane: &Dataplane,
+    watch: &mut Watch,
+    prober: Option<&Prober>,
+    probe_tx: &mpsc::Sender<(IpAddr, bool)>,
+) -> Vec<Transition> {
+    let now = Instant::now();
+    let neighbours = match dataplane.neighbours(&watch.oifs).await {
+        Ok(n) => n,
+        Err(e) => {
+            warn!(error = %e, "cannot read the neighbour table");
+            BTreeMap::new()
+        }
+    };
+    let macs: BTreeMap<(u32, [u8; 6]), IpAddr> = neighbours
+        .iter()
+        .filter_map(|(gw, n)| Some(((n.ifindex, n.mac?), *gw)))
+        .collect();
+    programs.set_neighbours(&macs);
+    watch.macs = neighbours
+        .iter()
+        .filter_map(|(gw, n)| Some((*gw, n.mac?)))
+        .collect();
+    if let Some(prober) = prober {
+        for gw in watch.oifs.keys() {
+            if watch.macs.contains_key(gw) || health.get(gw).is_some_and(|h| h.down) {
+                continue;
+            }
+            if watch
+                .warmed
+                .get(gw)
+                .is_some_and(|t| now.duration_since(*t) < WARM_UP_EVERY)
+            {
+                continue;
+            }
+            watch.warmed.insert(*gw, now);
+            let (prober, gw) = (prober.clone(), *gw);
+            tokio::spawn(async move { prober.probe(gw).await });
+        }
+    }
+    let stats = programs.read_stats();
+    for gw in watch.oifs.keys() {
+        let s = stats.get(gw).copied().unwrap_or_default();
+        let failed = neighbours.get(gw).is_some_and(|n| n.failed);
+        health.observe(*gw, &s, failed, now);
+    }
+    let changes = health.evaluate(&watch.peers, now);
+    for t in &changes {
+        record(programs, health, t.gateway);
+    }
+    if let Some(prober) = prober {
+        for gw in health.due_probes(now) {
+            let (prober, tx) = (prober.clone(), probe_tx.clone());
+            tokio::spawn(async move {
+                let ok = prober.probe(gw).await;
+                let _ = tx.send((gw, ok)).await;
+            });
+        }
+    }
+    changes
+}
+
+fn record(programs: &mut Programs, health: &Health, gw: IpAddr) {
+    let Some(h) = health.get(&gw) else { return };
+    let (state, since) = if h.down {
+        let ago = Instant::now().saturating_duration_since(h.since);
+        (
+            routing_agent_common::GW_DOWN,
+            unix_ms(SystemTime::now() - ago),
+        )
+    } else {
+        (routing_agent_common::GW_UP, 0)
+    };
+    programs.record_health(gw, state, h.penalty, since);
+}
+
+fn log_transition(t: &Transition, health: &Health, watch: &Watch) {
+    let h = health.get(&t.gateway);
+    let routes = watch
+        .peers
+        .get(&t.gateway)
+        .map(|p| p.len())
+        .unwrap_or_default();
+    if t.down {
+        let restore_in = h
+            .and_then(|h| h.restore_after)
+            .map(|r| r.saturating_duration_since(Instant::now()).as_secs());
+        warn!(gateway = %t.gateway, reason = %t.reason, penalty = h.map(|h| h.penalty),
+            restore_not_before_s = restore_in, peers = routes,
+            "gateway down: withdrawing it from its routes and probing it");
+    } else {
+        info!(gateway = %t.gateway, reason = %t.reason, "gateway up: back in its routes");
+    }
+}
+
+fn gateway_status(
+    health: &Health,
+    programs: Option<&Programs>,
+    watch: &Watch,
+) -> Vec<serde_json::Value> {
+    let now = Instant::now();
+    health
+        .iter()
+        .map(|(gw, h)| {
+            let c = &h.counters;
+            serde_json::json!({
+                "address": gw.to_string(),
+                "slot": programs.and_then(|p| p.slot(*gw)),
+                "mac": watch.macs.get(gw).map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
+                "state": if h.down { "down" } else { "up" },
+                "reason": h.reason,
+                "sinceSeconds": now.saturating_duration_since(h.since).as_secs(),
+                "penalty": h.penalty,
+                "restoreInSeconds": h.restore_after.map(|t| t.saturating_duration_since(now).as_secs_f64()),
+                "lastProbeAnswered": h.last_probe_ok,
+                "failureStreak": h.streak(),
+                "counters": {
+                    "synSent": c.syn_sent, "established": c.established, "failed": c.failed,
+                    "rst": c.rst, "icmpUnreachable": c.icmp_unreachable,
+                    "txPackets": c.tx_packets, "txBytes": c.tx_bytes,
+                    "rxPackets": c.rx_packets, "rxBytes": c.rx_bytes,
+                },
+            })
+        })
+        .collect()
 }
 
 /// One log line per change: problems that appear or clear, warnings, and a summary when
@@ -173,14 +412,46 @@ fn report(
     }
 }
 
-fn write_status(
-    path: &std::path::Path,
+/// Writes the status file when its content changed.
+fn emit_status(
+    cfg: &AgentConfig,
+    last: Option<&(DesiredState, Outcome)>,
+    programs: Option<&Programs>,
+    health: &Health,
+    watch: &Watch,
+    reconciles: u64,
+    last_doc: &mut Option<serde_json::Value>,
+) {
+    let (Some(path), Some((desired, outcome))) = (&cfg.status_file, last) else {
+        return;
+    };
+    let attached = programs.map(|p| p.attached()).unwrap_or_default();
+    let gateways = gateway_status(health, programs, watch);
+    let doc = status_doc(
+        &cfg.node, desired, outcome, &attached, &gateways, reconciles,
+    );
+    if last_doc.as_ref() == Some(&doc) {
+        return;
+    }
+    let write = || -> std::io::Result<()> {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&doc)?)?;
+        std::fs::rename(tmp, path)
+    };
+    match write() {
+        Ok(()) => *last_doc = Some(doc),
+        Err(e) => warn!(path = %path.display(), error = %e, "cannot write the status file"),
+    }
+}
+
+fn status_doc(
     node: &NodeInfo,
     desired: &DesiredState,
     outcome: &Outcome,
     attached: &[String],
+    gateways: &[serde_json::Value],
     reconciles: u64,
-) -> std::io::Result<()> {
+) -> serde_json::Value {
     let routes: Vec<_> = outcome
         .installed
         .iter()
@@ -188,6 +459,7 @@ fn write_status(
             serde_json::json!({
                 "destination": dst.to_string(),
                 "gateways": gws.iter().map(|g| g.to_string()).collect::<Vec<_>>(),
+                "withdrawn": desired.routes.get(dst).map(|r| r.withdrawn.iter().map(|g| g.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
                 "owner": desired.routes.get(dst).map(|r| r.owner.clone()),
             })
         })
@@ -205,7 +477,7 @@ fn write_status(
             serde_json::json!({"route": p.route, "kind": kind, "message": p.message})
         })
         .collect();
-    let doc = serde_json::json!({
+    serde_json::json!({
         "node": node.name,
         "reconciles": reconciles,
         "lastChanges": outcome.changes,
@@ -214,8 +486,6 @@ fn write_status(
         "problems": problems,
         "warnings": desired.warnings,
         "attached": attached,
-    });
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&doc)?)?;
-    std::fs::rename(tmp, path)
+        "gateways": gateways,
+    })
 }

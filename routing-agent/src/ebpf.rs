@@ -1,26 +1,53 @@
-//! Loads the TC programs, attaches them to the interfaces that face gateways, and pins
-//! their maps under the pin directory for bpftool and `routing-agent status`.
+//! Loads the TC programs, attaches them to the interfaces that face gateways, and keeps
+//! their maps (pinned under the pin directory) in step with the gateways.
 //!
 //! Attachment goes through aya: TCX links on kernels ≥ 6.6, clsact + cls_bpf through
-//! netlink before that (Debian 12: 6.1). The agent only ever detaches links it created.
-use std::collections::BTreeMap;
-use std::path::Path;
+//! netlink before that (Debian 12: 6.1), or as forced by `--tc-attach`. The agent only ever
+//! detaches what it created: its TCX links, and cls_bpf filters carrying its program
+//! names. A clsact qdisc that is already there is shared, never replaced.
+//!
+//! Maps are pinned by name under the pin directory and reused by the next agent (counters,
+//! pending handshakes, slots and health verdicts survive a restart). A pinned map whose
+//! layout differs from this build's is replaced, with a warning.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use aya::programs::{SchedClassifier, TcAttachType, tc};
+use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues};
+use aya::programs::tc::{NlOptions, SchedClassifierLinkId, TcAttachOptions};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc};
 use aya::util::KernelVersion;
-use routing_agent_common::names;
+use routing_agent_common::{
+    FlowKey, FlowState, GW_UNUSED, GatewayInfo, GatewaySlot, GatewayStats, MAX_FLOWS, MAX_GATEWAYS,
+    MAX_NEIGHBOURS, NeighKey, names,
+};
 use tracing::{info, warn};
+
+/// How the TC programs are attached (`--tc-attach`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// TCX on kernels ≥ 6.6, netlink (clsact + cls_bpf) before.
+    Auto,
+    Tcx,
+    Netlink,
+}
 
 struct Attached {
     name: String,
-    egress: aya::programs::tc::SchedClassifierLinkId,
-    ingress: aya::programs::tc::SchedClassifierLinkId,
+    egress: SchedClassifierLinkId,
+    ingress: SchedClassifierLinkId,
 }
 
 pub struct Programs {
     bpf: aya::Ebpf,
+    tcx: bool,
     attached: BTreeMap<u32, Attached>,
+    neigh: HashMap<MapData, NeighKey, GatewaySlot>,
+    stats: PerCpuArray<MapData, GatewayStats>,
+    gateways: Array<MapData, GatewayInfo>,
+    slots: BTreeMap<IpAddr, u32>,
+    pin_dir: PathBuf,
 }
 
 /// The object built by `build.rs` (aya-build).
@@ -38,10 +65,121 @@ pub fn ifname(ifindex: u32) -> Option<String> {
     Some(s.to_string_lossy().into_owned())
 }
 
+/// (key size, value size, max entries) of each map in this build.
+fn layout(name: &str) -> (usize, usize, u32) {
+    use std::mem::size_of;
+    match name {
+        names::MAP_NEIGH => (
+            size_of::<NeighKey>(),
+            size_of::<GatewaySlot>(),
+            MAX_NEIGHBOURS,
+        ),
+        names::MAP_GW_STATS => (4, size_of::<GatewayStats>(), MAX_GATEWAYS),
+        names::MAP_FLOWS => (size_of::<FlowKey>(), size_of::<FlowState>(), MAX_FLOWS),
+        names::MAP_GATEWAYS => (4, size_of::<GatewayInfo>(), MAX_GATEWAYS),
+        _ => unreachable!("unknown map {name}"),
+    }
+}
+
+pub fn addr_bytes(a: IpAddr) -> ([u8; 16], u32) {
+    let mut b = [0u8; 16];
+    match a {
+        IpAddr::V4(v4) => {
+            b[..4].copy_from_slice(&v4.octets());
+            (b, 4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), 6),
+    }
+}
+
+fn addr_of(info: &GatewayInfo) -> Option<IpAddr> {
+    match info.family {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(&info.addr[..4]).ok()?)),
+        6 => Some(IpAddr::from(info.addr)),
+        _ => None,
+    }
+}
+
+/// Removes the agent's cls_bpf filters from every interface of this namespace (they
+/// outlive the process, unlike TCX links). Returns how many interfaces had some.
+pub fn detach_netlink_filters() -> usize {
+    let mut n = 0;
+    for (_, name) in interfaces() {
+        let mut any = false;
+        for (t, prog) in [
+            (TcAttachType::Egress, names::PROG_EGRESS),
+            (TcAttachType::Ingress, names::PROG_INGRESS),
+        ] {
+            any |= tc::qdisc_detach_program(&name, t, prog).is_ok();
+        }
+        n += usize::from(any);
+    }
+    n
+}
+
+fn interfaces() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 {
+            let name = std::ffi::CStr::from_ptr((*p).if_name).to_string_lossy();
+            out.push(((*p).if_index, name.into_owned()));
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+/// Removes the pinned maps (and the directory when it is left empty).
+pub fn remove_pins(pin_dir: &Path) -> std::io::Result<usize> {
+    let mut n = 0;
+    for name in names::MAPS {
+        match std::fs::remove_file(pin_dir.join(name)) {
+            Ok(()) => n += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let _ = std::fs::remove_dir(pin_dir);
+    Ok(n)
+}
+
 impl Programs {
-    /// Loads the object and pins its maps under `pin_dir` (created if missing).
-    pub fn load(pin_dir: &Path) -> anyhow::Result<Self> {
-        let mut bpf = aya::Ebpf::load(OBJECT).context("loading the eBPF object")?;
+    /// Loads the object, reusing the maps pinned under `pin_dir` (created if missing).
+    pub fn load(pin_dir: &Path, mode: AttachMode) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(pin_dir).with_context(|| {
+            format!(
+                "creating {} (is bpffs mounted on /sys/fs/bpf?)",
+                pin_dir.display()
+            )
+        })?;
+        let mut loader = aya::EbpfLoader::new();
+        for name in names::MAPS {
+            let path = pin_dir.join(name);
+            if let Ok(info) = MapInfo::from_pin(&path) {
+                let (k, v, max) = layout(name);
+                let have = (
+                    info.key_size() as usize,
+                    info.value_size() as usize,
+                    info.max_entries(),
+                );
+                if have != (k, v, max) {
+                    warn!(map = name, ?have, want = ?(k, v, max),
+                        "pinned map has another layout (older agent?); starting it afresh");
+                    std::fs::remove_file(&path)?;
+                } else {
+                    info!(map = name, "reusing pinned map");
+                }
+            }
+            loader.map_pin_path(name, path);
+        }
+        let mut bpf = loader.load(OBJECT).context("loading the eBPF object")?;
         for name in [names::PROG_EGRESS, names::PROG_INGRESS] {
             let prog: &mut SchedClassifier = bpf
                 .program_mut(name)
@@ -50,27 +188,56 @@ impl Programs {
             prog.load()
                 .with_context(|| format!("the verifier rejected {name}"))?;
         }
-        std::fs::create_dir_all(pin_dir).with_context(|| {
-            format!(
-                "creating {} (is bpffs mounted on /sys/fs/bpf?)",
-                pin_dir.display()
-            )
-        })?;
-        let map_path = pin_dir.join(names::MAP_TRAFFIC);
-        if map_path.exists() {
-            // Counters restart from zero for now; reusing pinned state comes with the
-            // gateway-health maps.
-            std::fs::remove_file(&map_path)?;
+        let take = |bpf: &mut aya::Ebpf, name: &str| {
+            bpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the object"))
+        };
+        let neigh = HashMap::try_from(take(&mut bpf, names::MAP_NEIGH)?)?;
+        let stats = PerCpuArray::try_from(take(&mut bpf, names::MAP_GW_STATS)?)?;
+        let gateways: Array<MapData, GatewayInfo> =
+            Array::try_from(take(&mut bpf, names::MAP_GATEWAYS)?)?;
+        let mut slots = BTreeMap::new();
+        for slot in 0..MAX_GATEWAYS {
+            if let Ok(info) = gateways.get(&slot, 0)
+                && let Some(a) = addr_of(&info)
+            {
+                slots.insert(a, slot);
+            }
         }
-        bpf.map(names::MAP_TRAFFIC)
-            .context("map missing from the object")?
-            .pin(&map_path)
-            .with_context(|| format!("pinning {}", map_path.display()))?;
-        info!(pin = %map_path.display(), "eBPF programs loaded");
+        let tcx = match mode {
+            AttachMode::Tcx => true,
+            AttachMode::Netlink => false,
+            AttachMode::Auto => {
+                KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+            }
+        };
+        if !tcx {
+            // Filters of an earlier agent are still attached (cls_bpf outlives its
+            // process): remove them so that each interface carries exactly ours.
+            let n = detach_netlink_filters();
+            if n > 0 {
+                info!(
+                    interfaces = n,
+                    "removed the cls_bpf filters of an earlier agent"
+                );
+            }
+        }
+        info!(pin_dir = %pin_dir.display(), attach = if tcx { "tcx" } else { "netlink" },
+            restored_slots = slots.len(), "eBPF programs loaded");
         Ok(Programs {
             bpf,
+            tcx,
             attached: BTreeMap::new(),
+            neigh,
+            stats,
+            gateways,
+            slots,
+            pin_dir: pin_dir.to_owned(),
         })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
     }
 
     fn prog(&mut self, name: &str) -> &mut SchedClassifier {
@@ -81,7 +248,7 @@ impl Programs {
     }
 
     /// Attaches to exactly `ifindexes` (attaching new ones, detaching the rest).
-    pub fn sync(&mut self, ifindexes: &std::collections::BTreeSet<u32>) {
+    pub fn sync(&mut self, ifindexes: &BTreeSet<u32>) {
         let stale: Vec<u32> = self
             .attached
             .keys()
@@ -102,7 +269,7 @@ impl Programs {
             let Some(name) = ifname(i) else { continue };
             match self.attach(&name) {
                 Ok(a) => {
-                    info!(interface = %name, "TC programs attached (egress, ingress)");
+                    info!(interface = %name, tcx = self.tcx, "TC programs attached (egress, ingress)");
                     self.attached.insert(i, a);
                 }
                 Err(e) => {
@@ -113,23 +280,33 @@ impl Programs {
     }
 
     fn attach(&mut self, name: &str) -> anyhow::Result<Attached> {
-        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
-        if !tcx && let Err(e) = tc::qdisc_add_clsact(name) {
-            // "Exclusivity flag on" / EEXIST: a clsact qdisc is already there; share it.
-            let exists = matches!(e, tc::TcError::AlreadyAttached)
-                || e.to_string().contains("xclusiv")
+        let options = || {
+            if self.tcx {
+                TcAttachOptions::TcxOrder(LinkOrder::default())
+            } else {
+                TcAttachOptions::Netlink(NlOptions::default())
+            }
+        };
+        if !self.tcx
+            && let Err(e) = tc::qdisc_add_clsact(name)
+        {
+            // EEXIST: a clsact qdisc is already there (ours from before, or another
+            // owner's); share it, never replace it.
+            let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
                 || e.to_string().contains("exists");
             if !exists {
                 return Err(e).context("adding the clsact qdisc");
             }
         }
-        let egress = self
-            .prog(names::PROG_EGRESS)
-            .attach(name, TcAttachType::Egress)?;
-        let ingress = match self
-            .prog(names::PROG_INGRESS)
-            .attach(name, TcAttachType::Ingress)
-        {
+        let (eo, io) = (options(), options());
+        let egress =
+            self.prog(names::PROG_EGRESS)
+                .attach_with_options(name, TcAttachType::Egress, eo)?;
+        let ingress = match self.prog(names::PROG_INGRESS).attach_with_options(
+            name,
+            TcAttachType::Ingress,
+            io,
+        ) {
             Ok(l) => l,
             Err(e) => {
                 let _ = self.prog(names::PROG_EGRESS).detach(egress);
@@ -146,5 +323,145 @@ impl Programs {
     /// Interface names with attachments, for logs and status.
     pub fn attached(&self) -> Vec<String> {
         self.attached.values().map(|a| a.name.clone()).collect()
+    }
+
+    pub fn uses_tcx(&self) -> bool {
+        self.tcx
+    }
+
+    /// Gives every gateway in `gateways` a slot (keeping existing ones) and frees the slots
+    /// of the others. A freed slot's counters are zeroed before it is reused.
+    pub fn set_gateways(&mut self, gateways: &BTreeSet<IpAddr>) {
+        let gone: Vec<IpAddr> = self
+            .slots
+            .keys()
+            .filter(|g| !gateways.contains(g))
+            .copied()
+            .collect();
+        for g in gone {
+            let slot = self.slots.remove(&g).expect("present");
+            let _ = self.gateways.set(slot, GatewayInfo::default(), 0);
+        }
+        for &g in gateways {
+            if self.slots.contains_key(&g) {
+                continue;
+            }
+            let used: BTreeSet<u32> = self.slots.values().copied().collect();
+            let Some(slot) = (0..MAX_GATEWAYS).find(|s| !used.contains(s)) else {
+                warn!(gateway = %g, "more than {MAX_GATEWAYS} gateways: this one is not tracked");
+                continue;
+            };
+            if let Ok(n) = aya::util::nr_cpus()
+                && let Ok(zero) = PerCpuValues::try_from(vec![GatewayStats::default(); n])
+            {
+                let _ = self.stats.set(slot, zero, 0);
+            }
+            let (addr, family) = addr_bytes(g);
+            let info = GatewayInfo {
+                addr,
+                family,
+                state: routing_agent_common::GW_UP,
+                ..Default::default()
+            };
+            if let Err(e) = self.gateways.set(slot, info, 0) {
+                warn!(gateway = %g, error = %e, "cannot record the gateway's slot");
+                continue;
+            }
+            self.slots.insert(g, slot);
+        }
+    }
+
+    /// The health verdicts recorded by an earlier agent (slot table), for a restart.
+    pub fn recorded(&self) -> Vec<(IpAddr, GatewayInfo)> {
+        self.slots
+            .iter()
+            .filter_map(|(a, s)| Some((*a, self.gateways.get(s, 0).ok()?)))
+            .filter(|(_, i)| i.state != GW_UNUSED)
+            .collect()
+    }
+
+    /// Records a gateway's health in its slot (for bpftool users and the next agent).
+    pub fn record_health(&mut self, gw: IpAddr, state: u32, penalty: u32, down_since_ms: u64) {
+        let Some(&slot) = self.slots.get(&gw) else {
+            return;
+        };
+        let (addr, family) = addr_bytes(gw);
+        let info = GatewayInfo {
+            addr,
+            family,
+            state,
+            penalty,
+            _pad: 0,
+            down_since_ms,
+        };
+        if let Err(e) = self.gateways.set(slot, info, 0) {
+            warn!(gateway = %gw, error = %e, "cannot record the gateway's health");
+        }
+    }
+
+    pub fn slot(&self, gw: IpAddr) -> Option<u32> {
+        self.slots.get(&gw).copied()
+    }
+
+    /// Makes `RA_NEIGH` hold exactly `want` ((interface, MAC) → gateway), translating
+    /// gateways to slots. Returns the number of map updates.
+    pub fn set_neighbours(&mut self, want: &BTreeMap<(u32, [u8; 6]), IpAddr>) -> usize {
+        let mut target: BTreeMap<NeighKey, u32> = BTreeMap::new();
+        for ((ifindex, mac), gw) in want {
+            if let Some(&slot) = self.slots.get(gw) {
+                target.insert(
+                    NeighKey {
+                        ifindex: *ifindex,
+                        mac: *mac,
+                        _pad: [0; 2],
+                    },
+                    slot,
+                );
+            }
+        }
+        let have: BTreeMap<NeighKey, u32> = self
+            .neigh
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| (k, v.slot))
+            .collect();
+        let mut n = 0;
+        for k in have.keys().filter(|k| !target.contains_key(k)) {
+            let _ = self.neigh.remove(k);
+            n += 1;
+        }
+        for (k, slot) in &target {
+            if have.get(k) != Some(slot) {
+                if let Err(e) = self.neigh.insert(k, GatewaySlot { slot: *slot }, 0) {
+                    warn!(error = %e, "cannot update RA_NEIGH");
+                }
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Counters of every gateway with a slot, summed over the CPUs.
+    pub fn read_stats(&self) -> BTreeMap<IpAddr, GatewayStats> {
+        let mut out = BTreeMap::new();
+        for (gw, slot) in &self.slots {
+            let Ok(values) = self.stats.get(slot, 0) else {
+                continue;
+            };
+            let mut s = GatewayStats::default();
+            for v in values.iter() {
+                s.syn_sent += v.syn_sent;
+                s.established += v.established;
+                s.failed += v.failed;
+                s.rst += v.rst;
+                s.icmp_unreachable += v.icmp_unreachable;
+                s.tx_packets += v.tx_packets;
+                s.tx_bytes += v.tx_bytes;
+                s.rx_packets += v.rx_packets;
+                s.rx_bytes += v.rx_bytes;
+            }
+            out.insert(*gw, s);
+        }
+        out
     }
 }

@@ -8,7 +8,7 @@ use kube::CustomResourceExt as _;
 use routing_agent::agent::{self, AgentConfig};
 use routing_agent::crd::Route;
 use routing_agent::dataplane::{Config, Dataplane, ModeChoice, diff::IdRange, nexthop::Resilient};
-use routing_agent::ebpf::Programs;
+use routing_agent::ebpf::{AttachMode, Programs};
 use routing_agent::selector::NodeInfo;
 use routing_agent::{source, sysctl};
 use tokio::sync::mpsc;
@@ -100,9 +100,55 @@ struct RunArgs {
     /// Seconds between full resyncs even when nothing was notified.
     #[arg(long, default_value_t = 30)]
     resync_seconds: u64,
-    /// Write a JSON status (installed routes, problems) here after every reconcile.
+    /// Write a JSON status (installed routes, problems, gateway health) here after every
+    /// reconcile.
     #[arg(long)]
     status_file: Option<PathBuf>,
+    /// How the TC programs are attached.
+    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
+    tc_attach: AttachMode,
+    /// Interval of the ICMP probes of a withdrawn gateway (e.g. 30s, 500ms).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    probe_interval: Duration,
+    /// Failed TCP connection attempts through a gateway, with no success since, that take
+    /// it down (when a peer gateway succeeds meanwhile).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    failure_threshold: u32,
+    /// Failed attempts older than this are forgotten.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    failure_window: Duration,
+    /// A gateway that fails again this soon after it was restored is damped: its next
+    /// restore waits probe-interval × 2^n.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    flap_window: Duration,
+    /// Cap of the damped restore delay.
+    #[arg(long, default_value = "16m", value_parser = parse_duration)]
+    max_restore_delay: Duration,
+    /// How often the eBPF counters and the neighbour table are read.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    health_interval: Duration,
+}
+
+/// `500ms`, `30s`, `10m`, `1h`, or bare seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 30s, 10m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
+    };
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("{s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -152,11 +198,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Cleanup(k) => {
             let mut dp = Dataplane::new(dataplane_config(&k)).await?;
             let removed = dp.remove_all().await?;
-            if k.bpf_pin_dir.exists() {
-                std::fs::remove_dir_all(&k.bpf_pin_dir)
-                    .with_context(|| format!("removing {}", k.bpf_pin_dir.display()))?;
-            }
-            tracing::info!(removed, pins = %k.bpf_pin_dir.display(), "cleanup done");
+            let filters = routing_agent::ebpf::detach_netlink_filters();
+            let pins = routing_agent::ebpf::remove_pins(&k.bpf_pin_dir)
+                .with_context(|| format!("removing the pins in {}", k.bpf_pin_dir.display()))?;
+            tracing::info!(removed, tc_filter_interfaces = filters, pins, pin_dir = %k.bpf_pin_dir.display(), "cleanup done");
             Ok(())
         }
         Command::Run(a) => {
@@ -165,7 +210,7 @@ async fn main() -> anyhow::Result<()> {
             let programs = if a.no_ebpf {
                 None
             } else {
-                Some(Programs::load(&a.kernel.bpf_pin_dir)?)
+                Some(Programs::load(&a.kernel.bpf_pin_dir, a.tc_attach)?)
             };
             let (tx, rx) = mpsc::channel(4);
             source::dir::spawn(a.routes_dir.clone(), tx)?;
@@ -181,6 +226,14 @@ async fn main() -> anyhow::Result<()> {
                     retry_min: Duration::from_secs(1),
                     retry_max: Duration::from_secs(30),
                     status_file: a.status_file,
+                    health: routing_agent::health::Config {
+                        window: a.failure_window,
+                        min_failures: a.failure_threshold,
+                        probe_interval: a.probe_interval,
+                        flap_window: a.flap_window,
+                        max_restore_delay: a.max_restore_delay,
+                    },
+                    health_tick: a.health_interval,
                 },
                 dataplane,
                 programs,

@@ -19,8 +19,11 @@ use crate::selector::{self, NodeInfo};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredRoute {
     pub destination: IpNet,
-    /// Sorted, deduplicated. More than one: ECMP.
+    /// Sorted, deduplicated. More than one: ECMP. The gateways in use.
     pub gateways: Vec<IpAddr>,
+    /// Gateways of the Route taken out of rotation because they are down (see
+    /// [`withdraw`]); sorted.
+    pub withdrawn: Vec<IpAddr>,
     /// Name of the Route this comes from.
     pub owner: String,
 }
@@ -121,6 +124,7 @@ pub fn plan(routes: &[Route], node: &NodeInfo) -> DesiredState {
                 DesiredRoute {
                     destination: dst,
                     gateways: gateways.clone(),
+                    withdrawn: Vec::new(),
                     owner: name.clone(),
                 },
             );
@@ -130,6 +134,35 @@ pub fn plan(routes: &[Route], node: &NodeInfo) -> DesiredState {
     state.problems.sort();
     state.warnings.sort();
     state
+}
+
+/// Takes the gateways in `down` out of every route, except that a route never loses its
+/// last gateway (fail-closed): withdrawing it would send the destination out through the
+/// node's own default route, with another egress IP. When every gateway of a route is
+/// down, the route keeps all of them (none is better than another, and the first to come
+/// back carries traffic at once). Returns the gateways that are down but kept, per route.
+pub fn withdraw(
+    state: &mut DesiredState,
+    down: &std::collections::BTreeSet<IpAddr>,
+) -> BTreeMap<IpNet, Vec<IpAddr>> {
+    let mut kept_down = BTreeMap::new();
+    if down.is_empty() {
+        return kept_down;
+    }
+    for (dst, r) in state.routes.iter_mut() {
+        let (bad, good): (Vec<IpAddr>, Vec<IpAddr>) =
+            r.gateways.iter().partition(|g| down.contains(g));
+        if bad.is_empty() {
+            continue;
+        }
+        if good.is_empty() {
+            kept_down.insert(*dst, bad);
+            continue;
+        }
+        r.gateways = good;
+        r.withdrawn = bad;
+    }
+    kept_down
 }
 
 /// Sort key: older first (no timestamp = newest), then name.
@@ -179,6 +212,54 @@ mod tests {
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()
+    }
+
+    fn ips(s: &[&str]) -> Vec<IpAddr> {
+        s.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn withdraw_removes_down_gateways_but_never_the_last() {
+        let mut s = plan(
+            &[
+                route(
+                    "ecmp",
+                    &["1.0.0.0/8"],
+                    &["10.0.0.1", "10.0.0.2", "10.0.0.3"],
+                ),
+                route("single", &["2.0.0.0/8"], &["10.0.0.1"]),
+                route("pair", &["3.0.0.0/8"], &["10.0.0.1", "10.0.0.2"]),
+                route("other", &["4.0.0.0/8"], &["10.0.0.3"]),
+            ],
+            &node(),
+        );
+        let down = ips(&["10.0.0.1", "10.0.0.2"]).into_iter().collect();
+        let kept = withdraw(&mut s, &down);
+        // ECMP: both down gateways go, the healthy one stays.
+        assert_eq!(s.routes[&net("1.0.0.0/8")].gateways, ips(&["10.0.0.3"]));
+        assert_eq!(
+            s.routes[&net("1.0.0.0/8")].withdrawn,
+            ips(&["10.0.0.1", "10.0.0.2"])
+        );
+        // A single gateway that is down is kept and reported.
+        assert_eq!(s.routes[&net("2.0.0.0/8")].gateways, ips(&["10.0.0.1"]));
+        assert!(s.routes[&net("2.0.0.0/8")].withdrawn.is_empty());
+        // All gateways down: all kept.
+        assert_eq!(
+            s.routes[&net("3.0.0.0/8")].gateways,
+            ips(&["10.0.0.1", "10.0.0.2"])
+        );
+        assert_eq!(
+            kept.keys().copied().collect::<Vec<_>>(),
+            vec![net("2.0.0.0/8"), net("3.0.0.0/8")]
+        );
+        // Untouched.
+        assert_eq!(s.routes[&net("4.0.0.0/8")].gateways, ips(&["10.0.0.3"]));
+        // Nothing down: nothing changes.
+        let mut t = plan(&[route("ecmp", &["1.0.0.0/8"], &["10.0.0.1"])], &node());
+        let before = t.clone();
+        assert!(withdraw(&mut t, &Default::default()).is_empty());
+        assert_eq!(t, before);
     }
 
     #[test]

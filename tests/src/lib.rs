@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, anyhow, bail};
 
 pub const ECHO_PORT: u16 = 7;
+/// The hold server (same addresses as the echo server): answers with the client's source
+/// address, then echoes every line until the client closes. For long-lived connections.
+pub const HOLD_PORT: u16 = 9;
 pub const ECHO_V4: &str = "198.51.100.10";
 pub const ECHO_V6: &str = "2001:db8:198::10";
 pub const DEST_V4: &str = "198.51.100.0/24";
@@ -124,6 +127,97 @@ pub struct Lab {
     namespaces: Vec<String>,
     stop: Arc<AtomicBool>,
     server: Option<JoinHandle<()>>,
+    hold_server: Option<JoinHandle<()>>,
+}
+
+/// The faces of a black-holing gateway (`../shared/lab.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Forwarding dropped (nft) while the gateway still answers ARP and ping.
+    ForwardingDropped,
+    /// The gateway is gone (its VPC link down).
+    Removed,
+    /// 100 % packet loss on its VPC side, both ways.
+    Loss,
+    /// Its uplink is cut: the gateway is up, the internet unreachable through it.
+    UplinkCut,
+}
+
+impl Failure {
+    pub const ALL: [Failure; 4] = [
+        Failure::ForwardingDropped,
+        Failure::Removed,
+        Failure::Loss,
+        Failure::UplinkCut,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            Failure::ForwardingDropped => "forwarding-dropped",
+            Failure::Removed => "gateway-removed",
+            Failure::Loss => "loss-100",
+            Failure::UplinkCut => "uplink-cut",
+        }
+    }
+}
+
+/// A long-lived connection to the hold server.
+pub struct Held {
+    pub stream: TcpStream,
+    /// The egress gateway's public address, as the server saw it.
+    pub via: IpAddr,
+}
+
+impl Held {
+    /// Sends a line and reads it back: the connection still carries traffic.
+    pub fn alive(&mut self) -> bool {
+        let msg = b"still there?\n";
+        if self.stream.write_all(msg).is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 13];
+        self.stream.read_exact(&mut buf).is_ok() && &buf[..] == msg
+    }
+}
+
+/// One connection attempt of a `Stream`.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub started: Instant,
+    pub ended: Instant,
+    /// The egress gateway's public address, or why it failed.
+    pub result: std::result::Result<IpAddr, String>,
+}
+
+/// A steady stream of new connections (see `Lab::stream`).
+pub struct Stream {
+    stop: Arc<AtomicBool>,
+    log: Arc<std::sync::Mutex<Vec<Attempt>>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Stream {
+    /// The attempts finished so far.
+    pub fn attempts(&self) -> Vec<Attempt> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Stops starting connections and waits for those in flight.
+    pub fn stop(mut self) -> Vec<Attempt> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        self.attempts()
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -188,6 +282,7 @@ impl Lab {
             namespaces: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             server: None,
+            hold_server: None,
         };
         lab.build()
             .with_context(|| format!("building lab {}", lab.prefix))?;
@@ -291,6 +386,7 @@ impl Lab {
             self.add_node_ns(&n)?;
         }
         self.start_echo_server()?;
+        self.start_hold_server()?;
         Ok(())
     }
 
@@ -340,6 +436,159 @@ impl Lab {
         ready_rx.recv()??;
         self.server = Some(handle);
         Ok(())
+    }
+
+    fn start_hold_server(&mut self) -> Result<()> {
+        let ns = self.ns("inet");
+        let stop = self.stop.clone();
+        let listener = in_netns(&ns, || TcpListener::bind(("::", HOLD_PORT)))??;
+        listener.set_nonblocking(true)?;
+        let handle = std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, peer)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+                        std::thread::spawn(move || {
+                            if writeln!(s, "{}", peer.ip().to_canonical()).is_err() {
+                                return;
+                            }
+                            let mut buf = [0u8; 256];
+                            while let Ok(n) = s.read(&mut buf) {
+                                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        self.hold_server = Some(handle);
+        Ok(())
+    }
+
+    /// Opens a long-lived connection from `node` to the hold server at `dst`; returns it
+    /// with the egress gateway's public address.
+    pub fn hold(&self, node: &str, dst: IpAddr) -> Result<Held> {
+        let ns = self.node_ns(node);
+        let addr = SocketAddr::new(dst, HOLD_PORT);
+        in_netns(&ns, move || -> Result<Held> {
+            let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            let mut r = &s;
+            while r.read(&mut b)? == 1 && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            let via = String::from_utf8(line)?.trim().parse()?;
+            Ok(Held { stream: s, via })
+        })?
+    }
+
+    /// Applies a failure face to gateway `i` (see `Failure`).
+    pub fn fail(&self, i: u8, f: Failure) -> Result<()> {
+        let gw = self.ns(&format!("gw{i}"));
+        match f {
+            Failure::ForwardingDropped => self.sh(
+                &gw,
+                "nft add table inet ra_fail && \
+                 nft add chain inet ra_fail ra_fwd '{ type filter hook forward priority 0 ; policy drop ; }'",
+            )?,
+            Failure::Removed => self.ip(&gw, "link set dev vpc down")?,
+            // Every packet both ways (netem would do the same; not every lab kernel has
+            // sch_netem, nftables' netdev hooks are everywhere).
+            Failure::Loss => self.sh(
+                &gw,
+                "nft add table netdev ra_loss && \
+                 nft add chain netdev ra_loss ra_in '{ type filter hook ingress device vpc priority 0 ; policy drop ; }' && \
+                 nft add chain netdev ra_loss ra_out '{ type filter hook egress device vpc priority 0 ; policy drop ; }'",
+            )?,
+            Failure::UplinkCut => self.ip(&gw, "link set dev uplink down")?,
+        };
+        Ok(())
+    }
+
+    /// Undoes `fail`.
+    pub fn heal(&self, i: u8, f: Failure) -> Result<()> {
+        let gw = self.ns(&format!("gw{i}"));
+        match f {
+            Failure::ForwardingDropped => self.sh(&gw, "nft delete table inet ra_fail")?,
+            Failure::Removed => self.ip(&gw, "link set dev vpc up")?,
+            Failure::Loss => self.sh(&gw, "nft delete table netdev ra_loss")?,
+            Failure::UplinkCut => {
+                self.ip(&gw, "link set dev uplink up")?;
+                // IPv6 addresses are flushed on link down (keep_addr_on_down=0).
+                self.ip(
+                    &gw,
+                    &format!("addr replace {}/64 dev uplink nodad", public_v6(i)),
+                )?;
+                // The connected routes come back with the carrier, a moment later.
+                wait_for("gateway uplink routes back", Duration::from_secs(5), || {
+                    (self
+                        .ip(&gw, "route replace default via 203.0.113.254")
+                        .is_ok()
+                        && self
+                            .ip(&gw, "-6 route replace default via 2001:db8:113::fe")
+                            .is_ok())
+                    .then_some(())
+                })?;
+                String::new()
+            }
+        };
+        Ok(())
+    }
+
+    /// Starts `per_second` new connections per second from `node` to the echo server at
+    /// `dst`, each on its own thread, until the returned stream is stopped.
+    pub fn stream(&self, node: &str, dst: IpAddr, per_second: u32) -> Stream {
+        let ns = self.node_ns(node);
+        let stop = Arc::new(AtomicBool::new(false));
+        let log: Arc<std::sync::Mutex<Vec<Attempt>>> = Arc::default();
+        let (stop2, log2) = (stop.clone(), log.clone());
+        let every = Duration::from_secs(1) / per_second.max(1);
+        let handle = std::thread::spawn(move || {
+            let mut workers = Vec::new();
+            let mut next = Instant::now();
+            while !stop2.load(Ordering::Relaxed) {
+                let (ns, log) = (ns.clone(), log2.clone());
+                workers.push(std::thread::spawn(move || {
+                    let started = Instant::now();
+                    let addr = SocketAddr::new(dst, ECHO_PORT);
+                    let r = in_netns(&ns, move || -> Result<IpAddr> {
+                        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+                        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                        let mut text = String::new();
+                        s.read_to_string(&mut text)?;
+                        Ok(text.trim().parse()?)
+                    });
+                    let result = match r {
+                        Ok(Ok(ip)) => Ok(ip),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    log.lock().unwrap().push(Attempt {
+                        started,
+                        ended: Instant::now(),
+                        result,
+                    });
+                }));
+                next += every;
+                if let Some(d) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+            }
+            for w in workers {
+                let _ = w.join();
+            }
+        });
+        Stream {
+            stop,
+            log,
+            handle: Some(handle),
+        }
     }
 
     /// Opens a TCP connection from `node` to the echo server at `dst` and returns the
@@ -434,7 +683,10 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.server.take() {
+        for h in [self.server.take(), self.hold_server.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = h.join();
         }
         for ns in self.namespaces.iter().rev() {
@@ -610,6 +862,8 @@ impl Agent {
 
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
+        // The next status read must come from the new process.
+        let _ = fs::remove_file(&self.status);
         self.spawn()
     }
 
@@ -660,6 +914,25 @@ impl Agent {
 
     /// Waits until the agent reports a reconcile with `n` installed routes and no change
     /// pending (its last pass found the kernel as desired).
+    /// Waits until the agent knows the MAC address of `n` gateways (so their traffic is
+    /// attributed by the TC programs).
+    pub fn wait_resolved(&mut self, n: usize) -> Result<serde_json::Value> {
+        self.wait_status(&format!("{n} gateway MACs known"), |s| {
+            s["gateways"]
+                .as_array()
+                .is_some_and(|g| g.iter().filter(|g| g["mac"].is_string()).count() >= n)
+        })
+    }
+
+    /// The health entry of `gateway` in the status file.
+    pub fn gateway(&self, gateway: &str) -> Option<serde_json::Value> {
+        self.status()?["gateways"]
+            .as_array()?
+            .iter()
+            .find(|g| g["address"] == gateway)
+            .cloned()
+    }
+
     pub fn wait_settled(&mut self, n: usize) -> Result<serde_json::Value> {
         self.wait_status(&format!("{n} routes installed, settled"), |s| {
             s["routes"].as_array().is_some_and(|r| r.len() == n) && s["lastChanges"] == 0

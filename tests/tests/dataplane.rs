@@ -41,9 +41,10 @@ fn foreign_route(lab: &Lab, dst: &str, gateway: &str) -> Result<()> {
     Ok(())
 }
 
-/// Packets counted by the TC programs (all CPUs, both directions), from the pinned map.
+/// Packets counted by the TC programs (all gateways, all CPUs, both directions), from
+/// the pinned map, read with bpftool (field names from BTF).
 fn bpf_packets(lab: &Lab, node: &str) -> Result<u64> {
-    let pin = lab.pin_dir(node).join("RA_TRAFFIC");
+    let pin = lab.pin_dir(node).join("RA_GW_STATS");
     let out = run(&[
         "bpftool",
         "-j",
@@ -60,7 +61,8 @@ fn bpf_packets(lab: &Lab, node: &str) -> Result<u64> {
             .into_iter()
             .flatten()
         {
-            total += cpu["value"]["packets"].as_u64().unwrap_or(0);
+            total += cpu["value"]["tx_packets"].as_u64().unwrap_or(0)
+                + cpu["value"]["rx_packets"].as_u64().unwrap_or(0);
         }
     }
     Ok(total)
@@ -111,6 +113,9 @@ fn single_gateway_v4_and_v6_through_kernel_and_traffic() -> Result<()> {
     assert_eq!(lab.route_gateways("a", DEST_V4)?, vec![v4(1)]);
     assert_eq!(lab.route_gateways("a", DEST_V6)?, vec![v6(2)]);
 
+    // The agent resolves its gateways itself (one ping each), so that the first
+    // connection is already attributed.
+    agent.wait_resolved(2)?;
     assert_eq!(lab.connect("a", ECHO_V4.parse()?)?, public_v4(1));
     assert_eq!(lab.connect("a", ECHO_V6.parse()?)?, public_v6(2));
 
@@ -574,7 +579,9 @@ fn cleanup_removes_everything_owned() -> Result<()> {
     agent.wait_settled(2)?;
     agent.stop();
     let pin = lab.pin_dir("a");
-    assert!(pin.join("RA_TRAFFIC").exists());
+    for map in ["RA_NEIGH", "RA_GW_STATS", "RA_FLOWS", "RA_GATEWAYS"] {
+        assert!(pin.join(map).exists(), "{map} pinned");
+    }
     run(&[
         "nsenter",
         &format!("--net=/run/netns/{ns}"),

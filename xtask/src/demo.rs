@@ -108,7 +108,7 @@ pub fn run() -> Result<()> {
         "map",
         "dump",
         "pinned",
-        lab.pin_dir("a").join("RA_TRAFFIC").to_str().unwrap(),
+        lab.pin_dir("a").join("RA_GW_STATS").to_str().unwrap(),
     ])?;
     let lines: Vec<&str> = packets
         .lines()
@@ -116,7 +116,7 @@ pub fn run() -> Result<()> {
         .take(4)
         .collect();
     show(
-        "bpftool map dump pinned …/RA_TRAFFIC (first CPUs)",
+        "bpftool map dump pinned …/RA_GW_STATS (first CPUs)",
         &lines.join("\n"),
     );
 

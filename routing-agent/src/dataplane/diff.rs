@@ -180,24 +180,75 @@ fn nexthop_targets(
         }
     }
 
-    // One resilient group per distinct set of next hops, found again by its members.
-    let mut group_ids: BTreeMap<Vec<u32>, u32> = BTreeMap::new();
+    // Resilient groups. A route keeps its group when it can: the group's members are
+    // replaced in place (one RTM_NEWNEXTHOP replace), so that flows on the gateways that
+    // stay keep their buckets, hence their gateway. That is what a withdrawal or an edit
+    // needs. A group is changed in place only when every route that uses it wants the same
+    // members; otherwise the route moves to a group with exactly its members (found again
+    // by its members, or new).
+    let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     for nh in owned(kernel, range, protocol) {
         if let NexthopKind::Group { members, resilient } = &nh.kind
             && resilient.map(|r| r.buckets) == Some(res.buckets)
         {
             let mut ids: Vec<u32> = members.iter().map(|m| m.0).collect();
             ids.sort();
-            group_ids.entry(ids).or_insert(nh.id);
+            groups.insert(nh.id, ids);
         }
     }
-    let mut targets = BTreeMap::new();
-    for (dst, hops) in desired {
+    let members_of = |hops: &Vec<Hop>| -> Vec<u32> {
         let mut ids: Vec<u32> = hops.iter().map(|h| hop_ids[h]).collect();
         ids.sort();
         ids.dedup();
-        let gid = match group_ids.get(&ids) {
-            Some(g) => *g,
+        ids
+    };
+    let mut users: BTreeMap<u32, Vec<IpNet>> = BTreeMap::new();
+    for (dst, t) in &kernel.routes {
+        if let Target::Nhid(g) = t
+            && groups.contains_key(g)
+        {
+            users.entry(*g).or_default().push(*dst);
+        }
+    }
+    // Groups whose members were decided this round.
+    let mut decided: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    let mut targets = BTreeMap::new();
+    for (dst, hops) in desired {
+        let ids = members_of(hops);
+        if let Some(Target::Nhid(g)) = kernel.routes.get(dst)
+            && groups.contains_key(g)
+        {
+            let consistent = users[g].iter().all(|d| match desired.get(d) {
+                Some(h) => members_of(h) == ids,
+                None => true,
+            });
+            let free = decided.get(g).is_none_or(|m| *m == ids);
+            if consistent && free {
+                if groups[g] != ids && !decided.contains_key(g) {
+                    ops.push(Op::ReplaceNexthop(Nexthop {
+                        id: *g,
+                        protocol,
+                        kind: NexthopKind::Group {
+                            members: ids.iter().map(|i| (*i, 1)).collect(),
+                            resilient: Some(res),
+                        },
+                    }));
+                }
+                decided.insert(*g, ids);
+                targets.insert(*dst, Target::Nhid(*g));
+                continue;
+            }
+        }
+        // A group that has (or will have) exactly these members and is not being
+        // repurposed, else a new one.
+        let existing = groups
+            .iter()
+            .filter(|(g, m)| decided.get(g).map_or(**m == ids, |d| *d == ids))
+            .map(|(g, _)| *g)
+            .chain(decided.iter().filter(|(_, m)| **m == ids).map(|(g, _)| *g))
+            .next();
+        let gid = match existing {
+            Some(g) => g,
             None => {
                 let g = alloc()?;
                 ops.push(Op::AddNexthop(Nexthop {
@@ -208,10 +259,11 @@ fn nexthop_targets(
                         resilient: Some(res),
                     },
                 }));
-                group_ids.insert(ids, g);
+                groups.insert(g, ids.clone());
                 g
             }
         };
+        decided.insert(gid, ids);
         targets.insert(*dst, Target::Nhid(gid));
     }
     Ok(targets)
@@ -336,24 +388,93 @@ mod tests {
     }
 
     #[test]
-    fn editing_gateways_switches_group_and_collects_garbage() {
+    fn editing_gateways_changes_the_group_in_place_and_collects_garbage() {
         let mut k = KernelState::default();
         converge(
             &mut k,
             &desired(&[("198.51.100.0/24", &["10.0.0.3", "10.0.0.4"])]),
             Mode::Nexthop(RES),
         );
+        let group = k.routes[&net("198.51.100.0/24")].clone();
         let ops = converge(
             &mut k,
             &desired(&[("198.51.100.0/24", &["10.0.0.4", "10.0.0.5"])]),
             Mode::Nexthop(RES),
         );
-        assert!(ops.iter().any(|o| matches!(o, Op::ReplaceRoute(..))));
-        // Old group and the gateway nobody uses (10.0.0.3) are gone; 10.0.0.4 is kept.
+        // The route keeps its group (flows on 10.0.0.4 keep their buckets); only the
+        // group's members change.
+        assert!(
+            !ops.iter()
+                .any(|o| matches!(o, Op::ReplaceRoute(..) | Op::AddRoute(..))),
+            "{ops:?}"
+        );
+        assert_eq!(
+            ops.iter()
+                .filter(|o| matches!(o, Op::ReplaceNexthop(..)))
+                .count(),
+            1
+        );
+        assert_eq!(k.routes[&net("198.51.100.0/24")], group);
+        // The gateway nobody uses (10.0.0.3) is gone; 10.0.0.4 keeps its id.
         let ids: Vec<u32> = k.nexthops.iter().map(|n| n.id).collect();
         assert!(ids.contains(&1001), "10.0.0.4 keeps its id: {ids:?}");
-        assert!(!ids.contains(&1000) && !ids.contains(&1002), "{ids:?}");
+        assert!(!ids.contains(&1000), "{ids:?}");
         assert_eq!(k.nexthops.len(), 3);
+    }
+
+    #[test]
+    fn a_shared_group_changes_in_place_only_when_all_its_routes_agree() {
+        let mut k = KernelState::default();
+        let both = &["10.0.0.3", "10.0.0.4", "10.0.0.5"][..];
+        converge(
+            &mut k,
+            &desired(&[("198.51.100.0/24", both), ("203.0.113.0/24", both)]),
+            Mode::Nexthop(RES),
+        );
+        let g = k.routes[&net("198.51.100.0/24")].clone();
+        assert_eq!(k.routes[&net("203.0.113.0/24")], g, "one group for one set");
+        // A withdrawal hits both routes alike: one in-place replace, no route op.
+        let less = &["10.0.0.4", "10.0.0.5"][..];
+        let ops = converge(
+            &mut k,
+            &desired(&[("198.51.100.0/24", less), ("203.0.113.0/24", less)]),
+            Mode::Nexthop(RES),
+        );
+        assert_eq!(
+            ops.len(),
+            1 + 1,
+            "replace the group, delete 10.0.0.3: {ops:?}"
+        );
+        assert!(matches!(ops[0], Op::ReplaceNexthop(_)));
+        assert_eq!(k.routes[&net("198.51.100.0/24")], g);
+        assert_eq!(k.routes[&net("203.0.113.0/24")], g);
+        // One route is edited, the other not: the group stays as the other wants it,
+        // the edited route moves to a group of its own.
+        converge(
+            &mut k,
+            &desired(&[
+                ("198.51.100.0/24", less),
+                ("203.0.113.0/24", &["10.0.0.5", "10.0.0.6"]),
+            ]),
+            Mode::Nexthop(RES),
+        );
+        assert_eq!(k.routes[&net("198.51.100.0/24")], g);
+        assert_ne!(k.routes[&net("203.0.113.0/24")], g);
+        assert_eq!(
+            diff(
+                &desired(&[
+                    ("198.51.100.0/24", less),
+                    ("203.0.113.0/24", &["10.0.0.5", "10.0.0.6"]),
+                ]),
+                &k,
+                Mode::Nexthop(RES),
+                RANGE,
+                P
+            )
+            .unwrap(),
+            vec![],
+            "converged"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! range. Nothing else is ever changed or deleted.
 pub mod diff;
 pub mod monitor;
+pub mod neigh;
 pub mod nexthop;
 pub mod routes;
 
@@ -49,6 +50,9 @@ pub struct Outcome {
     pub problems: Vec<Problem>,
     /// Interfaces through which at least one installed gateway is reached.
     pub interfaces: BTreeSet<u32>,
+    /// Every reachable gateway of the desired routes (withdrawn ones included), with the
+    /// interface it is reached through.
+    pub gateway_oifs: BTreeMap<IpAddr, u32>,
     /// Kernel operations applied (0: the kernel already matched).
     pub changes: usize,
 }
@@ -115,12 +119,16 @@ impl Dataplane {
         let gateways: BTreeSet<IpAddr> = desired
             .routes
             .values()
-            .flat_map(|r| r.gateways.iter().copied())
+            .flat_map(|r| r.gateways.iter().chain(&r.withdrawn).copied())
             .collect();
         let mut reach: BTreeMap<IpAddr, Result<u32, String>> = BTreeMap::new();
         for gw in gateways {
             reach.insert(gw, routes::resolve_gateway(&self.handle, gw).await);
         }
+        let gateway_oifs: BTreeMap<IpAddr, u32> = reach
+            .iter()
+            .filter_map(|(g, r)| Some((*g, *r.as_ref().ok()?)))
+            .collect();
         let mut want: BTreeMap<IpNet, Vec<Hop>> = BTreeMap::new();
         let mut reported: BTreeSet<(String, IpAddr)> = BTreeSet::new();
         for (dst, r) in &desired.routes {
@@ -189,6 +197,7 @@ impl Dataplane {
             installed,
             problems,
             interfaces,
+            gateway_oifs,
             changes,
         })
     }
@@ -249,6 +258,14 @@ impl Dataplane {
             }
         }
         failed
+    }
+
+    /// The neighbour entries of `gateways` (gateway → interface it is reached through).
+    pub async fn neighbours(
+        &self,
+        gateways: &BTreeMap<IpAddr, u32>,
+    ) -> Result<BTreeMap<IpAddr, neigh::Neighbour>, NlError> {
+        neigh::gateways(&self.handle, gateways).await
     }
 
     /// Removes every route and nexthop the agent owns (`routing-agent cleanup`).

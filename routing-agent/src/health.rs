@@ -1,0 +1,614 @@
+//! Gateway health: a state machine per gateway, fed with the eBPF counters, the
+//! neighbour table and ICMP probe results. Pure (the caller passes the clock), so every
+//! rule below is unit-tested.
+//!
+//! - **up → down** when, since its last successful connection attempt, a gateway has
+//!   collected ≥ `min_failures` failed attempts within `window`, *and* a peer (a gateway
+//!   sharing a route with it, itself up and not failing) succeeded meanwhile. Failures that
+//!   hit every gateway alike point at the destination, not at a gateway: nothing is
+//!   withdrawn then. A neighbour entry turning FAILED (ARP/ND unanswered) is the gateway's
+//!   own fault and takes it down without comparing.
+//! - **down**: probed with ICMP echo every `probe_interval`.
+//! - **down → up** on an answered probe, but not before `restore_after`: a gateway that
+//!   fails again within `flap_window` of its last restore gets a penalty, and its restore
+//!   waits `probe_interval × 2^penalty` (capped at `max_restore_delay`). A gateway that
+//!   answers ping but drops forwarded traffic therefore comes back ever more rarely instead
+//!   of every 30 s.
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use routing_agent_common::GatewayStats;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Failed attempts older than this are forgotten.
+    pub window: Duration,
+    /// Failed attempts (with no success since) that make a gateway suspect.
+    pub min_failures: u32,
+    pub probe_interval: Duration,
+    /// A new failure this soon after a restore raises the damping penalty.
+    pub flap_window: Duration,
+    /// Cap of the damped restore delay.
+    pub max_restore_delay: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            window: Duration::from_secs(10),
+            min_failures: 2,
+            probe_interval: Duration::from_secs(30),
+            flap_window: Duration::from_secs(600),
+            max_restore_delay: Duration::from_secs(960),
+        }
+    }
+}
+
+/// One gateway as the state machine sees it.
+#[derive(Clone, Debug)]
+pub struct GatewayHealth {
+    pub down: bool,
+    /// Why it is in its state (for logs, status and events).
+    pub reason: String,
+    /// When it entered its state.
+    pub since: Instant,
+    pub penalty: u32,
+    /// Down: not restored before this, whatever the probes say.
+    pub restore_after: Option<Instant>,
+    /// Down: when the next probe is due.
+    pub next_probe: Option<Instant>,
+    /// Down: outcome of the last probe.
+    pub last_probe_ok: Option<bool>,
+    /// Latest counters (summed over CPUs).
+    pub counters: GatewayStats,
+    base: Option<GatewayStats>,
+    failures: VecDeque<Instant>,
+    last_success: Option<Instant>,
+    restored_at: Option<Instant>,
+    neigh_failed: bool,
+    /// The neighbour entry turned FAILED since the last `evaluate`.
+    neigh_edge: bool,
+}
+
+impl GatewayHealth {
+    fn new(now: Instant) -> Self {
+        GatewayHealth {
+            down: false,
+            reason: "no failure seen".into(),
+            since: now,
+            penalty: 0,
+            restore_after: None,
+            next_probe: None,
+            last_probe_ok: None,
+            counters: GatewayStats::default(),
+            base: None,
+            failures: VecDeque::new(),
+            last_success: None,
+            restored_at: None,
+            neigh_failed: false,
+            neigh_edge: false,
+        }
+    }
+
+    /// Failed attempts since the last success, within the window.
+    pub fn streak(&self) -> usize {
+        self.failures.len()
+    }
+}
+
+/// A change of state, to be logged, recorded and acted on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub gateway: IpAddr,
+    pub down: bool,
+    pub reason: String,
+}
+
+pub struct Health {
+    cfg: Config,
+    gateways: BTreeMap<IpAddr, GatewayHealth>,
+}
+
+fn successes(s: &GatewayStats) -> u64 {
+    s.established + s.rst
+}
+
+impl Health {
+    pub fn new(cfg: Config) -> Self {
+        Health {
+            cfg,
+            gateways: BTreeMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Follows exactly `gateways` (new ones start up; the others are forgotten).
+    pub fn set_gateways(&mut self, gateways: &BTreeSet<IpAddr>, now: Instant) {
+        self.gateways.retain(|g, _| gateways.contains(g));
+        for g in gateways {
+            self.gateways
+                .entry(*g)
+                .or_insert_with(|| GatewayHealth::new(now));
+        }
+    }
+
+    /// Restores a verdict recorded by an earlier agent: down for `down_for` already, with
+    /// `penalty`.
+    pub fn restore_down(&mut self, gw: IpAddr, penalty: u32, down_for: Duration, now: Instant) {
+        let since = now.checked_sub(down_for).unwrap_or(now);
+        let delay = self.delay(penalty);
+        let h = self
+            .gateways
+            .entry(gw)
+            .or_insert_with(|| GatewayHealth::new(now));
+        h.down = true;
+        h.reason = "down according to the previous agent".into();
+        h.since = since;
+        h.penalty = penalty;
+        h.restore_after = Some(since + delay);
+        h.next_probe = Some((since + self.cfg.probe_interval).max(now));
+        // It was withdrawn: this counts as a restore for damping purposes once it is back.
+        h.restored_at = None;
+    }
+
+    fn delay(&self, penalty: u32) -> Duration {
+        let factor = 1u32.checked_shl(penalty.min(20)).unwrap_or(u32::MAX);
+        self.cfg
+            .probe_interval
+            .saturating_mul(factor)
+            .min(self.cfg.max_restore_delay)
+            .max(self.cfg.probe_interval.min(self.cfg.max_restore_delay))
+    }
+
+    /// Feeds the latest counters and neighbour state of `gw`.
+    pub fn observe(&mut self, gw: IpAddr, stats: &GatewayStats, neigh_failed: bool, now: Instant) {
+        let Some(h) = self.gateways.get_mut(&gw) else {
+            return;
+        };
+        h.counters = *stats;
+        let base = match h.base {
+            Some(b) if b.failed <= stats.failed && successes(&b) <= successes(stats) => b,
+            // First sight, or the counters were reset (a fresh slot): start from here.
+            _ => *stats,
+        };
+        h.base = Some(*stats);
+        let ok = successes(stats) - successes(&base);
+        let failed = stats.failed - base.failed;
+        if ok > 0 {
+            h.failures.clear();
+            h.last_success = Some(now);
+        }
+        for _ in 0..failed.min(1024) {
+            h.failures.push_back(now);
+        }
+        while h.failures.len() > 1024 {
+            h.failures.pop_front();
+        }
+        // Edge: a neighbour entry that *turns* FAILED.
+        h.neigh_edge |= neigh_failed && !h.neigh_failed;
+        h.neigh_failed = neigh_failed;
+    }
+
+    /// Applies the up → down rule to every gateway. `peers` maps each gateway to the
+    /// gateways it shares a route with.
+    pub fn evaluate(
+        &mut self,
+        peers: &BTreeMap<IpAddr, BTreeSet<IpAddr>>,
+        now: Instant,
+    ) -> Vec<Transition> {
+        let window = self.cfg.window;
+        for h in self.gateways.values_mut() {
+            while h
+                .failures
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > window)
+            {
+                h.failures.pop_front();
+            }
+        }
+        let min = self.cfg.min_failures as usize;
+        let mut going_down: Vec<(IpAddr, String)> = Vec::new();
+        for (gw, h) in self.gateways.iter_mut() {
+            let edge = std::mem::take(&mut h.neigh_edge);
+            if !h.down && edge {
+                going_down.push((
+                    *gw,
+                    "its neighbour entry turned FAILED (ARP/ND unanswered)".into(),
+                ));
+            }
+        }
+        for (gw, h) in &self.gateways {
+            if h.down || going_down.iter().any(|(g, _)| g == gw) {
+                continue;
+            }
+            if h.streak() < min.max(1) {
+                continue;
+            }
+            let streak_start = *h.failures.front().expect("streak ≥ 1");
+            let healthy_peer = peers.get(gw).into_iter().flatten().find(|p| {
+                *p != gw
+                    && self.gateways.get(p).is_some_and(|ph| {
+                        !ph.down
+                            && ph.streak() < min.max(1)
+                            && ph.last_success.is_some_and(|t| t >= streak_start)
+                    })
+            });
+            if let Some(p) = healthy_peer {
+                going_down.push((
+                    *gw,
+                    format!(
+                        "{} connection attempts failed within {}s with no success \
+                         (syn_sent={} established={} failed={} rst={} icmp_unreachable={}), \
+                         while peer {p} succeeded",
+                        h.streak(),
+                        window.as_secs(),
+                        h.counters.syn_sent,
+                        h.counters.established,
+                        h.counters.failed,
+                        h.counters.rst,
+                        h.counters.icmp_unreachable,
+                    ),
+                ));
+            }
+        }
+        let mut out = Vec::new();
+        for (gw, reason) in going_down {
+            let penalty = {
+                let h = &self.gateways[&gw];
+                match h.restored_at {
+                    Some(t) if now.duration_since(t) < self.cfg.flap_window => h.penalty + 1,
+                    _ => 0,
+                }
+            };
+            let delay = self.delay(penalty);
+            let interval = self.cfg.probe_interval;
+            let h = self.gateways.get_mut(&gw).expect("present");
+            h.down = true;
+            h.since = now;
+            h.penalty = penalty;
+            h.restore_after = Some(now + delay);
+            h.next_probe = Some(now + interval);
+            h.last_probe_ok = None;
+            h.failures.clear();
+            h.reason = reason.clone();
+            out.push(Transition {
+                gateway: gw,
+                down: true,
+                reason,
+            });
+        }
+        out
+    }
+
+    /// Down gateways whose probe is due; their next probe is scheduled one interval on.
+    pub fn due_probes(&mut self, now: Instant) -> Vec<IpAddr> {
+        let interval = self.cfg.probe_interval;
+        let mut out = Vec::new();
+        for (gw, h) in self.gateways.iter_mut() {
+            if h.down && h.next_probe.is_some_and(|t| t <= now) {
+                h.next_probe = Some(now + interval);
+                out.push(*gw);
+            }
+        }
+        out
+    }
+
+    /// The outcome of a probe sent to `gw`.
+    pub fn probe_result(&mut self, gw: IpAddr, answered: bool, now: Instant) -> Option<Transition> {
+        let h = self.gateways.get_mut(&gw)?;
+        if !h.down {
+            return None;
+        }
+        h.last_probe_ok = Some(answered);
+        if !answered || h.restore_after.is_some_and(|t| now < t) {
+            return None;
+        }
+        h.down = false;
+        h.since = now;
+        h.restored_at = Some(now);
+        h.restore_after = None;
+        h.next_probe = None;
+        h.last_probe_ok = None;
+        h.failures.clear();
+        // The entry may still read FAILED until the next dump: only a new FAILED counts.
+        h.neigh_failed = true;
+        h.reason = format!("answered an ICMP echo probe (penalty {})", h.penalty);
+        Some(Transition {
+            gateway: gw,
+            down: false,
+            reason: h.reason.clone(),
+        })
+    }
+
+    pub fn down(&self) -> BTreeSet<IpAddr> {
+        self.gateways
+            .iter()
+            .filter(|(_, h)| h.down)
+            .map(|(g, _)| *g)
+            .collect()
+    }
+
+    pub fn get(&self, gw: &IpAddr) -> Option<&GatewayHealth> {
+        self.gateways.get(gw)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&IpAddr, &GatewayHealth)> {
+        self.gateways.iter()
+    }
+}
+
+/// Gateway → the other gateways it shares a route with.
+pub fn peers<'a>(
+    routes: impl IntoIterator<Item = &'a [IpAddr]>,
+) -> BTreeMap<IpAddr, BTreeSet<IpAddr>> {
+    let mut out: BTreeMap<IpAddr, BTreeSet<IpAddr>> = BTreeMap::new();
+    for gws in routes {
+        for g in gws {
+            let e = out.entry(*g).or_default();
+            e.extend(gws.iter().filter(|p| *p != g));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn stats(failed: u64, ok: u64) -> GatewayStats {
+        GatewayStats {
+            syn_sent: failed + ok,
+            failed,
+            established: ok,
+            ..Default::default()
+        }
+    }
+
+    const A: &str = "10.0.0.1";
+    const B: &str = "10.0.0.2";
+    const C: &str = "10.0.0.3";
+
+    struct World {
+        h: Health,
+        t0: Instant,
+        peers: BTreeMap<IpAddr, BTreeSet<IpAddr>>,
+    }
+
+    impl World {
+        fn new(cfg: Config, routes: &[&[&str]]) -> Self {
+            let t0 = Instant::now();
+            let mut h = Health::new(cfg);
+            let gws: Vec<Vec<IpAddr>> = routes
+                .iter()
+                .map(|r| r.iter().map(|g| ip(g)).collect())
+                .collect();
+            let all = gws.iter().flatten().copied().collect();
+            h.set_gateways(&all, t0);
+            for g in &all {
+                h.observe(*g, &GatewayStats::default(), false, t0);
+            }
+            let peers = peers(gws.iter().map(|v| v.as_slice()));
+            World { h, t0, peers }
+        }
+        fn at(&self, ms: u64) -> Instant {
+            self.t0 + Duration::from_millis(ms)
+        }
+        fn step(&mut self, ms: u64, obs: &[(&str, GatewayStats, bool)]) -> Vec<Transition> {
+            let now = self.at(ms);
+            for (g, s, n) in obs {
+                self.h.observe(ip(g), s, *n, now);
+            }
+            self.h.evaluate(&self.peers, now)
+        }
+    }
+
+    fn cfg() -> Config {
+        Config {
+            window: Duration::from_secs(10),
+            min_failures: 2,
+            probe_interval: Duration::from_secs(1),
+            flap_window: Duration::from_secs(60),
+            max_restore_delay: Duration::from_secs(8),
+        }
+    }
+
+    #[test]
+    fn failing_gateway_goes_down_when_a_peer_succeeds() {
+        let mut w = World::new(cfg(), &[&[A, B, C]]);
+        // One failure: not yet.
+        assert!(
+            w.step(
+                200,
+                &[
+                    (A, stats(1, 0), false),
+                    (B, stats(0, 3), false),
+                    (C, stats(0, 2), false)
+                ]
+            )
+            .is_empty()
+        );
+        // Second failure while B and C keep succeeding.
+        let t = w.step(
+            400,
+            &[
+                (A, stats(2, 0), false),
+                (B, stats(0, 4), false),
+                (C, stats(0, 3), false),
+            ],
+        );
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].gateway, ip(A));
+        assert!(t[0].down);
+        assert!(
+            t[0].reason.contains("2 connection attempts failed"),
+            "{}",
+            t[0].reason
+        );
+        assert_eq!(w.h.down(), [ip(A)].into());
+    }
+
+    #[test]
+    fn a_success_resets_the_streak() {
+        let mut w = World::new(cfg(), &[&[A, B]]);
+        w.step(100, &[(A, stats(1, 0), false), (B, stats(0, 1), false)]);
+        w.step(200, &[(A, stats(1, 1), false), (B, stats(0, 2), false)]);
+        let t = w.step(300, &[(A, stats(2, 1), false), (B, stats(0, 3), false)]);
+        assert!(t.is_empty(), "one failure since the last success: {t:?}");
+        assert_eq!(w.h.get(&ip(A)).unwrap().streak(), 1);
+    }
+
+    #[test]
+    fn failures_on_every_gateway_alike_withdraw_nothing() {
+        let mut w = World::new(cfg(), &[&[A, B, C]]);
+        let mut all = Vec::new();
+        for i in 1..=10u64 {
+            all.extend(w.step(
+                i * 200,
+                &[
+                    (A, stats(i, 0), false),
+                    (B, stats(i, 0), false),
+                    (C, stats(i, 0), false),
+                ],
+            ));
+        }
+        assert!(all.is_empty(), "{all:?}");
+        assert!(w.h.down().is_empty());
+    }
+
+    #[test]
+    fn a_peer_with_no_success_is_no_evidence() {
+        // B is idle: no success since A's failures began.
+        let mut w = World::new(cfg(), &[&[A, B]]);
+        w.step(100, &[(B, stats(0, 5), false)]);
+        let t = w.step(2000, &[(A, stats(5, 0), false), (B, stats(0, 5), false)]);
+        assert!(t.is_empty(), "{t:?}");
+    }
+
+    #[test]
+    fn gateways_without_shared_routes_are_not_peers() {
+        let mut w = World::new(cfg(), &[&[A], &[B]]);
+        let t = w.step(500, &[(A, stats(5, 0), false), (B, stats(0, 5), false)]);
+        assert!(t.is_empty(), "{t:?}");
+    }
+
+    #[test]
+    fn old_failures_leave_the_window() {
+        let mut w = World::new(cfg(), &[&[A, B]]);
+        w.step(100, &[(A, stats(1, 0), false), (B, stats(0, 1), false)]);
+        // 11 s later the first failure is forgotten; the second alone is not enough.
+        let t = w.step(11_200, &[(A, stats(2, 0), false), (B, stats(0, 2), false)]);
+        assert!(t.is_empty(), "{t:?}");
+        assert_eq!(w.h.get(&ip(A)).unwrap().streak(), 1);
+    }
+
+    #[test]
+    fn neighbour_failed_takes_it_down_without_peers() {
+        let mut w = World::new(cfg(), &[&[A]]);
+        let t = w.step(100, &[(A, stats(0, 0), true)]);
+        assert_eq!(t.len(), 1);
+        assert!(t[0].reason.contains("FAILED"));
+        // Level stays FAILED after a restore: no new transition without a new edge.
+        let now = w.at(1200);
+        assert_eq!(w.h.due_probes(now), vec![ip(A)]);
+        assert!(w.h.probe_result(ip(A), true, now).is_some());
+        assert!(w.step(1300, &[(A, stats(0, 0), true)]).is_empty());
+        // It recovers, then fails again: down.
+        w.step(1400, &[(A, stats(0, 0), false)]);
+        assert_eq!(w.step(1500, &[(A, stats(0, 0), true)]).len(), 1);
+    }
+
+    #[test]
+    fn probes_restore_and_damping_grows_on_repeated_failure() {
+        let mut w = World::new(cfg(), &[&[A, B]]);
+        let mut fa = 0;
+        let mut ob = 0;
+        let mut fail = |w: &mut World, at: u64| {
+            fa += 2;
+            ob += 1;
+            w.step(at, &[(A, stats(fa, 0), false), (B, stats(0, ob), false)])
+        };
+        assert_eq!(fail(&mut w, 1000).len(), 1);
+        let h = w.h.get(&ip(A)).unwrap();
+        assert_eq!(h.penalty, 0);
+        assert_eq!(h.restore_after, Some(w.at(2000)));
+        // Not due before one interval.
+        assert!(w.h.due_probes(w.at(1500)).is_empty());
+        // Unanswered probe: still down; next one an interval later.
+        assert_eq!(w.h.due_probes(w.at(2000)), vec![ip(A)]);
+        assert!(w.h.probe_result(ip(A), false, w.at(2100)).is_none());
+        assert!(w.h.due_probes(w.at(2500)).is_empty());
+        assert_eq!(w.h.due_probes(w.at(3000)), vec![ip(A)]);
+        let up = w.h.probe_result(ip(A), true, w.at(3100)).unwrap();
+        assert!(!up.down);
+        assert!(w.h.down().is_empty());
+
+        // Fails again soon after: penalty 1, restore no sooner than 2 intervals.
+        assert_eq!(fail(&mut w, 4000).len(), 1);
+        let h = w.h.get(&ip(A)).unwrap();
+        assert_eq!(h.penalty, 1);
+        assert_eq!(h.restore_after, Some(w.at(6000)));
+        assert_eq!(w.h.due_probes(w.at(5000)), vec![ip(A)]);
+        assert!(
+            w.h.probe_result(ip(A), true, w.at(5000)).is_none(),
+            "answered but damped"
+        );
+        assert_eq!(w.h.due_probes(w.at(6000)), vec![ip(A)]);
+        assert!(w.h.probe_result(ip(A), true, w.at(6000)).is_some());
+
+        // Again: penalty 2 (4 s), then 3 (8 s, the cap), then still 8 s.
+        assert_eq!(fail(&mut w, 7000).len(), 1);
+        assert_eq!(w.h.get(&ip(A)).unwrap().restore_after, Some(w.at(11_000)));
+        assert!(w.h.probe_result(ip(A), true, w.at(11_000)).is_some());
+        assert_eq!(fail(&mut w, 12_000).len(), 1);
+        assert_eq!(w.h.get(&ip(A)).unwrap().restore_after, Some(w.at(20_000)));
+        assert!(w.h.probe_result(ip(A), true, w.at(20_000)).is_some());
+        assert_eq!(fail(&mut w, 21_000).len(), 1);
+        let h = w.h.get(&ip(A)).unwrap();
+        assert_eq!(h.penalty, 4);
+        assert_eq!(h.restore_after, Some(w.at(29_000)), "capped");
+        assert!(w.h.probe_result(ip(A), true, w.at(29_000)).is_some());
+
+        // A failure long after the last restore starts from penalty 0 again.
+        assert_eq!(fail(&mut w, 29_000 + 61_000).len(), 1);
+        assert_eq!(w.h.get(&ip(A)).unwrap().penalty, 0);
+    }
+
+    #[test]
+    fn counter_reset_is_a_new_baseline() {
+        let mut w = World::new(cfg(), &[&[A, B]]);
+        w.step(100, &[(A, stats(50, 50), false), (B, stats(0, 1), false)]);
+        // The slot was reset: counters went down; nothing is counted from it.
+        w.step(200, &[(A, stats(0, 0), false), (B, stats(0, 2), false)]);
+        assert_eq!(w.h.get(&ip(A)).unwrap().streak(), 0);
+    }
+
+    #[test]
+    fn restore_down_from_a_record() {
+        let mut w = World::new(cfg(), &[&[A, B]]);
+        let now = w.at(0);
+        w.h.restore_down(ip(A), 1, Duration::from_millis(500), now);
+        assert_eq!(w.h.down(), [ip(A)].into());
+        // Penalty 1: 2 s from when it went down (0.5 s ago).
+        assert!(w.h.probe_result(ip(A), true, w.at(1000)).is_none());
+        assert!(w.h.probe_result(ip(A), true, w.at(1500)).is_some());
+    }
+
+    #[test]
+    fn peers_of_routes() {
+        let a = [ip(A), ip(B)];
+        let b = [ip(B), ip(C)];
+        let c = [ip(C)];
+        let p = peers([&a[..], &b[..], &c[..]]);
+        assert_eq!(p[&ip(A)], [ip(B)].into());
+        assert_eq!(p[&ip(B)], [ip(A), ip(C)].into());
+        assert_eq!(p[&ip(C)], [ip(B)].into());
+    }
+}
