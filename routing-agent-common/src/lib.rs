@@ -58,6 +58,21 @@ pub struct GatewayStats {
     pub rx_bytes: u64,
 }
 
+impl GatewayStats {
+    /// Field-wise sum (user space adds the per-CPU values up with it).
+    pub fn add(&mut self, o: &GatewayStats) {
+        self.syn_sent += o.syn_sent;
+        self.established += o.established;
+        self.failed += o.failed;
+        self.rst += o.rst;
+        self.icmp_unreachable += o.icmp_unreachable;
+        self.tx_packets += o.tx_packets;
+        self.tx_bytes += o.tx_bytes;
+        self.rx_packets += o.rx_packets;
+        self.rx_bytes += o.rx_bytes;
+    }
+}
+
 /// `RA_FLOWS` key: one TCP connection attempt, seen from this node. IPv4 addresses take
 /// the first 4 bytes of the 16; ports are in host byte order.
 #[repr(C)]

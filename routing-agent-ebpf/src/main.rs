@@ -111,11 +111,11 @@ fn handle(ctx: &TcContext, egress: bool) -> Result<(), ()> {
     let p = parse_ip(ctx, ethertype, ETH_LEN)?;
     match p.proto {
         IPPROTO_TCP => {
-            // Ports (4 bytes) and the flags byte at offset 13.
-            let ports: [u8; 4] = ctx.load(p.l4).map_err(|_| ())?;
-            let flags: u8 = ctx.load(p.l4 + 13).map_err(|_| ())?;
-            let sport = u16::from_be_bytes([ports[0], ports[1]]);
-            let dport = u16::from_be_bytes([ports[2], ports[3]]);
+            // One load: ports (bytes 0..4) and the flags byte (13).
+            let tcp: [u8; 14] = ctx.load(p.l4).map_err(|_| ())?;
+            let flags = tcp[13];
+            let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+            let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
             if egress {
                 if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
                     syn_out(p.family, p.src, p.dst, sport, dport, slot, stats);
@@ -210,9 +210,8 @@ fn syn_out(
                     (*f).slot = slot;
                     (*f).state = FLOW_PENDING;
                     (*stats).syn_sent += 1;
-                } else if (*f).state == FLOW_PENDING {
-                    (*f).state = FLOW_FAILED;
-                    (*stats).failed += 1;
+                } else {
+                    fail_once(f, stats);
                 }
             }
         }
@@ -279,16 +278,26 @@ fn icmp_quote(ctx: &TcContext, p: &Packet, slot: u32, stats: *mut GatewayStats) 
     let dport = u16::from_be_bytes([ports[2], ports[3]]);
     // The quoted packet is ours: source = local.
     let key = flow_key(q.family, q.src, q.dst, sport, dport);
-    if let Some(f) = RA_FLOWS.get_ptr_mut(&key) {
+    if let Some(f) = RA_FLOWS.get_ptr_mut(&key)
         // SAFETY: see `syn_out`.
-        unsafe {
-            if (*f).slot == slot && (*f).state == FLOW_PENDING {
-                (*f).state = FLOW_FAILED;
-                (*stats).failed += 1;
-            }
-        }
+        && unsafe { (*f).slot } == slot
+    {
+        fail_once(f, stats);
     }
     Ok(())
+}
+
+/// A pending attempt failed: counted once, later signals of the same attempt are not.
+#[inline(always)]
+fn fail_once(f: *mut FlowState, stats: *mut GatewayStats) {
+    // SAFETY: `f` comes from a successful lookup (see `syn_out` on concurrent updates);
+    // `stats` is this CPU's per-CPU value.
+    unsafe {
+        if (*f).state == FLOW_PENDING {
+            (*f).state = FLOW_FAILED;
+            (*stats).failed += 1;
+        }
+    }
 }
 
 #[cfg(not(test))]

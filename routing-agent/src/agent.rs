@@ -320,7 +320,7 @@ fn record(programs: &mut Programs, health: &Health, gw: IpAddr) {
 
 fn log_transition(t: &Transition, health: &Health, watch: &Watch) {
     let h = health.get(&t.gateway);
-    let routes = watch
+    let peers = watch
         .peers
         .get(&t.gateway)
         .map(|p| p.len())
@@ -330,7 +330,7 @@ fn log_transition(t: &Transition, health: &Health, watch: &Watch) {
             .and_then(|h| h.restore_after)
             .map(|r| r.saturating_duration_since(Instant::now()).as_secs());
         warn!(gateway = %t.gateway, reason = %t.reason, penalty = h.map(|h| h.penalty),
-            restore_not_before_s = restore_in, peers = routes,
+            restore_not_before_s = restore_in, peers,
             "gateway down: withdrawing it from its routes and probing it");
     } else {
         info!(gateway = %t.gateway, reason = %t.reason, "gateway up: back in its routes");

@@ -11,7 +11,7 @@
 //! layout differs from this build's is replaced, with a warning.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues};
@@ -47,7 +47,6 @@ pub struct Programs {
     stats: PerCpuArray<MapData, GatewayStats>,
     gateways: Array<MapData, GatewayInfo>,
     slots: BTreeMap<IpAddr, u32>,
-    pin_dir: PathBuf,
 }
 
 /// The object built by `build.rs` (aya-build).
@@ -81,14 +80,26 @@ fn layout(name: &str) -> (usize, usize, u32) {
     }
 }
 
-pub fn addr_bytes(a: IpAddr) -> ([u8; 16], u32) {
-    let mut b = [0u8; 16];
-    match a {
+/// A `RA_GATEWAYS` record (IPv4 addresses in the first 4 bytes).
+fn gateway_info(a: IpAddr, state: u32, penalty: u32, down_since_ms: u64) -> GatewayInfo {
+    let mut addr = [0u8; 16];
+    let family = match a {
         IpAddr::V4(v4) => {
-            b[..4].copy_from_slice(&v4.octets());
-            (b, 4)
+            addr[..4].copy_from_slice(&v4.octets());
+            4
         }
-        IpAddr::V6(v6) => (v6.octets(), 6),
+        IpAddr::V6(v6) => {
+            addr = v6.octets();
+            6
+        }
+    };
+    GatewayInfo {
+        addr,
+        family,
+        state,
+        penalty,
+        _pad: 0,
+        down_since_ms,
     }
 }
 
@@ -232,12 +243,7 @@ impl Programs {
             stats,
             gateways,
             slots,
-            pin_dir: pin_dir.to_owned(),
         })
-    }
-
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
     }
 
     fn prog(&mut self, name: &str) -> &mut SchedClassifier {
@@ -325,10 +331,6 @@ impl Programs {
         self.attached.values().map(|a| a.name.clone()).collect()
     }
 
-    pub fn uses_tcx(&self) -> bool {
-        self.tcx
-    }
-
     /// Gives every gateway in `gateways` a slot (keeping existing ones) and frees the slots
     /// of the others. A freed slot's counters are zeroed before it is reused.
     pub fn set_gateways(&mut self, gateways: &BTreeSet<IpAddr>) {
@@ -356,13 +358,7 @@ impl Programs {
             {
                 let _ = self.stats.set(slot, zero, 0);
             }
-            let (addr, family) = addr_bytes(g);
-            let info = GatewayInfo {
-                addr,
-                family,
-                state: routing_agent_common::GW_UP,
-                ..Default::default()
-            };
+            let info = gateway_info(g, routing_agent_common::GW_UP, 0, 0);
             if let Err(e) = self.gateways.set(slot, info, 0) {
                 warn!(gateway = %g, error = %e, "cannot record the gateway's slot");
                 continue;
@@ -385,15 +381,7 @@ impl Programs {
         let Some(&slot) = self.slots.get(&gw) else {
             return;
         };
-        let (addr, family) = addr_bytes(gw);
-        let info = GatewayInfo {
-            addr,
-            family,
-            state,
-            penalty,
-            _pad: 0,
-            down_since_ms,
-        };
+        let info = gateway_info(gw, state, penalty, down_since_ms);
         if let Err(e) = self.gateways.set(slot, info, 0) {
             warn!(gateway = %gw, error = %e, "cannot record the gateway's health");
         }
@@ -449,17 +437,7 @@ impl Programs {
                 continue;
             };
             let mut s = GatewayStats::default();
-            for v in values.iter() {
-                s.syn_sent += v.syn_sent;
-                s.established += v.established;
-                s.failed += v.failed;
-                s.rst += v.rst;
-                s.icmp_unreachable += v.icmp_unreachable;
-                s.tx_packets += v.tx_packets;
-                s.tx_bytes += v.tx_bytes;
-                s.rx_packets += v.rx_packets;
-                s.rx_bytes += v.rx_bytes;
-            }
+            values.iter().for_each(|v| s.add(v));
             out.insert(*gw, s);
         }
         out

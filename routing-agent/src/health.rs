@@ -62,7 +62,8 @@ pub struct GatewayHealth {
     pub last_probe_ok: Option<bool>,
     /// Latest counters (summed over CPUs).
     pub counters: GatewayStats,
-    base: Option<GatewayStats>,
+    /// The counters at the previous observation (deltas are taken against them).
+    prev: Option<GatewayStats>,
     failures: VecDeque<Instant>,
     last_success: Option<Instant>,
     restored_at: Option<Instant>,
@@ -82,7 +83,7 @@ impl GatewayHealth {
             next_probe: None,
             last_probe_ok: None,
             counters: GatewayStats::default(),
-            base: None,
+            prev: None,
             failures: VecDeque::new(),
             last_success: None,
             restored_at: None,
@@ -122,10 +123,6 @@ impl Health {
         }
     }
 
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
     /// Follows exactly `gateways` (new ones start up; the others are forgotten).
     pub fn set_gateways(&mut self, gateways: &BTreeSet<IpAddr>, now: Instant) {
         self.gateways.retain(|g, _| gateways.contains(g));
@@ -151,17 +148,14 @@ impl Health {
         h.penalty = penalty;
         h.restore_after = Some(since + delay);
         h.next_probe = Some((since + self.cfg.probe_interval).max(now));
-        // It was withdrawn: this counts as a restore for damping purposes once it is back.
-        h.restored_at = None;
     }
 
     fn delay(&self, penalty: u32) -> Duration {
-        let factor = 1u32.checked_shl(penalty.min(20)).unwrap_or(u32::MAX);
+        // 2^20 intervals is far beyond any sane cap; the clamp keeps the shift defined.
         self.cfg
             .probe_interval
-            .saturating_mul(factor)
+            .saturating_mul(1 << penalty.min(20))
             .min(self.cfg.max_restore_delay)
-            .max(self.cfg.probe_interval.min(self.cfg.max_restore_delay))
     }
 
     /// Feeds the latest counters and neighbour state of `gw`.
@@ -170,12 +164,12 @@ impl Health {
             return;
         };
         h.counters = *stats;
-        let base = match h.base {
+        let base = match h.prev {
             Some(b) if b.failed <= stats.failed && successes(&b) <= successes(stats) => b,
             // First sight, or the counters were reset (a fresh slot): start from here.
             _ => *stats,
         };
-        h.base = Some(*stats);
+        h.prev = Some(*stats);
         let ok = successes(stats) - successes(&base);
         let failed = stats.failed - base.failed;
         if ok > 0 {

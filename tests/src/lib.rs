@@ -143,23 +143,6 @@ pub enum Failure {
     UplinkCut,
 }
 
-impl Failure {
-    pub const ALL: [Failure; 4] = [
-        Failure::ForwardingDropped,
-        Failure::Removed,
-        Failure::Loss,
-        Failure::UplinkCut,
-    ];
-    pub fn name(self) -> &'static str {
-        match self {
-            Failure::ForwardingDropped => "forwarding-dropped",
-            Failure::Removed => "gateway-removed",
-            Failure::Loss => "loss-100",
-            Failure::UplinkCut => "uplink-cut",
-        }
-    }
-}
-
 /// A long-lived connection to the hold server.
 pub struct Held {
     pub stream: TcpStream,
@@ -183,7 +166,6 @@ impl Held {
 #[derive(Clone, Debug)]
 pub struct Attempt {
     pub started: Instant,
-    pub ended: Instant,
     /// The egress gateway's public address, or why it failed.
     pub result: std::result::Result<IpAddr, String>,
 }
@@ -552,29 +534,21 @@ impl Lab {
         let handle = std::thread::spawn(move || {
             let mut workers = Vec::new();
             let mut next = Instant::now();
+            let addr = SocketAddr::new(dst, ECHO_PORT);
             while !stop2.load(Ordering::Relaxed) {
-                let (ns, log) = (ns.clone(), log2.clone());
-                workers.push(std::thread::spawn(move || {
+                let log = log2.clone();
+                let worker = spawn_in_netns(&ns, move || {
                     let started = Instant::now();
-                    let addr = SocketAddr::new(dst, ECHO_PORT);
-                    let r = in_netns(&ns, move || -> Result<IpAddr> {
-                        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-                        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-                        let mut text = String::new();
-                        s.read_to_string(&mut text)?;
-                        Ok(text.trim().parse()?)
-                    });
-                    let result = match r {
-                        Ok(Ok(ip)) => Ok(ip),
-                        Ok(Err(e)) => Err(e.to_string()),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    log.lock().unwrap().push(Attempt {
-                        started,
-                        ended: Instant::now(),
-                        result,
-                    });
-                }));
+                    let result = echo(addr).map_err(|e| e.to_string());
+                    log.lock().unwrap().push(Attempt { started, result });
+                });
+                match worker {
+                    Ok(w) => workers.push(w),
+                    Err(e) => log2.lock().unwrap().push(Attempt {
+                        started: Instant::now(),
+                        result: Err(format!("entering {ns}: {e}")),
+                    }),
+                }
                 next += every;
                 if let Some(d) = next.checked_duration_since(Instant::now()) {
                     std::thread::sleep(d);
@@ -594,16 +568,21 @@ impl Lab {
     /// Opens a TCP connection from `node` to the echo server at `dst` and returns the
     /// source address the server saw (the egress gateway's public address).
     pub fn connect(&self, node: &str, dst: IpAddr) -> Result<IpAddr> {
-        let ns = self.node_ns(node);
         let addr = SocketAddr::new(dst, ECHO_PORT);
-        let out = in_netns(&ns, move || -> Result<IpAddr> {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-            s.set_read_timeout(Some(Duration::from_secs(3)))?;
-            let mut text = String::new();
-            s.read_to_string(&mut text)?;
-            Ok(text.trim().parse()?)
-        })?;
-        out.with_context(|| format!("connecting from node {node} to {addr}"))
+        in_netns(&self.node_ns(node), move || echo(addr))?
+            .with_context(|| format!("connecting from node {node} to {addr}"))
+    }
+
+    /// Runs `routing-agent cleanup` in `node`'s namespace, with its pin directory.
+    pub fn cleanup(&self, node: &str) -> Result<String> {
+        run(&[
+            "nsenter",
+            &format!("--net=/run/netns/{}", self.node_ns(node)),
+            agent_bin().to_str().unwrap(),
+            "cleanup",
+            "--bpf-pin-dir",
+            self.pin_dir(node).to_str().unwrap(),
+        ])
     }
 
     /// `count` connections; the set of source addresses the server saw, with counts.
@@ -699,19 +678,37 @@ impl Drop for Lab {
     }
 }
 
-/// Runs `f` on a thread that has entered network namespace `ns` (setns is per thread).
+/// Starts `f` on a thread that has entered network namespace `ns` (setns is per thread).
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<JoinHandle<std::io::Result<T>>> {
+    let file = fs::File::open(format!("/run/netns/{ns}"))?;
+    Ok(std::thread::spawn(move || -> std::io::Result<T> {
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)?;
+        Ok(f())
+    }))
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`, and waits for it.
 pub fn in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::io::Result<T> {
-    let file = fs::File::open(format!("/run/netns/{ns}"))?;
-    std::thread::spawn(move || -> std::io::Result<T> {
-        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(std::io::Error::from)?;
-        Ok(f())
-    })
-    .join()
-    .map_err(|_| std::io::Error::other("thread panicked"))?
+    spawn_in_netns(ns, f)?
+        .join()
+        .map_err(|_| std::io::Error::other("thread panicked"))?
+}
+
+/// One exchange with the echo server at `addr` (from the calling thread's namespace):
+/// the source address it saw.
+fn echo(addr: SocketAddr) -> Result<IpAddr> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text.trim().parse()?)
 }
 
 /// A Route manifest.

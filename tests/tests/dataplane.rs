@@ -582,14 +582,7 @@ fn cleanup_removes_everything_owned() -> Result<()> {
     for map in ["RA_NEIGH", "RA_GW_STATS", "RA_FLOWS", "RA_GATEWAYS"] {
         assert!(pin.join(map).exists(), "{map} pinned");
     }
-    run(&[
-        "nsenter",
-        &format!("--net=/run/netns/{ns}"),
-        agent_bin().to_str().unwrap(),
-        "cleanup",
-        "--bpf-pin-dir",
-        pin.to_str().unwrap(),
-    ])?;
+    lab.cleanup("a")?;
     assert_eq!(lab.ip(&ns, "route show proto 196")?.trim(), "");
     assert!(
         lab.ip_json("a", "nexthop show")?

@@ -207,7 +207,6 @@ fn damping_grows_on_repeated_failure() -> Result<()> {
     assert!(down_for[2] >= Duration::from_millis(3500), "{down_for:?}");
     lab.heal(1, Failure::ForwardingDropped)?;
     drop(stream);
-    assert!(agent.log_text().contains("gateway down"));
     Ok(())
 }
 
@@ -318,14 +317,7 @@ fn attach_paths(mode: &str) -> Result<()> {
 
     // Cleanup removes the agent's filters and pins, nothing else.
     let pin = lab.pin_dir("a");
-    run(&[
-        "nsenter",
-        &format!("--net=/run/netns/{ns}"),
-        agent_bin().to_str().unwrap(),
-        "cleanup",
-        "--bpf-pin-dir",
-        pin.to_str().unwrap(),
-    ])?;
+    lab.cleanup("a")?;
     let shown = tc_programs(&lab, "eth1")?;
     assert!(!shown.contains("ra_"), "{shown}");
     assert!(foreign(&lab)?, "foreign filter kept");
