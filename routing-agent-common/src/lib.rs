@@ -16,8 +16,9 @@
 
 /// Gateways the programs can tell apart (size of `RA_GATEWAYS` and `RA_GW_STATS`).
 pub const MAX_GATEWAYS: u32 = 256;
-/// Handshakes followed at once (LRU: the oldest are evicted first).
-pub const MAX_FLOWS: u32 = 65536;
+/// TCP connections followed at once, attempts and established ones (LRU: the least
+/// recently used are evicted first). About 10 MiB of kernel memory.
+pub const MAX_FLOWS: u32 = 131072;
 /// (interface, MAC) pairs known to belong to gateways.
 pub const MAX_NEIGHBOURS: u32 = 1024;
 
@@ -56,6 +57,9 @@ pub struct GatewayStats {
     pub tx_bytes: u64,
     pub rx_packets: u64,
     pub rx_bytes: u64,
+    /// Egress packets of established connections that the kernel had re-routed to another
+    /// gateway, sent back to this one (flow pinning).
+    pub steered_back: u64,
 }
 
 impl GatewayStats {
@@ -70,6 +74,7 @@ impl GatewayStats {
         self.tx_bytes += o.tx_bytes;
         self.rx_packets += o.rx_packets;
         self.rx_bytes += o.rx_bytes;
+        self.steered_back += o.steered_back;
     }
 }
 
@@ -91,16 +96,18 @@ pub struct FlowKey {
 pub const FLOW_PENDING: u32 = 1;
 /// The SYN was retransmitted (or an ICMP unreachable came back) before any answer.
 pub const FLOW_FAILED: u32 = 2;
+/// A SYN-ACK came back through the same gateway: the connection is pinned to it.
+pub const FLOW_ESTABLISHED: u32 = 3;
 
-/// `RA_FLOWS` value. Answered attempts are deleted from the map, so only pending and
-/// failed ones stay (and the LRU evicts the oldest).
+/// `RA_FLOWS` value. A RST (either way) deletes the entry; the LRU evicts the least
+/// recently used.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowState {
     pub slot: u32,
-    /// `FLOW_PENDING` or `FLOW_FAILED`.
+    /// `FLOW_PENDING`, `FLOW_FAILED` or `FLOW_ESTABLISHED`.
     pub state: u32,
-    /// `bpf_ktime_get_ns()` of the first SYN.
+    /// `bpf_ktime_get_ns()` of the (latest) first SYN.
     pub started_ns: u64,
 }
 
@@ -125,9 +132,13 @@ pub struct GatewayInfo {
     pub state: u32,
     /// Damping level: how many times in a row it failed again soon after a restore.
     pub penalty: u32,
-    pub _pad: u32,
+    /// Interface the gateway is reached through (0: not resolved yet).
+    pub ifindex: u32,
     /// When it went down (ms since the Unix epoch; 0 when up).
     pub down_since_ms: u64,
+    /// The gateway's MAC on `ifindex` (from the neighbour table), used by flow pinning.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
 }
 
 #[cfg(feature = "user")]

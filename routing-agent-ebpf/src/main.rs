@@ -7,12 +7,15 @@
 //! are not touched (one hash lookup, then out).
 //!
 //! Handshakes (`RA_FLOWS`, LRU): a first SYN through gateway G starts an attempt; a SYN-ACK
-//! or RST from G's side ends it (`established` / `rst`, entry deleted); a retransmitted SYN
-//! of an attempt still waiting, or an ICMP destination-unreachable quoting it, marks it
-//! `failed` (once per attempt).
+//! from G's side establishes it (`established`), a RST ends it (`rst`, entry deleted); a
+//! retransmitted SYN of an attempt still waiting, or an ICMP destination-unreachable
+//! quoting it, marks it `failed` (once per attempt). Established connections stay in the
+//! map (until a RST or LRU eviction) so that egress can keep them on their gateway (see
+//! `pinned`).
 //!
-//! Every program returns `TC_ACT_UNSPEC` (never drops, never redirects), so it coexists
-//! with programs of other owners on the same hook.
+//! Every program returns `TC_ACT_UNSPEC` (never drops, never redirects; the only write is
+//! the destination MAC of a pinned packet), so it coexists with programs of other owners
+//! on the same hook.
 #![no_std]
 #![no_main]
 // Map keys are passed by reference on purpose: no copies of 40-byte keys on the 512-byte
@@ -27,8 +30,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use routing_agent_common::{
-    FLOW_FAILED, FLOW_PENDING, FlowKey, FlowState, GatewayInfo, GatewaySlot, GatewayStats,
-    MAX_FLOWS, MAX_GATEWAYS, MAX_NEIGHBOURS, NeighKey,
+    FLOW_ESTABLISHED, FLOW_FAILED, FLOW_PENDING, FlowKey, FlowState, GW_UP, GatewayInfo,
+    GatewaySlot, GatewayStats, MAX_FLOWS, MAX_GATEWAYS, MAX_NEIGHBOURS, NeighKey,
 };
 
 #[btf_map]
@@ -40,8 +43,8 @@ static RA_GW_STATS: PerCpuArray<GatewayStats, { MAX_GATEWAYS as usize }> = PerCp
 #[btf_map]
 static RA_FLOWS: LruHashMap<FlowKey, FlowState, { MAX_FLOWS as usize }> = LruHashMap::new();
 
-/// Written by user space only; declared here so that it is part of the object and pinned
-/// with the others.
+/// Written by user space only (read here for flow pinning); declared here so that it is
+/// part of the object and pinned with the others.
 #[btf_map]
 static RA_GATEWAYS: Array<GatewayInfo, { MAX_GATEWAYS as usize }> = Array::new();
 
@@ -79,10 +82,11 @@ struct Packet {
 
 #[inline(always)]
 fn handle(ctx: &TcContext, egress: bool) -> Result<(), ()> {
-    let eth: [u8; ETH_LEN] = ctx.load(0).map_err(|_| ())?;
+    let eth: [u8; ETH_LEN] = read(ctx, 0)?;
+    // SAFETY: the context pointer is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let key = NeighKey {
-        // SAFETY: the context pointer is valid for the program's run.
-        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        ifindex,
         mac: if egress {
             [eth[0], eth[1], eth[2], eth[3], eth[4], eth[5]]
         } else {
@@ -91,10 +95,25 @@ fn handle(ctx: &TcContext, egress: bool) -> Result<(), ()> {
         _pad: [0; 2],
     };
     // SAFETY: the value is plain data copied out at once.
-    let slot = match unsafe { RA_NEIGH.get(&key) } {
+    let mut slot = match unsafe { RA_NEIGH.get(&key) } {
         Some(s) => s.slot,
         None => return Ok(()),
     };
+    let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+    let p = parse_ip(ctx, ethertype, ETH_LEN).ok();
+    // TCP: ports (bytes 0..4) and the flags byte (13), in one load.
+    let tcp: Option<[u8; 14]> = match &p {
+        Some(p) if p.proto == IPPROTO_TCP => read(ctx, p.l4).ok(),
+        _ => None,
+    };
+    let mut steered = false;
+    if egress
+        && let (Some(p), Some(tcp)) = (&p, &tcp)
+        && let Some(to) = pinned(ctx, ifindex, p, tcp, slot)
+    {
+        slot = to;
+        steered = true;
+    }
     let stats = RA_GW_STATS.get_ptr_mut(slot).ok_or(())?;
     let len = u64::from(ctx.len());
     // SAFETY: per-CPU value of a successful lookup; only this CPU writes it while we run.
@@ -102,42 +121,83 @@ fn handle(ctx: &TcContext, egress: bool) -> Result<(), ()> {
         if egress {
             (*stats).tx_packets += 1;
             (*stats).tx_bytes += len;
+            if steered {
+                (*stats).steered_back += 1;
+            }
         } else {
             (*stats).rx_packets += 1;
             (*stats).rx_bytes += len;
         }
     }
-    let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
-    let p = parse_ip(ctx, ethertype, ETH_LEN)?;
-    match p.proto {
-        IPPROTO_TCP => {
-            // One load: ports (bytes 0..4) and the flags byte (13).
-            let tcp: [u8; 14] = ctx.load(p.l4).map_err(|_| ())?;
-            let flags = tcp[13];
-            let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
-            let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
-            if egress {
-                if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-                    syn_out(p.family, p.src, p.dst, sport, dport, slot, stats);
-                }
-            } else if flags & TCP_SYN != 0 && flags & TCP_ACK != 0 {
-                answer(p.family, p.dst, p.src, dport, sport, slot, stats, false);
+    let Some(p) = p else { return Ok(()) };
+    if let Some(tcp) = tcp {
+        let flags = tcp[13];
+        let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+        let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+        if egress {
+            if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+                syn_out(p.family, p.src, p.dst, sport, dport, slot, stats);
             } else if flags & TCP_RST != 0 {
-                answer(p.family, p.dst, p.src, dport, sport, slot, stats, true);
+                let _ = RA_FLOWS.remove(&flow_key(p.family, p.src, p.dst, sport, dport));
             }
+        } else if flags & TCP_SYN != 0 && flags & TCP_ACK != 0 {
+            answer(p.family, p.dst, p.src, dport, sport, slot, stats, false);
+        } else if flags & TCP_RST != 0 {
+            answer(p.family, p.dst, p.src, dport, sport, slot, stats, true);
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 if !egress => {
-            let t: u8 = ctx.load(p.l4).map_err(|_| ())?;
-            let unreachable = if p.family == 4 { t == 3 } else { t == 1 };
-            if unreachable {
-                // SAFETY: as above.
-                unsafe { (*stats).icmp_unreachable += 1 };
-                icmp_quote(ctx, &p, slot, stats)?;
-            }
+    } else if !egress && (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6) {
+        let t: u8 = ctx.load(p.l4).map_err(|_| ())?;
+        let unreachable = if p.family == 4 { t == 3 } else { t == 1 };
+        if unreachable {
+            // SAFETY: as above.
+            unsafe { (*stats).icmp_unreachable += 1 };
+            icmp_quote(ctx, &p, slot, stats)?;
         }
-        _ => {}
     }
     Ok(())
+}
+
+/// Flow pinning. A TCP packet of a known connection that the kernel hands to another
+/// gateway than the one its connection started on goes back to that gateway, by rewriting
+/// the destination MAC, as long as that gateway is up and on this interface. Returns the
+/// slot the packet now goes to.
+///
+/// Why: every FIB change (a withdrawal, any route edit) makes established sockets look
+/// their route up again, by the 5-tuple hash; on recent kernels (6.18 in the lab) the
+/// route of a connect() with a kernel-chosen source port does not follow that hash, so
+/// after the next FIB change about (n-1)/n of the connections would move to another
+/// gateway, whose masquerade address breaks them. (Hash-threshold `RTA_MULTIPATH` routes
+/// and resilient groups that gain a member move some connections on any kernel.) A new SYN on a 4-tuple whose old connection is still recorded is a
+/// new connection: not pinned.
+#[inline(always)]
+fn pinned(ctx: &TcContext, ifindex: u32, p: &Packet, tcp: &[u8; 14], slot: u32) -> Option<u32> {
+    let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+    let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+    let key = flow_key(p.family, p.src, p.dst, sport, dport);
+    // SAFETY: plain data copied out at once.
+    let f = unsafe { RA_FLOWS.get(&key) }?;
+    if f.slot == slot || (tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN && f.state == FLOW_ESTABLISHED) {
+        return None;
+    }
+    let g = RA_GATEWAYS.get(f.slot)?;
+    if g.state != GW_UP || g.ifindex != ifindex || g.mac == [0; 6] {
+        return None;
+    }
+    ctx.store(0, &g.mac, 0).ok()?;
+    Some(f.slot)
+}
+
+/// `size_of::<T>()` bytes at `off`: read in place when they lie in the linear part of the
+/// packet (the usual case: no helper call), copied out with `bpf_skb_load_bytes` otherwise.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if off < 128 && start + off + core::mem::size_of::<T>() <= end {
+        // SAFETY: the bytes lie between data and data_end (checked just above, in a form
+        // the verifier follows).
+        return Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) });
+    }
+    ctx.load(off).map_err(|_| ())
 }
 
 /// Parses the IPv4 or IPv6 header at `off`. IPv6 extension headers and non-first IPv4
@@ -152,7 +212,7 @@ fn parse_ip(ctx: &TcContext, ethertype: u16, off: usize) -> Result<Packet, ()> {
         l4: 0,
     };
     if ethertype == ETH_P_IP {
-        let h: [u8; 20] = ctx.load(off).map_err(|_| ())?;
+        let h: [u8; 20] = read(ctx, off)?;
         if h[0] >> 4 != 4 {
             return Err(());
         }
@@ -163,7 +223,7 @@ fn parse_ip(ctx: &TcContext, ethertype: u16, off: usize) -> Result<Packet, ()> {
         p.proto = if frag_off == 0 { h[9] } else { 0 };
         p.l4 = off + usize::from(h[0] & 0x0f) * 4;
     } else if ethertype == ETH_P_IPV6 {
-        let h: [u8; 40] = ctx.load(off).map_err(|_| ())?;
+        let h: [u8; 40] = read(ctx, off)?;
         p.family = 6;
         p.src.copy_from_slice(&h[8..24]);
         p.dst.copy_from_slice(&h[24..40]);
@@ -204,7 +264,13 @@ fn syn_out(
             // SAFETY: the entry may be updated concurrently by another CPU; a lost update
             // costs at most one count, never memory safety (plain integers).
             unsafe {
-                if (*f).slot != slot {
+                if (*f).state == FLOW_ESTABLISHED {
+                    // The 4-tuple is reused by a new connection.
+                    (*f).slot = slot;
+                    (*f).state = FLOW_PENDING;
+                    (*f).started_ns = bpf_ktime_get_ns();
+                    (*stats).syn_sent += 1;
+                } else if (*f).slot != slot {
                     // The attempt was re-routed (the gateway was withdrawn): a new attempt
                     // through the new gateway.
                     (*f).slot = slot;
@@ -244,21 +310,26 @@ fn answer(
     rst: bool,
 ) {
     let key = flow_key(family, local, remote, lport, rport);
-    let Some(f) = RA_FLOWS.get_ptr(&key) else {
+    let Some(f) = RA_FLOWS.get_ptr_mut(&key) else {
         return;
     };
-    // SAFETY: see `syn_out`.
-    if unsafe { (*f).slot } != slot {
-        return;
-    }
-    if RA_FLOWS.remove(&key).is_ok() {
-        // SAFETY: per-CPU value, see `handle`.
-        unsafe {
-            if rst {
+    // SAFETY: see `syn_out`; `stats` is this CPU's per-CPU value.
+    unsafe {
+        let attempt = (*f).state != FLOW_ESTABLISHED;
+        if attempt && (*f).slot != slot {
+            // Not an answer to the attempt through this gateway.
+            return;
+        }
+        if rst {
+            // The attempt or the connection is over (a connection reset through another
+            // gateway too: it had moved there, its pin is worthless).
+            if RA_FLOWS.remove(&key).is_ok() && attempt {
                 (*stats).rst += 1;
-            } else {
-                (*stats).established += 1;
             }
+        } else if attempt {
+            // Kept, for pinning, until a RST or LRU eviction.
+            (*f).state = FLOW_ESTABLISHED;
+            (*stats).established += 1;
         }
     }
 }
@@ -273,7 +344,7 @@ fn icmp_quote(ctx: &TcContext, p: &Packet, slot: u32, stats: *mut GatewayStats) 
     if q.proto != IPPROTO_TCP {
         return Ok(());
     }
-    let ports: [u8; 4] = ctx.load(q.l4).map_err(|_| ())?;
+    let ports: [u8; 4] = read(ctx, q.l4)?;
     let sport = u16::from_be_bytes([ports[0], ports[1]]);
     let dport = u16::from_be_bytes([ports[2], ports[3]]);
     // The quoted packet is ours: source = local.

@@ -363,6 +363,7 @@ fn gateway_status(
                     "rst": c.rst, "icmpUnreachable": c.icmp_unreachable,
                     "txPackets": c.tx_packets, "txBytes": c.tx_bytes,
                     "rxPackets": c.rx_packets, "rxBytes": c.rx_bytes,
+                    "steeredBack": c.steered_back,
                 },
             })
         })

@@ -47,6 +47,8 @@ pub struct Programs {
     stats: PerCpuArray<MapData, GatewayStats>,
     gateways: Array<MapData, GatewayInfo>,
     slots: BTreeMap<IpAddr, u32>,
+    /// Record gateway MACs in `RA_GATEWAYS` (the TC program pins only to a known MAC).
+    pinning: bool,
 }
 
 /// The object built by `build.rs` (aya-build).
@@ -98,8 +100,10 @@ fn gateway_info(a: IpAddr, state: u32, penalty: u32, down_since_ms: u64) -> Gate
         family,
         state,
         penalty,
-        _pad: 0,
+        ifindex: 0,
         down_since_ms,
+        mac: [0; 6],
+        _pad: [0; 2],
     }
 }
 
@@ -163,7 +167,7 @@ pub fn remove_pins(pin_dir: &Path) -> std::io::Result<usize> {
 
 impl Programs {
     /// Loads the object, reusing the maps pinned under `pin_dir` (created if missing).
-    pub fn load(pin_dir: &Path, mode: AttachMode) -> anyhow::Result<Self> {
+    pub fn load(pin_dir: &Path, mode: AttachMode, pinning: bool) -> anyhow::Result<Self> {
         std::fs::create_dir_all(pin_dir).with_context(|| {
             format!(
                 "creating {} (is bpffs mounted on /sys/fs/bpf?)",
@@ -234,7 +238,7 @@ impl Programs {
             }
         }
         info!(pin_dir = %pin_dir.display(), attach = if tcx { "tcx" } else { "netlink" },
-            restored_slots = slots.len(), "eBPF programs loaded");
+            restored_slots = slots.len(), flow_pinning = pinning, "eBPF programs loaded");
         Ok(Programs {
             bpf,
             tcx,
@@ -243,6 +247,7 @@ impl Programs {
             stats,
             gateways,
             slots,
+            pinning,
         })
     }
 
@@ -381,7 +386,10 @@ impl Programs {
         let Some(&slot) = self.slots.get(&gw) else {
             return;
         };
-        let info = gateway_info(gw, state, penalty, down_since_ms);
+        let mut info = gateway_info(gw, state, penalty, down_since_ms);
+        if let Ok(old) = self.gateways.get(&slot, 0) {
+            (info.ifindex, info.mac) = (old.ifindex, old.mac);
+        }
         if let Err(e) = self.gateways.set(slot, info, 0) {
             warn!(gateway = %gw, error = %e, "cannot record the gateway's health");
         }
@@ -392,11 +400,16 @@ impl Programs {
     }
 
     /// Makes `RA_NEIGH` hold exactly `want` ((interface, MAC) → gateway), translating
-    /// gateways to slots. Returns the number of map updates.
+    /// gateways to slots, and records each gateway's (interface, MAC) in its `RA_GATEWAYS`
+    /// slot for flow pinning. Returns the number of map updates.
     pub fn set_neighbours(&mut self, want: &BTreeMap<(u32, [u8; 6]), IpAddr>) -> usize {
         let mut target: BTreeMap<NeighKey, u32> = BTreeMap::new();
+        let mut link: BTreeMap<u32, (u32, [u8; 6])> = BTreeMap::new();
         for ((ifindex, mac), gw) in want {
             if let Some(&slot) = self.slots.get(gw) {
+                if self.pinning {
+                    link.entry(slot).or_insert((*ifindex, *mac));
+                }
                 target.insert(
                     NeighKey {
                         ifindex: *ifindex,
@@ -422,6 +435,19 @@ impl Programs {
             if have.get(k) != Some(slot) {
                 if let Err(e) = self.neigh.insert(k, GatewaySlot { slot: *slot }, 0) {
                     warn!(error = %e, "cannot update RA_NEIGH");
+                }
+                n += 1;
+            }
+        }
+        for &slot in self.slots.values() {
+            let Ok(mut info) = self.gateways.get(&slot, 0) else {
+                continue;
+            };
+            let (ifindex, mac) = link.get(&slot).copied().unwrap_or_default();
+            if (info.ifindex, info.mac) != (ifindex, mac) {
+                (info.ifindex, info.mac) = (ifindex, mac);
+                if let Err(e) = self.gateways.set(slot, info, 0) {
+                    warn!(error = %e, "cannot update RA_GATEWAYS");
                 }
                 n += 1;
             }

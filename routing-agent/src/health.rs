@@ -2,9 +2,15 @@
 //! neighbour table and ICMP probe results. Pure (the caller passes the clock), so every
 //! rule below is unit-tested.
 //!
-//! - **up → down** when, since its last successful connection attempt, a gateway has
-//!   collected ≥ `min_failures` failed attempts within `window`, *and* a peer (a gateway
-//!   sharing a route with it, itself up and not failing) succeeded meanwhile. Failures that
+//! - **up → down** when, since its last successful connection attempt, a gateway is
+//!   *failing* — it collected ≥ `min_failures` failed attempts within `window`, or one
+//!   failed attempt corroborated by another attempt unanswered for `pending_grace` or more
+//!   — *and* a peer (a gateway sharing a route with it, itself up and not failing)
+//!   succeeded meanwhile. The corroborated single failure is what makes detection fast:
+//!   a SYN is only known lost when the kernel retransmits it (1 s), and waiting for a
+//!   second retransmission costs another inter-arrival time; an attempt that got no answer
+//!   within `pending_grace` while none got through is the same evidence, earlier. A lone
+//!   lost SYN on a healthy gateway is not enough: the attempts after it are answered. Failures that
 //!   hit every gateway alike point at the destination, not at a gateway: nothing is
 //!   withdrawn then. A neighbour entry turning FAILED (ARP/ND unanswered) is the gateway's
 //!   own fault and takes it down without comparing.
@@ -31,6 +37,9 @@ pub struct Config {
     pub flap_window: Duration,
     /// Cap of the damped restore delay.
     pub max_restore_delay: Duration,
+    /// An attempt unanswered for this long corroborates a single failure (zero: off, only
+    /// `min_failures` counts).
+    pub pending_grace: Duration,
 }
 
 impl Default for Config {
@@ -41,6 +50,7 @@ impl Default for Config {
             probe_interval: Duration::from_secs(30),
             flap_window: Duration::from_secs(600),
             max_restore_delay: Duration::from_secs(960),
+            pending_grace: Duration::from_millis(500),
         }
     }
 }
@@ -66,6 +76,10 @@ pub struct GatewayHealth {
     prev: Option<GatewayStats>,
     failures: VecDeque<Instant>,
     last_success: Option<Instant>,
+    /// `syn_sent` when the last success was observed.
+    sent_at_success: u64,
+    /// (observation time, cumulative `syn_sent`) since the last success, oldest first.
+    sent_log: VecDeque<(Instant, u64)>,
     restored_at: Option<Instant>,
     neigh_failed: bool,
     /// The neighbour entry turned FAILED since the last `evaluate`.
@@ -86,6 +100,8 @@ impl GatewayHealth {
             prev: None,
             failures: VecDeque::new(),
             last_success: None,
+            sent_at_success: 0,
+            sent_log: VecDeque::new(),
             restored_at: None,
             neigh_failed: false,
             neigh_edge: false,
@@ -95,6 +111,32 @@ impl GatewayHealth {
     /// Failed attempts since the last success, within the window.
     pub fn streak(&self) -> usize {
         self.failures.len()
+    }
+
+    /// Attempts sent since the last success and at least `grace` ago that are neither
+    /// answered (no success since) nor counted as failed.
+    fn unanswered_older_than(&self, grace: Duration, now: Instant) -> u64 {
+        let Some(cut) = now.checked_sub(grace) else {
+            return 0;
+        };
+        let sent_then = self
+            .sent_log
+            .iter()
+            .rev()
+            .find(|(t, _)| *t <= cut)
+            .map_or(self.sent_at_success, |(_, n)| *n);
+        sent_then
+            .saturating_sub(self.sent_at_success)
+            .saturating_sub(self.streak() as u64)
+    }
+
+    /// The failing half of the up → down rule (the peer half is in `Health::evaluate`).
+    fn failing(&self, cfg: &Config, now: Instant) -> bool {
+        let streak = self.streak();
+        streak >= cfg.min_failures.max(1) as usize
+            || (streak >= 1
+                && !cfg.pending_grace.is_zero()
+                && self.unanswered_older_than(cfg.pending_grace, now) >= 1)
     }
 }
 
@@ -164,10 +206,10 @@ impl Health {
             return;
         };
         h.counters = *stats;
-        let base = match h.prev {
-            Some(b) if b.failed <= stats.failed && successes(&b) <= successes(stats) => b,
+        let (base, first) = match h.prev {
+            Some(b) if b.failed <= stats.failed && successes(&b) <= successes(stats) => (b, false),
             // First sight, or the counters were reset (a fresh slot): start from here.
-            _ => *stats,
+            _ => (*stats, true),
         };
         h.prev = Some(*stats);
         let ok = successes(stats) - successes(&base);
@@ -175,6 +217,24 @@ impl Health {
         if ok > 0 {
             h.failures.clear();
             h.last_success = Some(now);
+            h.sent_at_success = stats.syn_sent;
+            h.sent_log.clear();
+        } else if first || h.sent_at_success > stats.syn_sent {
+            // First sight (attempts counted before it are not ours to judge), or a fresh
+            // slot whose counters restarted.
+            h.sent_at_success = stats.syn_sent;
+            h.sent_log.clear();
+        }
+        if h.sent_log.back().is_none_or(|(_, n)| *n != stats.syn_sent) {
+            h.sent_log.push_back((now, stats.syn_sent));
+        }
+        // Keep the newest sample older than the grace period and everything after it.
+        let keep_after = now.checked_sub(self.cfg.pending_grace);
+        while h.sent_log.len() > 1 && keep_after.is_some_and(|cut| h.sent_log[1].0 <= cut) {
+            h.sent_log.pop_front();
+        }
+        while h.sent_log.len() > 4096 {
+            h.sent_log.pop_front();
         }
         for _ in 0..failed.min(1024) {
             h.failures.push_back(now);
@@ -204,7 +264,6 @@ impl Health {
                 h.failures.pop_front();
             }
         }
-        let min = self.cfg.min_failures as usize;
         let mut going_down: Vec<(IpAddr, String)> = Vec::new();
         for (gw, h) in self.gateways.iter_mut() {
             let edge = std::mem::take(&mut h.neigh_edge);
@@ -219,7 +278,7 @@ impl Health {
             if h.down || going_down.iter().any(|(g, _)| g == gw) {
                 continue;
             }
-            if h.streak() < min.max(1) {
+            if !h.failing(&self.cfg, now) {
                 continue;
             }
             let streak_start = *h.failures.front().expect("streak ≥ 1");
@@ -227,7 +286,7 @@ impl Health {
                 *p != gw
                     && self.gateways.get(p).is_some_and(|ph| {
                         !ph.down
-                            && ph.streak() < min.max(1)
+                            && !ph.failing(&self.cfg, now)
                             && ph.last_success.is_some_and(|t| t >= streak_start)
                     })
             });
@@ -235,11 +294,13 @@ impl Health {
                 going_down.push((
                     *gw,
                     format!(
-                        "{} connection attempts failed within {}s with no success \
-                         (syn_sent={} established={} failed={} rst={} icmp_unreachable={}), \
-                         while peer {p} succeeded",
+                        "{} connection attempts failed within {}s and {} more unanswered \
+                         for {}ms, with no success (syn_sent={} established={} failed={} \
+                         rst={} icmp_unreachable={}), while peer {p} succeeded",
                         h.streak(),
                         window.as_secs(),
+                        h.unanswered_older_than(self.cfg.pending_grace, now),
+                        self.cfg.pending_grace.as_millis(),
                         h.counters.syn_sent,
                         h.counters.established,
                         h.counters.failed,
@@ -411,7 +472,108 @@ mod tests {
             probe_interval: Duration::from_secs(1),
             flap_window: Duration::from_secs(60),
             max_restore_delay: Duration::from_secs(8),
+            pending_grace: Duration::from_millis(500),
         }
+    }
+
+    /// `sent` attempts in all, `failed` of them failed, `ok` answered.
+    fn sent(sent: u64, failed: u64, ok: u64) -> GatewayStats {
+        GatewayStats {
+            syn_sent: sent,
+            failed,
+            established: ok,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn one_failure_and_an_old_unanswered_attempt_are_failing() {
+        let mut w = World::new(cfg(), &[&[A, B]]);
+        // Two attempts through A, none answered; B keeps succeeding.
+        assert!(
+            w.step(100, &[(A, sent(2, 0, 0), false), (B, sent(3, 0, 3), false)])
+                .is_empty()
+        );
+        // 1.1 s later the first SYN is retransmitted: one failure, and the second attempt
+        // has been waiting ≥ 500 ms.
+        let t = w.step(
+            1200,
+            &[(A, sent(2, 1, 0), false), (B, sent(6, 0, 6), false)],
+        );
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert_eq!(t[0].gateway, ip(A));
+        assert!(t[0].reason.contains("1 more unanswered"), "{}", t[0].reason);
+    }
+
+    #[test]
+    fn a_young_unanswered_attempt_does_not_corroborate() {
+        let mut w = World::new(cfg(), &[&[A, B]]);
+        w.step(100, &[(A, sent(1, 0, 0), false), (B, sent(3, 0, 3), false)]);
+        // The second attempt is only 200 ms old when the first is found lost.
+        w.step(
+            1000,
+            &[(A, sent(2, 0, 0), false), (B, sent(5, 0, 5), false)],
+        );
+        let t = w.step(
+            1200,
+            &[(A, sent(2, 1, 0), false), (B, sent(6, 0, 6), false)],
+        );
+        assert!(t.is_empty(), "{t:?}");
+        // Once it has waited long enough (and still nothing got through), A is failing.
+        let t = w.step(
+            1600,
+            &[(A, sent(2, 1, 0), false), (B, sent(7, 0, 7), false)],
+        );
+        assert_eq!(t.len(), 1, "{t:?}");
+    }
+
+    #[test]
+    fn a_lost_syn_followed_by_answered_attempts_is_no_failure() {
+        let mut w = World::new(cfg(), &[&[A, B]]);
+        w.step(100, &[(A, sent(2, 0, 0), false), (B, sent(3, 0, 3), false)]);
+        // The second attempt was answered; the first SYN was lost once.
+        w.step(300, &[(A, sent(2, 0, 1), false), (B, sent(4, 0, 4), false)]);
+        let t = w.step(
+            1200,
+            &[(A, sent(2, 1, 1), false), (B, sent(6, 0, 6), false)],
+        );
+        assert!(t.is_empty(), "{t:?}");
+    }
+
+    #[test]
+    fn zero_grace_needs_min_failures() {
+        let cfg = Config {
+            pending_grace: Duration::ZERO,
+            ..cfg()
+        };
+        let mut w = World::new(cfg, &[&[A, B]]);
+        w.step(100, &[(A, sent(3, 0, 0), false), (B, sent(3, 0, 3), false)]);
+        let t = w.step(
+            1200,
+            &[(A, sent(3, 1, 0), false), (B, sent(6, 0, 6), false)],
+        );
+        assert!(t.is_empty(), "{t:?}");
+        let t = w.step(
+            1300,
+            &[(A, sent(3, 2, 0), false), (B, sent(7, 0, 7), false)],
+        );
+        assert_eq!(t.len(), 1, "{t:?}");
+    }
+
+    #[test]
+    fn attempts_counted_before_the_first_observation_are_not_judged() {
+        // A restarted agent first sees counters of its predecessor (pinned maps): 100
+        // attempts, 90 answered. One new failure is not corroborated by those.
+        let t0 = Instant::now();
+        let mut h = Health::new(cfg());
+        h.set_gateways(&[ip(A), ip(B)].into(), t0);
+        let peers = peers([[ip(A), ip(B)].as_slice()]);
+        h.observe(ip(A), &sent(100, 0, 90), false, t0);
+        h.observe(ip(B), &sent(100, 0, 100), false, t0);
+        let later = t0 + Duration::from_millis(1500);
+        h.observe(ip(A), &sent(100, 1, 90), false, later);
+        h.observe(ip(B), &sent(103, 0, 103), false, later);
+        assert!(h.evaluate(&peers, later).is_empty());
     }
 
     #[test]

@@ -36,7 +36,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent (standalone: Routes from a directory of manifests).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the CustomResourceDefinition generated from the Rust types.
     Crd,
     /// Remove every route and nexthop the agent owns in this network namespace, and its
@@ -117,6 +117,10 @@ struct RunArgs {
     /// Failed attempts older than this are forgotten.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     failure_window: Duration,
+    /// A single failed attempt already counts as failing when another attempt through the
+    /// same gateway has been unanswered this long, with no success since (0s: off).
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pending_grace: Duration,
     /// A gateway that fails again this soon after it was restored is damped: its next
     /// restore waits probe-interval × 2^n.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
@@ -127,6 +131,11 @@ struct RunArgs {
     /// How often the eBPF counters and the neighbour table are read.
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]
     health_interval: Duration,
+    /// Keep established TCP connections on the gateway they started on when the kernel
+    /// re-routes them after a route change (as long as that gateway is up). Off: the
+    /// kernel alone decides, and connections that move break on the other gateway's NAT.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    flow_pinning: bool,
 }
 
 /// `500ms`, `30s`, `10m`, `1h`, or bare seconds.
@@ -210,7 +219,11 @@ async fn main() -> anyhow::Result<()> {
             let programs = if a.no_ebpf {
                 None
             } else {
-                Some(Programs::load(&a.kernel.bpf_pin_dir, a.tc_attach)?)
+                Some(Programs::load(
+                    &a.kernel.bpf_pin_dir,
+                    a.tc_attach,
+                    a.flow_pinning,
+                )?)
             };
             let (tx, rx) = mpsc::channel(4);
             source::dir::spawn(a.routes_dir.clone(), tx)?;
@@ -232,6 +245,7 @@ async fn main() -> anyhow::Result<()> {
                         probe_interval: a.probe_interval,
                         flap_window: a.flap_window,
                         max_restore_delay: a.max_restore_delay,
+                        pending_grace: a.pending_grace,
                     },
                     health_tick: a.health_interval,
                 },

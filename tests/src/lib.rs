@@ -241,8 +241,32 @@ pub fn sweep_stale() {
             if let Some(rest) = n.strip_prefix("routing-agent-lab-")
                 && stale(rest)
             {
+                kill_users_of(&e.path());
                 let _ = fs::remove_dir_all(e.path());
             }
+        }
+    }
+}
+
+/// Kills the processes whose command line names `dir` (agents, etcd and kube-apiserver of
+/// a lab whose test process died: they all take paths in the lab's scratch directory).
+fn kill_users_of(dir: &Path) {
+    let needle = dir.display().to_string();
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmd).contains(&needle) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
@@ -656,6 +680,18 @@ impl Lab {
         let d = self.scratch.join(name);
         fs::create_dir_all(&d)?;
         Ok(d)
+    }
+
+    /// A routes directory holding one Route, `ecmp`: `DEST_V4` over gateways 1..=`n`.
+    pub fn ecmp_routes(&self, n: u8) -> Result<PathBuf> {
+        let dir = self.routes_dir("routes")?;
+        let gws: Vec<String> = (1..=n).map(gateway_v4).collect();
+        let g: Vec<&str> = gws.iter().map(String::as_str).collect();
+        write_atomic(
+            &dir.join("r.yaml"),
+            &route_yaml("ecmp", &[DEST_V4], &g, None),
+        )?;
+        Ok(dir)
     }
 }
 

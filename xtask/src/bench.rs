@@ -11,6 +11,8 @@ use routing_agent_tests::*;
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Which {
     Dataplane,
+    Failover,
+    TcCost,
 }
 
 const ROUTES: usize = 2000;
@@ -113,8 +115,7 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-pub fn run(which: Which) -> Result<()> {
-    let Which::Dataplane = which;
+pub fn run(which: Which, trials: usize, baseline_trials: usize) -> Result<()> {
     crate::setup::setup()?;
     crate::cmd("cargo", &["build", "--release", "-p", "routing-agent"])?;
     // SAFETY: single-threaded at this point; the lab library reads it when starting agents.
@@ -124,7 +125,14 @@ pub fn run(which: Which) -> Result<()> {
             crate::workspace().join("target/release/routing-agent"),
         )
     };
+    match which {
+        Which::Dataplane => dataplane(),
+        Which::Failover => crate::failover::run(trials, baseline_trials),
+        Which::TcCost => crate::tccost::run(),
+    }
+}
 
+fn dataplane() -> Result<()> {
     let lab = Lab::new(LabSpec::default())?;
     let dir = lab.routes_dir("routes")?;
     let all: Vec<String> = (1..=3).map(gateway_v4).collect();

@@ -1,7 +1,9 @@
 //! Project tasks: `cargo xtask <setup|test|lab|bench|gen-crd>`.
 mod bench;
 mod demo;
+mod failover;
 mod setup;
+mod tccost;
 
 use std::process::Command;
 
@@ -27,6 +29,12 @@ enum Cmd {
     Bench {
         #[arg(value_enum)]
         which: bench::Which,
+        /// Trials per failure face (failover).
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        /// Trials per face of the kernel-alone baseline (failover), 30 s each.
+        #[arg(long, default_value_t = 2)]
+        baseline_trials: usize,
     },
     /// Regenerate deploy/crd.yaml from the Rust types.
     GenCrd,
@@ -161,7 +169,11 @@ fn main() -> Result<()> {
         Cmd::Setup => setup::setup(),
         Cmd::Test => test(),
         Cmd::Lab => demo::run(),
-        Cmd::Bench { which } => bench::run(which),
+        Cmd::Bench {
+            which,
+            trials,
+            baseline_trials,
+        } => bench::run(which, trials, baseline_trials),
         Cmd::GenCrd => gen_crd(),
     }
 }

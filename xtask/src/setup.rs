@@ -15,7 +15,9 @@ const APT: &[&str] = &[
     "build-essential",
     "pkg-config",
     "nftables",
+    "iperf3",
 ];
+
 const BPF_LINKER: &str = "0.13.0";
 
 fn output(program: &str, args: &[&str]) -> Option<String> {

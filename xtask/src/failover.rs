@@ -1,0 +1,297 @@
+//! `cargo xtask bench failover`: for each failure face, repeated trials of: 12 long-lived
+//! connections and a stream of 10 new connections per second through an ECMP route over
+//! 3 gateways; one gateway fails; time to its withdrawal from the kernel route, attempts
+//! that failed meanwhile, share of the long-lived connections on the healthy gateways that
+//! survived; then the gateway heals; time to its return to the route. The same with the
+//! `RTA_MULTIPATH` dataplane and without flow pinning (forwarding-dropped face), and the
+//! kernel alone (`--no-ebpf`: routes, no health), as the baseline.
+//!
+//! Times are read from the kernel (the route's gateways, polled every 20 ms), not from the
+//! agent's report. Measures, never asserts.
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use routing_agent_tests::*;
+
+const POLL: Duration = Duration::from_millis(20);
+
+fn gateways(lab: &Lab) -> Vec<String> {
+    lab.route_gateways("a", DEST_V4).unwrap_or_default()
+}
+
+fn wait_gateways(lab: &Lab, f: impl Fn(&[String]) -> bool, limit: Duration) -> Option<Instant> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f(&gateways(lab)) {
+            return Some(Instant::now());
+        }
+        std::thread::sleep(POLL);
+    }
+    None
+}
+
+#[derive(Default)]
+struct Trials {
+    detect: Vec<f64>,
+    restore: Vec<f64>,
+    failed: Vec<usize>,
+    after_failed: usize,
+    survived: usize,
+    healthy: usize,
+    missed: usize,
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s[((s.len() as f64 - 1.0) * p).round() as usize]
+}
+
+struct Setup {
+    lab: Lab,
+    agent: Agent,
+}
+
+fn setup(args: &[&str]) -> Result<Setup> {
+    let lab = Lab::new(LabSpec::default())?;
+    let dir = lab.ecmp_routes(3)?;
+    let mut agent = Agent::start(&lab, "a", &dir, args)?;
+    agent.wait_settled(1)?;
+    if !args.contains(&"--no-ebpf") {
+        agent.wait_resolved(3)?;
+    }
+    Ok(Setup { lab, agent })
+}
+
+/// `n` trials of `face` with the agent acting.
+fn trials(s: &mut Setup, face: Failure, n: usize) -> Result<Trials> {
+    let lab = &s.lab;
+    let echo: IpAddr = ECHO_V4.parse()?;
+    let mut t = Trials::default();
+    for k in 0..n {
+        let i = (k % 3) as u8 + 1;
+        let gw = gateway_v4(i);
+        if wait_gateways(lab, |g| g.len() == 3, Duration::from_secs(60)).is_none() {
+            anyhow::bail!("the route did not get its 3 gateways back");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let mut held: Vec<Held> = (0..12).filter_map(|_| lab.hold("a", echo).ok()).collect();
+        let stream = lab.stream("a", echo, 10);
+        std::thread::sleep(Duration::from_secs(1));
+        lab.fail(i, face)?;
+        let t0 = Instant::now();
+        let Some(gone) = wait_gateways(lab, |g| !g.contains(&gw), Duration::from_secs(15)) else {
+            t.missed += 1;
+            drop(stream);
+            lab.heal(i, face)?;
+            continue;
+        };
+        t.detect.push((gone - t0).as_secs_f64());
+        std::thread::sleep(Duration::from_secs(2));
+        let attempts = stream.stop();
+        t.failed.push(
+            attempts
+                .iter()
+                .filter(|a| a.started <= gone && a.result.is_err())
+                .count(),
+        );
+        t.after_failed += attempts
+            .iter()
+            .filter(|a| a.started > gone && a.result.is_err())
+            .count();
+        for h in held.iter_mut().filter(|h| h.via != public_v4(i)) {
+            t.healthy += 1;
+            t.survived += usize::from(h.alive());
+        }
+        drop(held);
+        lab.heal(i, face)?;
+        let t1 = Instant::now();
+        match wait_gateways(lab, |g| g.contains(&gw), Duration::from_secs(60)) {
+            Some(back) => t.restore.push((back - t1).as_secs_f64()),
+            None => anyhow::bail!("{gw} not restored within 60 s after healing"),
+        }
+        eprint!(".");
+    }
+    eprintln!();
+    s.agent.check_alive()?;
+    Ok(t)
+}
+
+/// A lab without any agent: the ECMP route installed by hand, as a resilient nexthop group
+/// (`nexthop`) or an `RTA_MULTIPATH` route (`multipath`), L4 hash, `use_neigh=1`.
+fn kernel_alone(dp: &str) -> Result<Lab> {
+    let lab = Lab::new(LabSpec::default())?;
+    let ns = lab.node_ns("a");
+    let (g1, g2, g3) = (gateway_v4(1), gateway_v4(2), gateway_v4(3));
+    let route = if dp == "nexthop" {
+        format!(
+            "ip nexthop add id 1 via {g1} dev eth1 && ip nexthop add id 2 via {g2} dev eth1 && \
+             ip nexthop add id 3 via {g3} dev eth1 && \
+             ip nexthop add id 10 group 1/2/3 type resilient buckets 128 && \
+             ip route add {DEST_V4} nhid 10"
+        )
+    } else {
+        format!(
+            "ip route add {DEST_V4} nexthop via {g1} dev eth1 nexthop via {g2} dev eth1 \
+             nexthop via {g3} dev eth1"
+        )
+    };
+    lab.sh(
+        &ns,
+        &format!(
+            "sysctl -qw net.ipv4.fib_multipath_hash_policy=1 net.ipv4.fib_multipath_use_neigh=1 && {route}"
+        ),
+    )?;
+    Ok(lab)
+}
+
+/// The kernel alone: for `window`, the share of new connections that failed, and when the
+/// last failure started (the kernel "avoided" the gateway after it, if ever).
+fn baseline(lab: &Lab, face: Failure, n: usize, window: Duration) -> Result<(f64, Vec<f64>)> {
+    let echo: IpAddr = ECHO_V4.parse()?;
+    let (mut total, mut failed) = (0usize, 0usize);
+    let mut last = Vec::new();
+    for k in 0..n {
+        let i = (k % 3) as u8 + 1;
+        std::thread::sleep(Duration::from_secs(1));
+        let stream = lab.stream("a", echo, 10);
+        std::thread::sleep(Duration::from_secs(1));
+        lab.fail(i, face)?;
+        let t0 = Instant::now();
+        std::thread::sleep(window);
+        let attempts = stream.stop();
+        lab.heal(i, face)?;
+        let during: Vec<&Attempt> = attempts.iter().filter(|a| a.started >= t0).collect();
+        total += during.len();
+        failed += during.iter().filter(|a| a.result.is_err()).count();
+        let l = during
+            .iter()
+            .filter(|a| a.result.is_err())
+            .map(|a| (a.started - t0).as_secs_f64())
+            .fold(0.0, f64::max);
+        last.push(l);
+        eprint!(".");
+    }
+    eprintln!();
+    Ok((failed as f64 / total.max(1) as f64, last))
+}
+
+fn row(name: &str, t: &Trials) {
+    let failed: Vec<f64> = t.failed.iter().map(|&f| f as f64).collect();
+    println!(
+        "| {name} | {} | {:.2} / {:.2} / {:.2} s | {:.1} (max {:.0}) | {} | {}/{} ({:.0} %) | {:.2} / {:.2} s |",
+        t.detect.len() + t.missed,
+        pct(&t.detect, 0.5),
+        pct(&t.detect, 0.9),
+        pct(&t.detect, 1.0),
+        failed.iter().sum::<f64>() / failed.len().max(1) as f64,
+        pct(&failed, 1.0),
+        t.after_failed,
+        t.survived,
+        t.healthy,
+        100.0 * t.survived as f64 / t.healthy.max(1) as f64,
+        pct(&t.restore, 0.5),
+        pct(&t.restore, 1.0),
+    );
+    if t.missed > 0 {
+        println!(
+            "|  ({} trials: not withdrawn within 15 s) | | | | | | |",
+            t.missed
+        );
+    }
+}
+
+pub fn run(n: usize, baseline_trials: usize) -> Result<()> {
+    let faces = [
+        (
+            "forwarding dropped (ARP, ping answer)",
+            Failure::ForwardingDropped,
+        ),
+        ("gateway removed (link down)", Failure::Removed),
+        ("100 % loss (both ways)", Failure::Loss),
+        ("uplink cut", Failure::UplinkCut),
+    ];
+    // Damping off for the bench (each trial starts at penalty 0); probes every 5 s, so that
+    // a gateway that answers ping while it fails is not restored during the 2 s after its
+    // withdrawal that are measured (the restore time below is bounded by this interval).
+    let agent_args = ["--probe-interval", "5s", "--flap-window", "1s"];
+    let mut results = Vec::new();
+    {
+        let mut s = setup(&agent_args)?;
+        for (name, face) in faces {
+            eprintln!("resilient group, {name}: {n} trials");
+            results.push((format!("{name}, resilient group"), trials(&mut s, face, n)?));
+        }
+    }
+    {
+        let mut args = agent_args.to_vec();
+        args.extend(["--dataplane", "multipath"]);
+        let mut s = setup(&args)?;
+        eprintln!("RTA_MULTIPATH, forwarding dropped: {n} trials");
+        results.push((
+            "forwarding dropped, `RTA_MULTIPATH`".into(),
+            trials(&mut s, Failure::ForwardingDropped, n)?,
+        ));
+    }
+    for dp in ["nexthop", "multipath"] {
+        let mut args = agent_args.to_vec();
+        args.extend(["--dataplane", dp, "--flow-pinning", "false"]);
+        let mut s = setup(&args)?;
+        eprintln!("{dp}, no flow pinning, forwarding dropped: {n} trials");
+        let what = if dp == "nexthop" {
+            "resilient group"
+        } else {
+            "`RTA_MULTIPATH`"
+        };
+        results.push((
+            format!("forwarding dropped, {what}, `--flow-pinning false`"),
+            trials(&mut s, Failure::ForwardingDropped, n)?,
+        ));
+    }
+
+    let window = Duration::from_secs(30);
+    let mut base = Vec::new();
+    for dp in ["nexthop", "multipath"] {
+        for (name, face) in faces {
+            // A fresh lab per face: no neighbour state carried over from the last one.
+            let lab = kernel_alone(dp)?;
+            eprintln!("kernel alone ({dp}), {name}: {baseline_trials} trials of {window:?}");
+            let (share, last) = baseline(&lab, face, baseline_trials, window)?;
+            base.push((dp, name, share, last));
+        }
+    }
+
+    println!();
+    println!(
+        "| face, dataplane (agent, 3 gateways, 10 new conn/s, 12 long-lived) | trials | withdrawal after the failure p50 / p90 / max | attempts failed before it, mean | failed after it | long-lived on healthy gateways alive | back in the route after healing p50 / max (probe every 5 s) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (name, t) in &results {
+        row(name, t);
+    }
+    println!();
+    println!(
+        "| kernel alone (no agent; L4 hash, `fib_multipath_use_neigh=1`), {} s after the failure | dataplane | new connections failed | last failure started after (per trial) |",
+        window.as_secs()
+    );
+    println!("|---|---|---|---|");
+    for (dp, name, share, last) in &base {
+        let dp = if *dp == "nexthop" {
+            "resilient group"
+        } else {
+            "`RTA_MULTIPATH`"
+        };
+        let last: Vec<String> = last.iter().map(|l| format!("{l:.1} s")).collect();
+        println!(
+            "| {name} | {dp} | {:.0} % | {} |",
+            share * 100.0,
+            last.join(", ")
+        );
+    }
+    println!();
+    Ok(())
+}
