@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, anyhow, bail};
 
+pub mod kube;
+
 pub const ECHO_PORT: u16 = 7;
 /// The hold server (same addresses as the echo server): answers with the client's source
 /// address, then echoes every line until the client closes. For long-lived connections.

@@ -63,6 +63,7 @@ pub fn workspace() -> std::path::PathBuf {
 
 fn test() -> Result<()> {
     setup::setup()?;
+    setup::kube()?;
     cmd("cargo", &["fmt", "--all", "--", "--check"])?;
     cmd(
         "cargo",

@@ -16,7 +16,10 @@ const APT: &[&str] = &[
     "pkg-config",
     "nftables",
     "iperf3",
+    "openssl",
 ];
+/// Where `kube()` keeps kube-apiserver and etcd (built once per machine).
+pub const KUBE_CACHE: &str = "/var/cache/routing-agent/kube-v1.20.2";
 
 const BPF_LINKER: &str = "0.13.0";
 
@@ -130,5 +133,16 @@ pub fn setup() -> Result<()> {
     nightly()?;
     bpf_linker()?;
     bpffs()?;
+    Ok(())
+}
+
+/// A real kube-apiserver (v1.20.2, built from Debian's source package) and etcd for the
+/// Kubernetes tests, in `KUBE_CACHE`; skipped when both are there.
+pub fn kube() -> Result<()> {
+    let script = crate::workspace().join("xtask/scripts/kube-apiserver.sh");
+    let st = Command::new("bash").arg(&script).arg(KUBE_CACHE).status()?;
+    if !st.success() {
+        bail!("{} failed ({st})", script.display());
+    }
     Ok(())
 }

@@ -1,0 +1,208 @@
+//! A real control plane for the Kubernetes tests: etcd 3.4 and kube-apiserver v1.20.2
+//! (built once per machine by `cargo xtask setup`, see `xtask/scripts/kube-apiserver.sh`)
+//! in the lab's `cp` namespace, on br-vpc at `CP_ADDR:6443`. TLS with the apiserver's
+//! self-signed CA, bearer tokens: an administrator (`system:masters`, for kubectl) and the
+//! agent's ServiceAccount identity, so that RBAC from `deploy/` is what the agent gets.
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{Lab, run};
+
+pub const CP_ADDR: &str = "10.114.0.250";
+pub const AGENT_NAMESPACE: &str = "routing-agent";
+pub const AGENT_SERVICE_ACCOUNT: &str = "routing-agent";
+
+/// Where kube-apiserver and etcd are (`RA_KUBE_DIR`, or the set-up cache).
+pub fn kube_bin_dir() -> PathBuf {
+    std::env::var_os("RA_KUBE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/routing-agent/kube-v1.20.2"))
+}
+
+pub struct ControlPlane {
+    ns: String,
+    procs: Vec<Child>,
+    dir: PathBuf,
+    /// kubeconfig of the administrator.
+    pub admin: PathBuf,
+    /// kubeconfig of the agent's ServiceAccount identity.
+    pub agent: PathBuf,
+}
+
+fn spawn_in(ns: &str, log: &Path, program: &Path, args: &[String]) -> Result<Child> {
+    let out = fs::File::create(log)?;
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg(program)
+        .args(args)
+        .stdout(Stdio::from(out.try_clone()?))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))
+}
+
+fn kubeconfig(path: &Path, ca: &Path, user: &str, token: &str) -> Result<()> {
+    fs::write(
+        path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://{CP_ADDR}:6443\n    certificate-authority: {}\nusers:\n- name: {user}\n  user:\n    token: {token}\ncontexts:\n- name: lab\n  context: {{cluster: lab, user: {user}}}\ncurrent-context: lab\n",
+            ca.display()
+        ),
+    )?;
+    Ok(())
+}
+
+impl Lab {
+    /// Starts etcd and kube-apiserver in a new `cp` namespace and waits until the API
+    /// server is ready.
+    pub fn control_plane(&mut self) -> Result<ControlPlane> {
+        let bin = kube_bin_dir();
+        let (etcd, apiserver) = (bin.join("etcd"), bin.join("kube-apiserver"));
+        if !etcd.exists() || !apiserver.exists() {
+            bail!(
+                "no kube-apiserver/etcd in {} (run `cargo xtask setup`)",
+                bin.display()
+            );
+        }
+        let ns = self.add_ns("cp")?;
+        self.bridge_port("cp", "eth0", "cp-vpc", "br-vpc")?;
+        self.ip(&ns, &format!("addr add {CP_ADDR}/20 dev eth0"))?;
+        let dir = self.scratch.join("cp");
+        fs::create_dir_all(dir.join("certs"))?;
+        let p = |f: &str| dir.join(f).display().to_string();
+        run(&["openssl", "genrsa", "-out", &p("sa.key"), "2048"])?;
+        run(&[
+            "openssl",
+            "rsa",
+            "-in",
+            &p("sa.key"),
+            "-pubout",
+            "-out",
+            &p("sa.pub"),
+        ])?;
+        let sa_user = format!("system:serviceaccount:{AGENT_NAMESPACE}:{AGENT_SERVICE_ACCOUNT}");
+        fs::write(
+            dir.join("tokens.csv"),
+            format!(
+                "admin-token,admin,admin,system:masters\n\
+                 agent-token,{sa_user},agent,\"system:serviceaccounts,system:serviceaccounts:{AGENT_NAMESPACE},system:authenticated\"\n"
+            ),
+        )?;
+        let mut procs = Vec::new();
+        procs.push(spawn_in(
+            &ns,
+            &dir.join("etcd.log"),
+            &etcd,
+            &[
+                format!("--data-dir={}", p("etcd")),
+                "--listen-client-urls=http://127.0.0.1:2379".into(),
+                "--advertise-client-urls=http://127.0.0.1:2379".into(),
+                "--listen-peer-urls=http://127.0.0.1:2380".into(),
+                "--unsafe-no-fsync".into(),
+            ],
+        )?);
+        let mut cp = ControlPlane {
+            ns: ns.clone(),
+            procs,
+            admin: dir.join("admin.kubeconfig"),
+            agent: dir.join("agent.kubeconfig"),
+            dir: dir.clone(),
+        };
+        cp.procs.push(spawn_in(
+            &ns,
+            &dir.join("kube-apiserver.log"),
+            &apiserver,
+            &[
+                "--etcd-servers=http://127.0.0.1:2379".into(),
+                "--bind-address=0.0.0.0".into(),
+                format!("--advertise-address={CP_ADDR}"),
+                "--secure-port=6443".into(),
+                format!("--cert-dir={}", p("certs")),
+                format!("--token-auth-file={}", p("tokens.csv")),
+                "--authorization-mode=RBAC".into(),
+                "--service-account-issuer=https://kubernetes.default.svc".into(),
+                format!("--service-account-key-file={}", p("sa.pub")),
+                format!("--service-account-signing-key-file={}", p("sa.key")),
+                "--service-cluster-ip-range=10.96.0.0/16".into(),
+                "--enable-priority-and-fairness=false".into(),
+            ],
+        )?);
+        let ca = dir.join("certs/apiserver.crt");
+        kubeconfig(&cp.admin, &ca, "admin", "admin-token")?;
+        kubeconfig(&cp.agent, &ca, "agent", "agent-token")?;
+        let start = Instant::now();
+        loop {
+            if ca.exists()
+                && cp
+                    .kubectl(&["get", "--raw", "/readyz"])
+                    .is_ok_and(|o| o.trim() == "ok")
+            {
+                break;
+            }
+            for c in cp.procs.iter_mut() {
+                if let Some(st) = c.try_wait()? {
+                    bail!("the control plane exited ({st}):\n{}", cp.logs());
+                }
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("kube-apiserver not ready after 60 s:\n{}", cp.logs());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(cp)
+    }
+}
+
+impl ControlPlane {
+    /// kubectl as the administrator (run inside the `cp` namespace).
+    pub fn kubectl(&self, args: &[&str]) -> Result<String> {
+        self.kubectl_as(&self.admin, args)
+    }
+
+    /// kubectl with the given kubeconfig.
+    pub fn kubectl_as(&self, kubeconfig: &Path, args: &[&str]) -> Result<String> {
+        let kc = format!("--kubeconfig={}", kubeconfig.display());
+        let ns = format!("--net=/run/netns/{}", self.ns);
+        let mut v = vec!["nsenter", &ns, "kubectl", &kc];
+        v.extend(args);
+        run(&v)
+    }
+
+    /// `kubectl apply -f -` with `yaml`.
+    pub fn apply(&self, yaml: &str) -> Result<String> {
+        let path = self.dir.join(format!("apply-{}.yaml", std::process::id()));
+        fs::write(&path, yaml)?;
+        let r = self.kubectl(&["apply", "-f", &path.display().to_string()]);
+        let _ = fs::remove_file(&path);
+        r
+    }
+
+    /// The tails of the etcd and kube-apiserver logs, for failure messages.
+    pub fn logs(&self) -> String {
+        ["etcd.log", "kube-apiserver.log"]
+            .iter()
+            .map(|f| {
+                let t = fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+                let tail: Vec<&str> = t.lines().rev().take(15).collect();
+                format!(
+                    "--- {f}\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        for c in self.procs.iter_mut().rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
