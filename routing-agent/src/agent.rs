@@ -119,6 +119,7 @@ pub async fn run(
     }
     let mut watch = Watch::default();
     let mut last_doc: Option<serde_json::Value> = None;
+    let mut node = cfg.node.clone();
 
     loop {
         let retry = async {
@@ -129,7 +130,15 @@ pub async fn run(
         };
         tokio::select! {
             s = snapshots.recv() => match s {
-                Some(s) => routes = Some(s.routes),
+                Some(s) => {
+                    routes = Some(s.routes);
+                    if let Some(labels) = s.node_labels
+                        && labels != node.labels
+                    {
+                        info!(labels = ?labels, "this node's labels changed");
+                        node.labels = labels;
+                    }
+                }
                 None => anyhow::bail!("the Route source stopped"),
             },
             _ = wake_rx.recv() => {
@@ -176,7 +185,7 @@ pub async fn run(
         // Until the source has delivered its first complete view, the kernel stays as it
         // is: a restart never removes routes it has not yet been told to remove.
         let Some(routes) = &routes else { continue };
-        let mut desired = plan::plan(routes, &cfg.node);
+        let mut desired = plan::plan(routes, &node);
         let all_gateways: BTreeSet<IpAddr> = desired
             .routes
             .values()

@@ -76,10 +76,18 @@ struct KernelArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["routes_dir", "kube"])))]
 struct RunArgs {
     /// Directory of Route manifests (standalone mode).
     #[arg(long)]
-    routes_dir: PathBuf,
+    routes_dir: Option<PathBuf>,
+    /// Follow the Route objects and this node's Node in Kubernetes (in-cluster config, or
+    /// KUBECONFIG).
+    #[arg(long)]
+    kube: bool,
+    /// With --kube: this kubeconfig instead of the in-cluster configuration / KUBECONFIG.
+    #[arg(long, requires = "kube")]
+    kubeconfig: Option<PathBuf>,
     /// This node's name (matchFields metadata.name).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -226,7 +234,22 @@ async fn main() -> anyhow::Result<()> {
                 )?)
             };
             let (tx, rx) = mpsc::channel(4);
-            source::dir::spawn(a.routes_dir.clone(), tx)?;
+            match &a.routes_dir {
+                Some(dir) => source::dir::spawn(dir.clone(), tx)?,
+                None => {
+                    let config = match &a.kubeconfig {
+                        Some(path) => {
+                            let kc = kube::config::Kubeconfig::read_from(path)
+                                .with_context(|| format!("reading {}", path.display()))?;
+                            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+                        }
+                        None => kube::Config::infer().await?,
+                    };
+                    let client = kube::Client::try_from(config)
+                        .context("connecting to the Kubernetes API server")?;
+                    source::kube::spawn(client, a.node_name.clone(), tx);
+                }
+            }
             let node = NodeInfo {
                 name: a.node_name,
                 labels: a.node_labels.into_iter().collect::<BTreeMap<_, _>>(),

@@ -25,7 +25,9 @@ pub fn kube_bin_dir() -> PathBuf {
 
 pub struct ControlPlane {
     ns: String,
+    /// etcd, then kube-apiserver.
     procs: Vec<Child>,
+    apiserver_args: Vec<String>,
     dir: PathBuf,
     /// kubeconfig of the administrator.
     pub admin: PathBuf,
@@ -108,56 +110,88 @@ impl Lab {
         let mut cp = ControlPlane {
             ns: ns.clone(),
             procs,
+            apiserver_args: Vec::new(),
             admin: dir.join("admin.kubeconfig"),
             agent: dir.join("agent.kubeconfig"),
             dir: dir.clone(),
         };
-        cp.procs.push(spawn_in(
-            &ns,
-            &dir.join("kube-apiserver.log"),
-            &apiserver,
-            &[
-                "--etcd-servers=http://127.0.0.1:2379".into(),
-                "--bind-address=0.0.0.0".into(),
-                format!("--advertise-address={CP_ADDR}"),
-                "--secure-port=6443".into(),
-                format!("--cert-dir={}", p("certs")),
-                format!("--token-auth-file={}", p("tokens.csv")),
-                "--authorization-mode=RBAC".into(),
-                "--service-account-issuer=https://kubernetes.default.svc".into(),
-                format!("--service-account-key-file={}", p("sa.pub")),
-                format!("--service-account-signing-key-file={}", p("sa.key")),
-                "--service-cluster-ip-range=10.96.0.0/16".into(),
-                "--enable-priority-and-fairness=false".into(),
-            ],
-        )?);
+        cp.apiserver_args = vec![
+            "--etcd-servers=http://127.0.0.1:2379".into(),
+            "--bind-address=0.0.0.0".into(),
+            format!("--advertise-address={CP_ADDR}"),
+            "--secure-port=6443".into(),
+            format!("--cert-dir={}", p("certs")),
+            format!("--token-auth-file={}", p("tokens.csv")),
+            "--authorization-mode=RBAC".into(),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            format!("--service-account-key-file={}", p("sa.pub")),
+            format!("--service-account-signing-key-file={}", p("sa.key")),
+            "--service-cluster-ip-range=10.96.0.0/16".into(),
+            "--enable-priority-and-fairness=false".into(),
+        ];
+        cp.start_apiserver()?;
         let ca = dir.join("certs/apiserver.crt");
         kubeconfig(&cp.admin, &ca, "admin", "admin-token")?;
         kubeconfig(&cp.agent, &ca, "agent", "agent-token")?;
-        let start = Instant::now();
-        loop {
-            if ca.exists()
-                && cp
-                    .kubectl(&["get", "--raw", "/readyz"])
-                    .is_ok_and(|o| o.trim() == "ok")
-            {
-                break;
-            }
-            for c in cp.procs.iter_mut() {
-                if let Some(st) = c.try_wait()? {
-                    bail!("the control plane exited ({st}):\n{}", cp.logs());
-                }
-            }
-            if start.elapsed() > Duration::from_secs(60) {
-                bail!("kube-apiserver not ready after 60 s:\n{}", cp.logs());
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        cp.wait_ready()?;
         Ok(cp)
     }
 }
 
 impl ControlPlane {
+    /// Starts kube-apiserver (again, after `stop_apiserver`).
+    pub fn start_apiserver(&mut self) -> Result<()> {
+        let log = self.dir.join("kube-apiserver.log");
+        let out = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns))
+            .arg(kube_bin_dir().join("kube-apiserver"))
+            .args(&self.apiserver_args)
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .context("starting kube-apiserver")?;
+        self.procs.truncate(1);
+        self.procs.push(child);
+        Ok(())
+    }
+
+    /// Kills kube-apiserver (etcd keeps the data).
+    pub fn stop_apiserver(&mut self) {
+        if let Some(mut c) = self.procs.pop() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits until the API server answers `/readyz`.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        let ca = self.dir.join("certs/apiserver.crt");
+        let start = Instant::now();
+        loop {
+            if ca.exists()
+                && self
+                    .kubectl(&["get", "--raw", "/readyz"])
+                    .is_ok_and(|o| o.trim() == "ok")
+            {
+                break;
+            }
+            for c in self.procs.iter_mut() {
+                if let Some(st) = c.try_wait()? {
+                    bail!("the control plane exited ({st}):\n{}", self.logs());
+                }
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("kube-apiserver not ready after 60 s:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(())
+    }
+
     /// kubectl as the administrator (run inside the `cp` namespace).
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
         self.kubectl_as(&self.admin, args)

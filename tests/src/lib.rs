@@ -814,18 +814,38 @@ impl Agent {
         extra: &[&str],
         status_file: bool,
     ) -> Result<Agent> {
+        let source = ["--routes-dir".to_string(), dir.display().to_string()];
+        Self::launch_with(lab, node, &source, extra, status_file)
+    }
+
+    /// Starts the agent on `node` following the Kubernetes API server of `kubeconfig`.
+    pub fn start_kube(lab: &Lab, node: &str, kubeconfig: &Path, extra: &[&str]) -> Result<Agent> {
+        let source = [
+            "--kube".to_string(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+        ];
+        Self::launch_with(lab, node, &source, extra, true)
+    }
+
+    fn launch_with(
+        lab: &Lab,
+        node: &str,
+        source: &[String],
+        extra: &[&str],
+        status_file: bool,
+    ) -> Result<Agent> {
         if !lab.spec.nodes.iter().any(|n| n.name == node) {
             bail!("no node {node} in the lab");
         }
-        let mut args = vec![
-            "run".to_string(),
-            "--routes-dir".into(),
-            dir.display().to_string(),
+        let mut args = vec!["run".to_string()];
+        args.extend(source.iter().cloned());
+        args.extend([
             "--node-name".into(),
             format!("node-{node}"),
             "--bpf-pin-dir".into(),
             lab.pin_dir(node).display().to_string(),
-        ];
+        ]);
         if status_file {
             args.push("--status-file".into());
             args.push(

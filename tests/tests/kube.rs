@@ -2,12 +2,18 @@
 //! `cp` namespace): the generated CRD is accepted and enforces its schema, Routes written
 //! for the DigitalOcean agent apply unchanged, and RBAC is enforced for the agent's
 //! ServiceAccount identity. Needs root and `cargo xtask setup` (builds the API server once).
+use std::time::Duration;
+
 use anyhow::{Result, ensure};
 use routing_agent_tests::kube::ControlPlane;
 use routing_agent_tests::*;
 
 fn crd_path() -> String {
     concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crd.yaml").to_string()
+}
+
+fn rbac_path() -> String {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml").to_string()
 }
 
 fn with_crd() -> Result<(Lab, ControlPlane)> {
@@ -86,5 +92,104 @@ fn rbac_applies_to_the_agent_identity() -> Result<()> {
         .kubectl_as(&cp.agent, &["get", "routes"])
         .expect_err("the agent identity listed routes without any RBAC");
     ensure!(format!("{err:#}").contains("forbidden"), "{err:#}");
+    Ok(())
+}
+
+const EGRESS_SELECTOR: &str = "nodeSelectorTerms:
+  - matchExpressions:
+      - key: egress
+        operator: In
+        values: [\"yes\"]";
+
+/// Waits until node a's route to `DEST_V4` has exactly `want` gateways (empty: no route).
+fn wait_gateways(lab: &Lab, want: &[String], what: &str) -> Result<()> {
+    wait_for(what, Duration::from_secs(30), || {
+        let have = lab.route_gateways("a", DEST_V4).ok()?;
+        (have == want).then_some(())
+    })
+}
+
+#[test]
+fn routes_from_the_api_server_follow_edits_node_labels_and_deletes() -> Result<()> {
+    let (lab, cp) = with_crd()?;
+    cp.kubectl(&["apply", "-f", &rbac_path()])?;
+    cp.apply(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {egress: \"yes\"}\n",
+    )?;
+    let mut agent = Agent::start_kube(&lab, "a", &cp.agent, &["--no-ebpf"])?;
+    let (g1, g2, g3) = (gateway_v4(1), gateway_v4(2), gateway_v4(3));
+    cp.apply(&route_yaml(
+        "egress",
+        &[DEST_V4],
+        &[&g1, &g2],
+        Some(EGRESS_SELECTOR),
+    ))?;
+    wait_gateways(
+        &lab,
+        &[g1.clone(), g2.clone()],
+        "the Route in node a's kernel",
+    )?;
+    // Edit the gateways.
+    cp.apply(&route_yaml(
+        "egress",
+        &[DEST_V4],
+        &[&g3],
+        Some(EGRESS_SELECTOR),
+    ))?;
+    wait_gateways(&lab, std::slice::from_ref(&g3), "the edited gateways")?;
+    // The node loses the label: the route goes; it regains it: the route comes back.
+    cp.kubectl(&["label", "node", "node-a", "egress-"])?;
+    wait_gateways(&lab, &[], "the route removed after the label went")?;
+    cp.kubectl(&["label", "node", "node-a", "egress=yes"])?;
+    wait_gateways(
+        &lab,
+        std::slice::from_ref(&g3),
+        "the route back with the label",
+    )?;
+    // Deleted: gone from the kernel.
+    cp.kubectl(&["delete", "route", "egress"])?;
+    wait_gateways(&lab, &[], "the route removed after the delete")?;
+    agent.check_alive()?;
+    Ok(())
+}
+
+#[test]
+fn routes_stay_while_the_api_server_is_gone_and_resync_when_it_is_back() -> Result<()> {
+    let (lab, mut cp) = with_crd()?;
+    cp.kubectl(&["apply", "-f", &rbac_path()])?;
+    cp.apply("apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n")?;
+    let mut agent = Agent::start_kube(&lab, "a", &cp.agent, &["--no-ebpf"])?;
+    let (g1, g2) = (gateway_v4(1), gateway_v4(2));
+    cp.apply(&route_yaml("keep", &[DEST_V4], &[&g1, &g2], None))?;
+    let want = [g1.clone(), g2.clone()];
+    wait_gateways(&lab, &want, "the Route in node a's kernel")?;
+
+    cp.stop_apiserver();
+    // The agent's watchers fail and retry; the route stays. Observed over several of the
+    // watchers' retries (they back off from 800 ms).
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(200));
+        ensure!(
+            lab.route_gateways("a", DEST_V4)? == want,
+            "the route changed while the API server was gone"
+        );
+    }
+    agent.check_alive()?;
+    // A restart of the agent while the API server is gone changes nothing either.
+    agent.restart()?;
+    std::thread::sleep(Duration::from_secs(2));
+    ensure!(lab.route_gateways("a", DEST_V4)? == want);
+    agent.check_alive()?;
+
+    cp.start_apiserver()?;
+    cp.wait_ready()?;
+    // Back: a change made now reaches the kernel (the watchers relisted).
+    cp.kubectl(&["delete", "route", "keep"])?;
+    wait_gateways(
+        &lab,
+        &[],
+        "the route removed after the API server came back",
+    )?;
+    agent.check_alive()?;
     Ok(())
 }

@@ -132,7 +132,13 @@ pub fn load(dir: &Path, cache: &mut DirCache) -> (Snapshot, Vec<FileError>) {
                 .filter_map(|c| c.good.clone())
                 .flatten()
                 .collect();
-            return (Snapshot { routes }, errors);
+            return (
+                Snapshot {
+                    routes,
+                    node_labels: None,
+                },
+                errors,
+            );
         }
     };
     cache.retain(|p, _| files.contains(p));
@@ -180,7 +186,13 @@ pub fn load(dir: &Path, cache: &mut DirCache) -> (Snapshot, Vec<FileError>) {
             routes.push(r.clone());
         }
     }
-    (Snapshot { routes }, errors)
+    (
+        Snapshot {
+            routes,
+            node_labels: None,
+        },
+        errors,
+    )
 }
 
 /// Watches `dir` and sends a snapshot at start and after every change (debounced).

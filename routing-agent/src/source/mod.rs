@@ -2,6 +2,7 @@
 //! agent plans from the latest one. The directory source is standalone mode; the
 //! Kubernetes source plugs into the same channel.
 pub mod dir;
+pub mod kube;
 
 use crate::crd::Route;
 
@@ -9,4 +10,7 @@ use crate::crd::Route;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub routes: Vec<Route>,
+    /// This node's labels, when the source knows them (Kubernetes); `None` keeps the ones
+    /// the agent was started with (standalone mode).
+    pub node_labels: Option<std::collections::BTreeMap<String, String>>,
 }

@@ -1,0 +1,101 @@
+//! Kubernetes source: every `Route` (cluster-scoped) and this node's own `Node` (field
+//! selector `metadata.name`), followed with kube-runtime watchers feeding reflector stores.
+//! Once both stores have their first complete list, every change sends a complete
+//! [`Snapshot`] with the node's current labels, so a relabelled node re-plans at once.
+//!
+//! A lost API server is the watchers' business: they retry with back-off and relist when
+//! it is back; nothing is sent meanwhile, so the agent keeps the kernel as it is. Before
+//! the first complete list nothing is sent either (a restart while the API server is down
+//! changes nothing).
+use futures::{StreamExt, stream};
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Api, Client};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::Snapshot;
+use crate::crd::Route;
+
+/// What a watcher event means here.
+enum Signal {
+    /// The first complete list of this kind arrived.
+    Ready(&'static str),
+    /// Part of a (re)list: the store settles at `Ready`.
+    Listing,
+    Changed,
+    Failed(String),
+}
+
+fn signal<K>(what: &'static str, e: Result<watcher::Event<K>, watcher::Error>) -> Signal {
+    match e {
+        Ok(watcher::Event::InitDone) => Signal::Ready(what),
+        Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => Signal::Listing,
+        Ok(_) => Signal::Changed,
+        Err(e) => Signal::Failed(e.to_string()),
+    }
+}
+
+/// Starts following the Routes and Node `node`; snapshots go to `tx`.
+pub fn spawn(client: Client, node: String, tx: mpsc::Sender<Snapshot>) {
+    let (routes, routes_writer) = reflector::store::<Route>();
+    let (nodes, nodes_writer) = reflector::store::<Node>();
+    let route_events = reflector(
+        routes_writer,
+        watcher(
+            Api::<Route>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .map(|e| signal("routes", e))
+    .boxed();
+    let node_events = reflector(
+        nodes_writer,
+        watcher(
+            Api::<Node>::all(client),
+            watcher::Config::default().fields(&format!("metadata.name={node}")),
+        ),
+    )
+    .default_backoff()
+    .map(|e| signal("node", e))
+    .boxed();
+    tokio::spawn(async move {
+        let mut events = stream::select(route_events, node_events);
+        let (mut routes_ready, mut node_ready) = (false, false);
+        while let Some(sig) = events.next().await {
+            match sig {
+                Signal::Ready(what) => {
+                    match what {
+                        "routes" => routes_ready = true,
+                        _ => node_ready = true,
+                    }
+                    info!(what, "initial list from the API server complete");
+                }
+                Signal::Listing => continue,
+                Signal::Changed => {}
+                Signal::Failed(e) => {
+                    warn!(error = %e, "watching the API server failed; retrying, routes kept as they are");
+                    continue;
+                }
+            }
+            if !(routes_ready && node_ready) {
+                continue;
+            }
+            let node_labels = match nodes.state().first() {
+                Some(n) => n.metadata.labels.clone().unwrap_or_default(),
+                None => {
+                    warn!(node = %node, "this node's Node object does not exist; planning with no labels");
+                    Default::default()
+                }
+            };
+            let snapshot = Snapshot {
+                routes: routes.state().iter().map(|r| (**r).clone()).collect(),
+                node_labels: Some(node_labels),
+            };
+            if tx.send(snapshot).await.is_err() {
+                return;
+            }
+        }
+    });
+}
