@@ -17,7 +17,11 @@ fn rbac_path() -> String {
 }
 
 fn with_crd() -> Result<(Lab, ControlPlane)> {
-    let mut lab = Lab::new(LabSpec::default())?;
+    with_crd_in(LabSpec::default())
+}
+
+fn with_crd_in(spec: LabSpec) -> Result<(Lab, ControlPlane)> {
+    let mut lab = Lab::new(spec)?;
     let cp = lab.control_plane()?;
     cp.kubectl(&["apply", "-f", &crd_path()])?;
     cp.kubectl(&[
@@ -191,5 +195,105 @@ fn routes_stay_while_the_api_server_is_gone_and_resync_when_it_is_back() -> Resu
         "the route removed after the API server came back",
     )?;
     agent.check_alive()?;
+    Ok(())
+}
+
+/// Every seed example (the DOKS how-to manifests, verbatim), applied with kubectl in turn
+/// (they all name the Route `basic`, so each one edits the last), lands on exactly the
+/// nodes it selects in a two-node lab: node a is in the `worker-pool` node pool, node b is
+/// in none, and no node is called `worker-pool-y`.
+#[test]
+fn seed_examples_applied_with_kubectl_land_on_the_selected_nodes() -> Result<()> {
+    let spec = LabSpec {
+        nodes: vec![
+            NodeSpec {
+                name: "a".into(),
+                host: 2,
+            },
+            NodeSpec {
+                name: "b".into(),
+                host: 6,
+            },
+        ],
+        ..LabSpec::default()
+    };
+    let (lab, cp) = with_crd_in(spec)?;
+    cp.kubectl(&["apply", "-f", &rbac_path()])?;
+    cp.apply(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {doks.digitalocean.com/node-pool: worker-pool}\n---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node-b\n",
+    )?;
+    let mut agents = [
+        Agent::start_kube(&lab, "a", &cp.agent, &["--no-ebpf"])?,
+        Agent::start_kube(&lab, "b", &cp.agent, &["--no-ebpf"])?,
+    ];
+    let (g1, g2) = (gateway_v4(1), gateway_v4(2));
+    let fixtures = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../routing-agent/tests/fixtures"
+    );
+    // (file, destination as the kernel shows it, gateways, nodes that get it)
+    let cases: [(&str, &str, Vec<String>, &[&str]); 5] = [
+        (
+            "01-one-gateway.yaml",
+            "0.0.0.0/5",
+            vec![g1.clone()],
+            &["a", "b"],
+        ),
+        (
+            "02-two-gateways.yaml",
+            "0.0.0.0/5",
+            vec![g1.clone(), g2.clone()],
+            &["a", "b"],
+        ),
+        (
+            "03-default-route.yaml",
+            "0.0.0.0/0",
+            vec![g1.clone()],
+            &["a", "b"],
+        ),
+        (
+            "04-match-expressions.yaml",
+            "0.0.0.0/5",
+            vec![g1.clone()],
+            &["a"],
+        ),
+        ("05-match-fields.yaml", "0.0.0.0/5", vec![g1.clone()], &[]),
+    ];
+    for (file, dst, gws, on) in cases {
+        cp.kubectl(&["apply", "-f", &format!("{fixtures}/{file}")])?;
+        for node in ["a", "b"] {
+            let want: Vec<String> = if on.contains(&node) {
+                gws.clone()
+            } else {
+                vec![]
+            };
+            wait_for(
+                &format!("{file}: node {node} has {dst} via {want:?}"),
+                Duration::from_secs(30),
+                || (lab.route_gateways(node, dst).ok()? == want).then_some(()),
+            )?;
+        }
+        // The other destination of the series is gone wherever this one is not it.
+        let other = if dst == "0.0.0.0/0" {
+            "0.0.0.0/5"
+        } else {
+            "0.0.0.0/0"
+        };
+        for node in ["a", "b"] {
+            wait_for(
+                &format!("{file}: node {node} has no {other}"),
+                Duration::from_secs(30),
+                || {
+                    lab.route_gateways(node, other)
+                        .ok()?
+                        .is_empty()
+                        .then_some(())
+                },
+            )?;
+        }
+    }
+    for a in agents.iter_mut() {
+        a.check_alive()?;
+    }
     Ok(())
 }
