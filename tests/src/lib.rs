@@ -108,6 +108,25 @@ impl Default for LabSpec {
     }
 }
 
+impl LabSpec {
+    /// Nodes a (10.114.0.2) and b (10.114.0.6), with `gateways` gateways.
+    pub fn two_nodes(gateways: u8) -> Self {
+        LabSpec {
+            gateways,
+            nodes: vec![
+                NodeSpec {
+                    name: "a".into(),
+                    host: 2,
+                },
+                NodeSpec {
+                    name: "b".into(),
+                    host: 6,
+                },
+            ],
+        }
+    }
+}
+
 /// Gateway `i` (1-based): VPC address 10.114.0.(2+i), public 203.0.113.i.
 pub fn gateway_v4(i: u8) -> String {
     format!("10.114.0.{}", 2 + i)

@@ -240,7 +240,9 @@ fn edit_gateways_in_place_and_broken_file_keeps_last_good_state() -> Result<()> 
     );
 
     // A file that does not parse changes nothing and is reported with path and line.
-    std::fs::write(
+    // (Written atomically: a plain write truncates first, and the source may read the
+    // empty file, a valid "no Routes", before the broken text arrives.)
+    write_atomic(
         &file,
         "apiVersion: networking.doks.digitalocean.com/v1alpha1\nkind: Route\nmetadata: {name: egress}\nspec:\n  destinations: [\n",
     )?;
@@ -510,19 +512,7 @@ fn unreachable_gateway_is_reported_then_installed_when_reachable() -> Result<()>
 
 #[test]
 fn node_selector_in_a_two_node_lab() -> Result<()> {
-    let lab = Lab::new(LabSpec {
-        gateways: 2,
-        nodes: vec![
-            NodeSpec {
-                name: "a".into(),
-                host: 2,
-            },
-            NodeSpec {
-                name: "b".into(),
-                host: 6,
-            },
-        ],
-    })?;
+    let lab = Lab::new(LabSpec::two_nodes(2))?;
     let dir = lab.routes_dir("routes")?;
     let pool_a = "nodeSelectorTerms:\n  - matchExpressions:\n      - key: doks.digitalocean.com/node-pool\n        operator: In\n        values: [\"pool-a\"]";
     let name_b = "nodeSelectorTerms:\n  - matchFields:\n      - key: metadata.name\n        operator: In\n        values: [\"node-b\"]";

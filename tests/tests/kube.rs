@@ -204,19 +204,7 @@ fn routes_stay_while_the_api_server_is_gone_and_resync_when_it_is_back() -> Resu
 /// in none, and no node is called `worker-pool-y`.
 #[test]
 fn seed_examples_applied_with_kubectl_land_on_the_selected_nodes() -> Result<()> {
-    let spec = LabSpec {
-        nodes: vec![
-            NodeSpec {
-                name: "a".into(),
-                host: 2,
-            },
-            NodeSpec {
-                name: "b".into(),
-                host: 6,
-            },
-        ],
-        ..LabSpec::default()
-    };
+    let spec = LabSpec::two_nodes(3);
     let (lab, cp) = with_crd_in(spec)?;
     cp.kubectl(&["apply", "-f", &rbac_path()])?;
     cp.apply(
