@@ -106,13 +106,30 @@ fn handle(ctx: &TcContext, egress: bool) -> Result<(), ()> {
         Some(p) if p.proto == IPPROTO_TCP => read(ctx, p.l4).ok(),
         _ => None,
     };
+    let (flags, sport, dport) = match &tcp {
+        Some(h) => (
+            h[13],
+            u16::from_be_bytes([h[0], h[1]]),
+            u16::from_be_bytes([h[2], h[3]]),
+        ),
+        None => (0, 0, 0),
+    };
+    // Egress TCP: the connection's entry, looked up once for pinning and for the SYN.
+    let mut flow: Option<(FlowKey, Option<*mut FlowState>)> = None;
     let mut steered = false;
     if egress
-        && let (Some(p), Some(tcp)) = (&p, &tcp)
-        && let Some(to) = pinned(ctx, ifindex, p, tcp, slot)
+        && tcp.is_some()
+        && let Some(p) = &p
     {
-        slot = to;
-        steered = true;
+        let key = flow_key(p.family, p.src, p.dst, sport, dport);
+        let f = RA_FLOWS.get_ptr_mut(&key);
+        if let Some(f) = f
+            && let Some(to) = pinned(ctx, ifindex, f, flags, slot)
+        {
+            slot = to;
+            steered = true;
+        }
+        flow = Some((key, f));
     }
     let stats = RA_GW_STATS.get_ptr_mut(slot).ok_or(())?;
     let len = u64::from(ctx.len());
@@ -130,20 +147,18 @@ fn handle(ctx: &TcContext, egress: bool) -> Result<(), ()> {
         }
     }
     let Some(p) = p else { return Ok(()) };
-    if let Some(tcp) = tcp {
-        let flags = tcp[13];
-        let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
-        let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
-        if egress {
-            if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-                syn_out(p.family, p.src, p.dst, sport, dport, slot, stats);
-            } else if flags & TCP_RST != 0 {
-                let _ = RA_FLOWS.remove(&flow_key(p.family, p.src, p.dst, sport, dport));
-            }
-        } else if flags & TCP_SYN != 0 && flags & TCP_ACK != 0 {
-            answer(p.family, p.dst, p.src, dport, sport, slot, stats, false);
-        } else if flags & TCP_RST != 0 {
-            answer(p.family, p.dst, p.src, dport, sport, slot, stats, true);
+    if let Some((key, f)) = &flow {
+        if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            syn_out(key, *f, slot, stats);
+        } else if flags & TCP_RST != 0 && f.is_some() {
+            let _ = RA_FLOWS.remove(key);
+        }
+    } else if tcp.is_some() {
+        // Ingress: a SYN-ACK or a RST answers a connection of ours, keyed from our side.
+        let syn_ack = flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK;
+        if syn_ack || flags & TCP_RST != 0 {
+            let key = flow_key(p.family, p.dst, p.src, dport, sport);
+            answer(&key, slot, stats, !syn_ack);
         }
     } else if !egress && (p.proto == IPPROTO_ICMP || p.proto == IPPROTO_ICMPV6) {
         let t: u8 = ctx.load(p.l4).map_err(|_| ())?;
@@ -157,7 +172,7 @@ fn handle(ctx: &TcContext, egress: bool) -> Result<(), ()> {
     Ok(())
 }
 
-/// Flow pinning. A TCP packet of a known connection that the kernel hands to another
+/// Flow pinning. A TCP packet of a known connection (`f`) that the kernel hands to another
 /// gateway than the one its connection started on goes back to that gateway, by rewriting
 /// the destination MAC, as long as that gateway is up and on this interface. Returns the
 /// slot the packet now goes to.
@@ -167,24 +182,22 @@ fn handle(ctx: &TcContext, egress: bool) -> Result<(), ()> {
 /// route of a connect() with a kernel-chosen source port does not follow that hash, so
 /// after the next FIB change about (n-1)/n of the connections would move to another
 /// gateway, whose masquerade address breaks them. (Hash-threshold `RTA_MULTIPATH` routes
-/// and resilient groups that gain a member move some connections on any kernel.) A new SYN on a 4-tuple whose old connection is still recorded is a
-/// new connection: not pinned.
+/// and resilient groups that gain a member move some connections on any kernel.) A new
+/// SYN on a 4-tuple whose old connection is still recorded is a new connection: not
+/// pinned.
 #[inline(always)]
-fn pinned(ctx: &TcContext, ifindex: u32, p: &Packet, tcp: &[u8; 14], slot: u32) -> Option<u32> {
-    let sport = u16::from_be_bytes([tcp[0], tcp[1]]);
-    let dport = u16::from_be_bytes([tcp[2], tcp[3]]);
-    let key = flow_key(p.family, p.src, p.dst, sport, dport);
-    // SAFETY: plain data copied out at once.
-    let f = unsafe { RA_FLOWS.get(&key) }?;
-    if f.slot == slot || (tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN && f.state == FLOW_ESTABLISHED) {
+fn pinned(ctx: &TcContext, ifindex: u32, f: *mut FlowState, flags: u8, slot: u32) -> Option<u32> {
+    // SAFETY: `f` comes from a successful lookup; plain data read at once.
+    let (pin, state) = unsafe { ((*f).slot, (*f).state) };
+    if pin == slot || (flags & (TCP_SYN | TCP_ACK) == TCP_SYN && state == FLOW_ESTABLISHED) {
         return None;
     }
-    let g = RA_GATEWAYS.get(f.slot)?;
+    let g = RA_GATEWAYS.get(pin)?;
     if g.state != GW_UP || g.ifindex != ifindex || g.mac == [0; 6] {
         return None;
     }
     ctx.store(0, &g.mac, 0).ok()?;
-    Some(f.slot)
+    Some(pin)
 }
 
 /// `size_of::<T>()` bytes at `off`: read in place when they lie in the linear part of the
@@ -247,34 +260,23 @@ fn flow_key(family: u8, local: [u8; 16], remote: [u8; 16], lport: u16, rport: u1
     }
 }
 
-/// A SYN leaving through gateway `slot`.
+/// A SYN of connection `key` leaving through gateway `slot`; `flow` is its entry, if any.
 #[inline(always)]
-fn syn_out(
-    family: u8,
-    src: [u8; 16],
-    dst: [u8; 16],
-    sport: u16,
-    dport: u16,
-    slot: u32,
-    stats: *mut GatewayStats,
-) {
-    let key = flow_key(family, src, dst, sport, dport);
-    match RA_FLOWS.get_ptr_mut(&key) {
+fn syn_out(key: &FlowKey, flow: Option<*mut FlowState>, slot: u32, stats: *mut GatewayStats) {
+    match flow {
         Some(f) => {
             // SAFETY: the entry may be updated concurrently by another CPU; a lost update
             // costs at most one count, never memory safety (plain integers).
             unsafe {
-                if (*f).state == FLOW_ESTABLISHED {
-                    // The 4-tuple is reused by a new connection.
+                let reused = (*f).state == FLOW_ESTABLISHED;
+                if reused || (*f).slot != slot {
+                    // A new attempt: the 4-tuple reused by a new connection, or the attempt
+                    // re-routed through another gateway (its own was withdrawn).
                     (*f).slot = slot;
                     (*f).state = FLOW_PENDING;
-                    (*f).started_ns = bpf_ktime_get_ns();
-                    (*stats).syn_sent += 1;
-                } else if (*f).slot != slot {
-                    // The attempt was re-routed (the gateway was withdrawn): a new attempt
-                    // through the new gateway.
-                    (*f).slot = slot;
-                    (*f).state = FLOW_PENDING;
+                    if reused {
+                        (*f).started_ns = bpf_ktime_get_ns();
+                    }
                     (*stats).syn_sent += 1;
                 } else {
                     fail_once(f, stats);
@@ -288,7 +290,7 @@ fn syn_out(
                 // SAFETY: helper without preconditions.
                 started_ns: unsafe { bpf_ktime_get_ns() },
             };
-            if RA_FLOWS.insert(&key, &v, u64::from(BPF_NOEXIST)).is_ok() {
+            if RA_FLOWS.insert(key, &v, u64::from(BPF_NOEXIST)).is_ok() {
                 // SAFETY: per-CPU value, see `handle`.
                 unsafe { (*stats).syn_sent += 1 };
             }
@@ -296,21 +298,10 @@ fn syn_out(
     }
 }
 
-/// A SYN-ACK or RST arriving from gateway `slot` for the attempt (local, remote).
+/// A SYN-ACK or RST arriving from gateway `slot` for connection `key`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn answer(
-    family: u8,
-    local: [u8; 16],
-    remote: [u8; 16],
-    lport: u16,
-    rport: u16,
-    slot: u32,
-    stats: *mut GatewayStats,
-    rst: bool,
-) {
-    let key = flow_key(family, local, remote, lport, rport);
-    let Some(f) = RA_FLOWS.get_ptr_mut(&key) else {
+fn answer(key: &FlowKey, slot: u32, stats: *mut GatewayStats, rst: bool) {
+    let Some(f) = RA_FLOWS.get_ptr_mut(key) else {
         return;
     };
     // SAFETY: see `syn_out`; `stats` is this CPU's per-CPU value.
@@ -323,7 +314,7 @@ fn answer(
         if rst {
             // The attempt or the connection is over (a connection reset through another
             // gateway too: it had moved there, its pin is worthless).
-            if RA_FLOWS.remove(&key).is_ok() && attempt {
+            if RA_FLOWS.remove(key).is_ok() && attempt {
                 (*stats).rst += 1;
             }
         } else if attempt {
