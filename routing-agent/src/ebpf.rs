@@ -33,6 +33,11 @@ pub enum AttachMode {
     Netlink,
 }
 
+struct Slot {
+    index: u32,
+    info: GatewayInfo,
+}
+
 struct Attached {
     name: String,
     egress: SchedClassifierLinkId,
@@ -46,7 +51,12 @@ pub struct Programs {
     neigh: HashMap<MapData, NeighKey, GatewaySlot>,
     stats: PerCpuArray<MapData, GatewayStats>,
     gateways: Array<MapData, GatewayInfo>,
-    slots: BTreeMap<IpAddr, u32>,
+    /// Each tracked gateway's slot and the record last written there. The agent is the
+    /// only writer of `RA_GATEWAYS` and `RA_NEIGH`, so what it wrote is what they hold:
+    /// the health tick diffs against these copies instead of reading the maps back.
+    slots: BTreeMap<IpAddr, Slot>,
+    /// `RA_NEIGH` as last written.
+    neigh_written: BTreeMap<NeighKey, u32>,
     /// Record gateway MACs in `RA_GATEWAYS` (the TC program pins only to a known MAC).
     pinning: bool,
 }
@@ -211,14 +221,20 @@ impl Programs {
         let stats = PerCpuArray::try_from(take(&mut bpf, names::MAP_GW_STATS)?)?;
         let gateways: Array<MapData, GatewayInfo> =
             Array::try_from(take(&mut bpf, names::MAP_GATEWAYS)?)?;
+        // What an earlier agent left in the pinned maps, read once.
         let mut slots = BTreeMap::new();
-        for slot in 0..MAX_GATEWAYS {
-            if let Ok(info) = gateways.get(&slot, 0)
+        for index in 0..MAX_GATEWAYS {
+            if let Ok(info) = gateways.get(&index, 0)
                 && let Some(a) = addr_of(&info)
             {
-                slots.insert(a, slot);
+                slots.insert(a, Slot { index, info });
             }
         }
+        let neigh_written = neigh
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, v): (NeighKey, GatewaySlot)| (k, v.slot))
+            .collect();
         let tcx = match mode {
             AttachMode::Tcx => true,
             AttachMode::Netlink => false,
@@ -247,6 +263,7 @@ impl Programs {
             stats,
             gateways,
             slots,
+            neigh_written,
             pinning,
         })
     }
@@ -336,6 +353,23 @@ impl Programs {
         self.attached.values().map(|a| a.name.clone()).collect()
     }
 
+    /// Writes `info` into `index` of `RA_GATEWAYS` unless that is what it holds already.
+    /// Returns whether it wrote.
+    fn write_slot(&mut self, gw: IpAddr, info: GatewayInfo) -> bool {
+        let Some(s) = self.slots.get_mut(&gw) else {
+            return false;
+        };
+        if s.info == info {
+            return false;
+        }
+        if let Err(e) = self.gateways.set(s.index, info, 0) {
+            warn!(gateway = %gw, error = %e, "cannot update RA_GATEWAYS");
+            return false;
+        }
+        s.info = info;
+        true
+    }
+
     /// Gives every gateway in `gateways` a slot (keeping existing ones) and frees the slots
     /// of the others. A freed slot's counters are zeroed before it is reused.
     pub fn set_gateways(&mut self, gateways: &BTreeSet<IpAddr>) {
@@ -347,28 +381,28 @@ impl Programs {
             .collect();
         for g in gone {
             let slot = self.slots.remove(&g).expect("present");
-            let _ = self.gateways.set(slot, GatewayInfo::default(), 0);
+            let _ = self.gateways.set(slot.index, GatewayInfo::default(), 0);
         }
         for &g in gateways {
             if self.slots.contains_key(&g) {
                 continue;
             }
-            let used: BTreeSet<u32> = self.slots.values().copied().collect();
-            let Some(slot) = (0..MAX_GATEWAYS).find(|s| !used.contains(s)) else {
+            let used: BTreeSet<u32> = self.slots.values().map(|s| s.index).collect();
+            let Some(index) = (0..MAX_GATEWAYS).find(|s| !used.contains(s)) else {
                 warn!(gateway = %g, "more than {MAX_GATEWAYS} gateways: this one is not tracked");
                 continue;
             };
             if let Ok(n) = aya::util::nr_cpus()
                 && let Ok(zero) = PerCpuValues::try_from(vec![GatewayStats::default(); n])
             {
-                let _ = self.stats.set(slot, zero, 0);
+                let _ = self.stats.set(index, zero, 0);
             }
             let info = gateway_info(g, routing_agent_common::GW_UP, 0, 0);
-            if let Err(e) = self.gateways.set(slot, info, 0) {
+            if let Err(e) = self.gateways.set(index, info, 0) {
                 warn!(gateway = %g, error = %e, "cannot record the gateway's slot");
                 continue;
             }
-            self.slots.insert(g, slot);
+            self.slots.insert(g, Slot { index, info });
         }
     }
 
@@ -376,27 +410,27 @@ impl Programs {
     pub fn recorded(&self) -> Vec<(IpAddr, GatewayInfo)> {
         self.slots
             .iter()
-            .filter_map(|(a, s)| Some((*a, self.gateways.get(s, 0).ok()?)))
+            .map(|(a, s)| (*a, s.info))
             .filter(|(_, i)| i.state != GW_UNUSED)
             .collect()
     }
 
     /// Records a gateway's health in its slot (for bpftool users and the next agent).
     pub fn record_health(&mut self, gw: IpAddr, state: u32, penalty: u32, down_since_ms: u64) {
-        let Some(&slot) = self.slots.get(&gw) else {
+        let Some(s) = self.slots.get(&gw) else {
             return;
         };
-        let mut info = gateway_info(gw, state, penalty, down_since_ms);
-        if let Ok(old) = self.gateways.get(&slot, 0) {
-            (info.ifindex, info.mac) = (old.ifindex, old.mac);
-        }
-        if let Err(e) = self.gateways.set(slot, info, 0) {
-            warn!(gateway = %gw, error = %e, "cannot record the gateway's health");
-        }
+        let info = GatewayInfo {
+            state,
+            penalty,
+            down_since_ms,
+            ..s.info
+        };
+        self.write_slot(gw, info);
     }
 
     pub fn slot(&self, gw: IpAddr) -> Option<u32> {
-        self.slots.get(&gw).copied()
+        self.slots.get(&gw).map(|s| s.index)
     }
 
     /// Makes `RA_NEIGH` hold exactly `want` ((interface, MAC) → gateway), translating
@@ -404,11 +438,11 @@ impl Programs {
     /// slot for flow pinning. Returns the number of map updates.
     pub fn set_neighbours(&mut self, want: &BTreeMap<(u32, [u8; 6]), IpAddr>) -> usize {
         let mut target: BTreeMap<NeighKey, u32> = BTreeMap::new();
-        let mut link: BTreeMap<u32, (u32, [u8; 6])> = BTreeMap::new();
+        let mut link: BTreeMap<IpAddr, (u32, [u8; 6])> = BTreeMap::new();
         for ((ifindex, mac), gw) in want {
-            if let Some(&slot) = self.slots.get(gw) {
+            if let Some(s) = self.slots.get(gw) {
                 if self.pinning {
-                    link.entry(slot).or_insert((*ifindex, *mac));
+                    link.entry(*gw).or_insert((*ifindex, *mac));
                 }
                 target.insert(
                     NeighKey {
@@ -416,41 +450,43 @@ impl Programs {
                         mac: *mac,
                         _pad: [0; 2],
                     },
-                    slot,
+                    s.index,
                 );
             }
         }
-        let have: BTreeMap<NeighKey, u32> = self
-            .neigh
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(k, v)| (k, v.slot))
-            .collect();
         let mut n = 0;
-        for k in have.keys().filter(|k| !target.contains_key(k)) {
+        for k in self
+            .neigh_written
+            .keys()
+            .filter(|k| !target.contains_key(k))
+        {
             let _ = self.neigh.remove(k);
             n += 1;
         }
+        let mut failed = Vec::new();
         for (k, slot) in &target {
-            if have.get(k) != Some(slot) {
+            if self.neigh_written.get(k) != Some(slot) {
                 if let Err(e) = self.neigh.insert(k, GatewaySlot { slot: *slot }, 0) {
                     warn!(error = %e, "cannot update RA_NEIGH");
+                    // Not recorded as written: tried again at the next tick.
+                    failed.push(*k);
                 }
                 n += 1;
             }
         }
-        for &slot in self.slots.values() {
-            let Ok(mut info) = self.gateways.get(&slot, 0) else {
-                continue;
+        for k in failed {
+            target.remove(&k);
+        }
+        self.neigh_written = target;
+        let gws: Vec<IpAddr> = self.slots.keys().copied().collect();
+        for gw in gws {
+            let (ifindex, mac) = link.get(&gw).copied().unwrap_or_default();
+            let info = GatewayInfo {
+                ifindex,
+                mac,
+                ..self.slots[&gw].info
             };
-            let (ifindex, mac) = link.get(&slot).copied().unwrap_or_default();
-            if (info.ifindex, info.mac) != (ifindex, mac) {
-                (info.ifindex, info.mac) = (ifindex, mac);
-                if let Err(e) = self.gateways.set(slot, info, 0) {
-                    warn!(error = %e, "cannot update RA_GATEWAYS");
-                }
-                n += 1;
-            }
+            n += usize::from(self.write_slot(gw, info));
         }
         n
     }
@@ -459,7 +495,7 @@ impl Programs {
     pub fn read_stats(&self) -> BTreeMap<IpAddr, GatewayStats> {
         let mut out = BTreeMap::new();
         for (gw, slot) in &self.slots {
-            let Ok(values) = self.stats.get(slot, 0) else {
+            let Ok(values) = self.stats.get(&slot.index, 0) else {
                 continue;
             };
             let mut s = GatewayStats::default();
