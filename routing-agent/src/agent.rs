@@ -438,7 +438,12 @@ fn emit_status(
     let attached = programs.map(|p| p.attached()).unwrap_or_default();
     let gateways = gateway_status(health, programs, watch);
     let doc = status_doc(
-        &cfg.node, desired, outcome, &attached, &gateways, reconciles,
+        &cfg.node.name,
+        desired,
+        outcome,
+        &attached,
+        &gateways,
+        reconciles,
     );
     if last_doc.as_ref() == Some(&doc) {
         return;
@@ -455,7 +460,7 @@ fn emit_status(
 }
 
 fn status_doc(
-    node: &NodeInfo,
+    node: &str,
     desired: &DesiredState,
     outcome: &Outcome,
     attached: &[String],
@@ -488,7 +493,7 @@ fn status_doc(
         })
         .collect();
     serde_json::json!({
-        "node": node.name,
+        "node": node,
         "reconciles": reconciles,
         "lastChanges": outcome.changes,
         "selected": desired.selected,

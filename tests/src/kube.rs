@@ -35,8 +35,9 @@ pub struct ControlPlane {
     pub agent: PathBuf,
 }
 
+/// Starts `program` inside `ns`, its output appended to `log`.
 fn spawn_in(ns: &str, log: &Path, program: &Path, args: &[String]) -> Result<Child> {
-    let out = fs::File::create(log)?;
+    let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
     Command::new("nsenter")
         .arg(format!("--net=/run/netns/{ns}"))
         .arg(program)
@@ -141,19 +142,12 @@ impl Lab {
 impl ControlPlane {
     /// Starts kube-apiserver (again, after `stop_apiserver`).
     pub fn start_apiserver(&mut self) -> Result<()> {
-        let log = self.dir.join("kube-apiserver.log");
-        let out = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", self.ns))
-            .arg(kube_bin_dir().join("kube-apiserver"))
-            .args(&self.apiserver_args)
-            .stdout(Stdio::from(out.try_clone()?))
-            .stderr(Stdio::from(out))
-            .spawn()
-            .context("starting kube-apiserver")?;
+        let child = spawn_in(
+            &self.ns,
+            &self.dir.join("kube-apiserver.log"),
+            &kube_bin_dir().join("kube-apiserver"),
+            &self.apiserver_args,
+        )?;
         self.procs.truncate(1);
         self.procs.push(child);
         Ok(())

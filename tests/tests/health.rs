@@ -392,8 +392,9 @@ fn restart_keeps_counters_and_verdicts() -> Result<()> {
 
 /// Holds 24 connections over an ECMP route through gateways 1 and 2, then adds gateway 3
 /// to the route (which moves about a third of the resilient group's buckets, and makes
-/// every established socket look its route up again). Returns (alive, held) afterwards.
-fn hold_across_gateway_added(pinning: bool) -> Result<(usize, usize)> {
+/// every established socket look its route up again). Returns (alive, held) afterwards and
+/// the agent's `steeredBack` count (packets the TC program sent back to their gateway).
+fn hold_across_gateway_added(pinning: bool) -> Result<(usize, usize, u64)> {
     let lab = Lab::new(LabSpec::default())?;
     let dir = lab.ecmp_routes(2)?;
     let pin = if pinning { "true" } else { "false" };
@@ -417,7 +418,20 @@ fn hold_across_gateway_added(pinning: bool) -> Result<(usize, usize)> {
         "no new connection through gateway 3: {spread:?}"
     );
     agent.check_alive()?;
-    Ok((alive, held.len()))
+    let steered = |agent: &Agent| -> u64 {
+        (1..=3)
+            .filter_map(|i| agent.gateway(&gateway_v4(i)))
+            .filter_map(|g| g["counters"]["steeredBack"].as_u64())
+            .sum()
+    };
+    // The status is rewritten every health tick: give it a few to show the count.
+    let n = wait_for(
+        "steered packets in the status",
+        Duration::from_secs(2),
+        || Some(steered(&agent)).filter(|&n| n > 0),
+    )
+    .unwrap_or_else(|_| steered(&agent));
+    Ok((alive, held.len(), n))
 }
 
 /// Established connections keep their gateway across a route change: the TC program pins
@@ -427,8 +441,11 @@ fn hold_across_gateway_added(pinning: bool) -> Result<(usize, usize)> {
 /// thirds of the connections would move, and break on the other gateway's masquerade.
 #[test]
 fn established_connections_keep_their_gateway_when_one_is_added() -> Result<()> {
-    let (alive, held) = hold_across_gateway_added(true)?;
+    let (alive, held, steered) = hold_across_gateway_added(true)?;
     ensure!(alive == held, "only {alive}/{held} connections survived");
+    // Some of them did move in the kernel and were sent back (see the control below for
+    // why at least one moves).
+    ensure!(steered > 0, "no packet was steered back");
     Ok(())
 }
 
@@ -437,7 +454,8 @@ fn established_connections_keep_their_gateway_when_one_is_added() -> Result<()> 
 /// 1e-4), which shows that the pinning is what keeps them.
 #[test]
 fn without_flow_pinning_a_route_change_breaks_connections() -> Result<()> {
-    let (alive, held) = hold_across_gateway_added(false)?;
+    let (alive, held, steered) = hold_across_gateway_added(false)?;
+    ensure!(steered == 0, "{steered} packets steered with pinning off");
     println!("without pinning: {alive}/{held} connections survived");
     ensure!(
         alive < held,

@@ -111,7 +111,8 @@ fn rss_peak_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-fn pct(sorted: &[f64], p: f64) -> f64 {
+/// Percentile `p` (0..=1) of `sorted`, nearest rank.
+pub fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 

@@ -42,13 +42,14 @@ struct Trials {
     missed: usize,
 }
 
+/// Percentile `p` of unsorted `v` (NaN when empty).
 fn pct(v: &[f64], p: f64) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
     if s.is_empty() {
         return f64::NAN;
     }
-    s[((s.len() as f64 - 1.0) * p).round() as usize]
+    crate::bench::pct(&s, p)
 }
 
 struct Setup {

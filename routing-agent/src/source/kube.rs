@@ -17,17 +17,23 @@ use tracing::{info, warn};
 use super::Snapshot;
 use crate::crd::Route;
 
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Routes,
+    Node,
+}
+
 /// What a watcher event means here.
 enum Signal {
     /// The first complete list of this kind arrived.
-    Ready(&'static str),
+    Ready(Kind),
     /// Part of a (re)list: the store settles at `Ready`.
     Listing,
     Changed,
     Failed(String),
 }
 
-fn signal<K>(what: &'static str, e: Result<watcher::Event<K>, watcher::Error>) -> Signal {
+fn signal<K>(what: Kind, e: Result<watcher::Event<K>, watcher::Error>) -> Signal {
     match e {
         Ok(watcher::Event::InitDone) => Signal::Ready(what),
         Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => Signal::Listing,
@@ -48,7 +54,7 @@ pub fn spawn(client: Client, node: String, tx: mpsc::Sender<Snapshot>) {
         ),
     )
     .default_backoff()
-    .map(|e| signal("routes", e))
+    .map(|e| signal(Kind::Routes, e))
     .boxed();
     let node_events = reflector(
         nodes_writer,
@@ -58,7 +64,7 @@ pub fn spawn(client: Client, node: String, tx: mpsc::Sender<Snapshot>) {
         ),
     )
     .default_backoff()
-    .map(|e| signal("node", e))
+    .map(|e| signal(Kind::Node, e))
     .boxed();
     tokio::spawn(async move {
         let mut events = stream::select(route_events, node_events);
@@ -67,10 +73,10 @@ pub fn spawn(client: Client, node: String, tx: mpsc::Sender<Snapshot>) {
             match sig {
                 Signal::Ready(what) => {
                     match what {
-                        "routes" => routes_ready = true,
-                        _ => node_ready = true,
+                        Kind::Routes => routes_ready = true,
+                        Kind::Node => node_ready = true,
                     }
-                    info!(what, "initial list from the API server complete");
+                    info!(?what, "initial list from the API server complete");
                 }
                 Signal::Listing => continue,
                 Signal::Changed => {}
