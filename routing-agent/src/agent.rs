@@ -15,6 +15,8 @@ use crate::ebpf::Programs;
 use crate::health::{self, Health, Transition};
 use crate::plan::{self, DesiredState, ProblemKind};
 use crate::probe::Prober;
+use crate::publish;
+use crate::report::{self, GatewayState};
 use crate::selector::NodeInfo;
 use crate::source::Snapshot;
 
@@ -27,6 +29,8 @@ pub struct AgentConfig {
     pub health: health::Config,
     /// How often the eBPF counters and the neighbour table are read.
     pub health_tick: Duration,
+    /// Kubernetes mode: where this node's status and Events go.
+    pub publisher: Option<mpsc::Sender<publish::Report>>,
 }
 
 /// Exponential back-off for retrying what the kernel could not take yet.
@@ -120,6 +124,7 @@ pub async fn run(
     let mut watch = Watch::default();
     let mut last_doc: Option<serde_json::Value> = None;
     let mut node = cfg.node.clone();
+    let mut reported: Option<crate::crd::NodeRoutes> = None;
 
     loop {
         let retry = async {
@@ -225,6 +230,7 @@ pub async fn run(
                     retry_at = None;
                 }
                 report(&desired, &outcome, last.as_ref(), started.elapsed());
+                send_report(&cfg, routes, &desired, &outcome, &health, &mut reported);
                 last = Some((desired, outcome));
                 emit_status(
                     &cfg,
@@ -377,6 +383,60 @@ fn gateway_status(
             })
         })
         .collect()
+}
+
+/// Hands this node's status to the publisher when it changed (with the Events the change
+/// is worth). Never waits: when the publisher is busy, the next reconcile reports again.
+fn send_report(
+    cfg: &AgentConfig,
+    routes: &[Route],
+    desired: &DesiredState,
+    outcome: &Outcome,
+    health: &Health,
+    sent: &mut Option<crate::crd::NodeRoutes>,
+) {
+    let Some(tx) = &cfg.publisher else { return };
+    let gateways: BTreeMap<IpAddr, GatewayState> = health
+        .iter()
+        .map(|(g, h)| {
+            (
+                *g,
+                GatewayState {
+                    down: h.down,
+                    reason: h.reason.clone(),
+                },
+            )
+        })
+        .collect();
+    let status = report::node_routes(
+        routes,
+        desired,
+        &outcome.installed,
+        &outcome.problems,
+        &gateways,
+        sent.as_ref(),
+        &publish::now(),
+    );
+    if sent.as_ref().is_some_and(|s| report::same(s, &status)) {
+        return;
+    }
+    let notes = report::notes(
+        &cfg.node.name,
+        sent.as_ref(),
+        &status,
+        &report::gateway_routes(desired),
+    );
+    let r = publish::Report {
+        status: status.clone(),
+        notes,
+        refs: publish::refs(routes),
+    };
+    match tx.try_send(r) {
+        Ok(()) => *sent = Some(status),
+        Err(e) => {
+            warn!(error = %e, "the status publisher is busy; reporting again at the next reconcile")
+        }
+    }
 }
 
 /// One log line per change: problems that appear or clear, warnings, and a summary when

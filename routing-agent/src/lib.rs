@@ -5,13 +5,18 @@
 //! around it: sources ([`source`]), the netlink dataplane ([`dataplane`]), eBPF
 //! ([`ebpf`]), and the loop that ties them together ([`agent`]).
 pub mod agent;
+pub mod controller;
 pub mod crd;
 pub mod dataplane;
 pub mod ebpf;
+pub mod events;
 pub mod health;
 pub mod plan;
 pub mod probe;
+pub mod publish;
+pub mod report;
 pub mod route;
 pub mod selector;
 pub mod source;
+pub mod summary;
 pub mod sysctl;

@@ -4,13 +4,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use kube::CustomResourceExt as _;
 use routing_agent::agent::{self, AgentConfig};
-use routing_agent::crd::Route;
 use routing_agent::dataplane::{Config, Dataplane, ModeChoice, diff::IdRange, nexthop::Resilient};
 use routing_agent::ebpf::{AttachMode, Programs};
 use routing_agent::selector::NodeInfo;
-use routing_agent::{source, sysctl};
+use routing_agent::{controller, publish, source, sysctl};
 use tokio::sync::mpsc;
 
 /// Programs static and ECMP routes on this node from Route objects.
@@ -37,7 +35,10 @@ enum LogFormat {
 enum Command {
     /// Run the agent (standalone: Routes from a directory of manifests).
     Run(Box<RunArgs>),
-    /// Print the CustomResourceDefinition generated from the Rust types.
+    /// Run the cluster-wide controller (one replica): Route status summaries from the
+    /// nodes' reports, and the deletion finalizer.
+    Controller(ControllerArgs),
+    /// Print the CustomResourceDefinitions generated from the Rust types.
     Crd,
     /// Remove every route and nexthop the agent owns in this network namespace, and its
     /// bpffs pins.
@@ -73,6 +74,17 @@ struct KernelArgs {
     /// bpffs directory for the agent's pinned maps (one per agent on a shared kernel).
     #[arg(long, default_value = "/sys/fs/bpf/routing-agent")]
     bpf_pin_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    /// This kubeconfig instead of the in-cluster configuration / KUBECONFIG.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// How long a Route being deleted waits for the nodes that still list it (an agent
+    /// stopped or unreachable), before it is released anyway.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    deletion_timeout: Duration,
 }
 
 #[derive(Args)]
@@ -203,14 +215,36 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    kube::Client::try_from(config).context("connecting to the Kubernetes API server")
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log_level);
     match cli.command {
         Command::Crd => {
-            print!("{}", serde_yaml::to_string(&Route::crd())?);
+            print!("{}", routing_agent::crd::yaml());
             Ok(())
+        }
+        Command::Controller(c) => {
+            let client = kube_client(c.kubeconfig.as_deref()).await?;
+            controller::run(
+                client,
+                controller::Config {
+                    deletion_timeout: c.deletion_timeout,
+                },
+            )
+            .await
         }
         Command::Cleanup(k) => {
             let mut dp = Dataplane::new(dataplane_config(&k)).await?;
@@ -234,20 +268,13 @@ async fn main() -> anyhow::Result<()> {
                 )?)
             };
             let (tx, rx) = mpsc::channel(4);
+            let mut publisher = None;
             match &a.routes_dir {
                 Some(dir) => source::dir::spawn(dir.clone(), tx)?,
                 None => {
-                    let config = match &a.kubeconfig {
-                        Some(path) => {
-                            let kc = kube::config::Kubeconfig::read_from(path)
-                                .with_context(|| format!("reading {}", path.display()))?;
-                            kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
-                        }
-                        None => kube::Config::infer().await?,
-                    };
-                    let client = kube::Client::try_from(config)
-                        .context("connecting to the Kubernetes API server")?;
-                    source::kube::spawn(client, a.node_name.clone(), tx);
+                    let client = kube_client(a.kubeconfig.as_deref()).await?;
+                    source::kube::spawn(client.clone(), a.node_name.clone(), tx);
+                    publisher = Some(publish::spawn(client, a.node_name.clone()));
                 }
             }
             let node = NodeInfo {
@@ -271,6 +298,7 @@ async fn main() -> anyhow::Result<()> {
                         pending_grace: a.pending_grace,
                     },
                     health_tick: a.health_interval,
+                    publisher,
                 },
                 dataplane,
                 programs,

@@ -73,6 +73,11 @@ pub fn plan(routes: &[Route], node: &NodeInfo) -> DesiredState {
 
     let mut state = DesiredState::default();
     for r in ordered {
+        // Being deleted: no longer wanted here (the finalizer holds the object until the
+        // nodes report it gone).
+        if r.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
         let name = r.metadata.name.clone().unwrap_or_default();
         let valid = match route::validate(r) {
             Ok(v) => v,
@@ -216,6 +221,19 @@ mod tests {
 
     fn ips(s: &[&str]) -> Vec<IpAddr> {
         s.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_route_being_deleted_is_not_planned_and_frees_its_destinations() {
+        let mut old = aged(route("old", &["1.0.0.0/8"], &["10.0.0.1"]), 0);
+        let new = aged(route("new", &["1.0.0.0/8"], &["10.0.0.2"]), 10);
+        let s = plan(&[old.clone(), new.clone()], &node());
+        assert_eq!(s.routes[&net("1.0.0.0/8")].owner, "old");
+        old.metadata.deletion_timestamp = old.metadata.creation_timestamp.clone();
+        let s = plan(&[old, new], &node());
+        assert_eq!(s.routes[&net("1.0.0.0/8")].owner, "new");
+        assert_eq!(s.selected, vec!["new".to_string()]);
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
     }
 
     #[test]

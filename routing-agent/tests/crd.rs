@@ -11,7 +11,7 @@ fn committed_crd_matches_the_rust_types() {
         .filter(|l| !l.starts_with('#'))
         .map(|l| format!("{l}\n"))
         .collect();
-    let generated = serde_yaml::to_string(&Route::crd()).unwrap();
+    let generated = routing_agent::crd::yaml();
     assert!(
         body == generated,
         "deploy/crd.yaml is stale: run `cargo xtask gen-crd` and commit it"
@@ -25,4 +25,66 @@ fn crd_is_cluster_scoped_v1alpha1_with_the_doks_group() {
     assert_eq!(crd.spec.scope, "Cluster");
     assert_eq!(crd.spec.names.kind, "Route");
     assert_eq!(crd.spec.versions[0].name, "v1alpha1");
+}
+
+/// The CEL rules (`x-kubernetes-validations`, enforced by API servers ≥ 1.25; the 1.20 test
+/// server drops them) evaluated client-side on the committed CRD's schema.
+mod cel {
+    use kube::core::cel::Validator;
+    use serde_json::{Value, json};
+
+    fn route_schema() -> Value {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crd.yaml");
+        let text = std::fs::read_to_string(path).expect("deploy/crd.yaml exists");
+        let route: Value = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde::Deserialize::deserialize(d).expect("YAML"))
+            .find(|d: &Value| d["spec"]["names"]["kind"] == "Route")
+            .expect("the Route CRD");
+        route["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+    }
+
+    fn check(destinations: &[&str], gateways: &[&str]) -> Result<(), String> {
+        let obj = json!({
+            "apiVersion": "networking.doks.digitalocean.com/v1alpha1",
+            "kind": "Route",
+            "metadata": {"name": "r"},
+            "spec": {"destinations": destinations, "gateways": gateways},
+        });
+        Validator::new()
+            .validate(&route_schema(), &obj, None)
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    #[test]
+    fn rules_are_in_the_committed_crd() {
+        let s = route_schema();
+        let rules = s["properties"]["spec"]["x-kubernetes-validations"]
+            .as_array()
+            .expect("rules on spec");
+        assert_eq!(rules.len(), 2);
+    }
+
+    #[test]
+    fn one_family_routes_pass() {
+        check(&["1.2.3.4/5"], &["10.114.0.3", "10.114.0.4"]).unwrap();
+        check(&["0.0.0.0/0", "192.0.2.1"], &["10.114.0.3"]).unwrap();
+        check(&["2001:db8::/32", "::/0"], &["fd00::3", "fd00::4"]).unwrap();
+    }
+
+    #[test]
+    fn mixed_gateways_fail_naming_the_field() {
+        let e = check(&["10.0.0.0/8"], &["10.0.0.1", "fd00::1"]).unwrap_err();
+        assert!(e.contains("spec.gateways: all of one family"), "{e}");
+    }
+
+    #[test]
+    fn destinations_of_the_other_family_fail_naming_the_field() {
+        let e = check(&["2001:db8::/32"], &["10.0.0.1"]).unwrap_err();
+        assert!(
+            e.contains("spec.destinations: must be of the gateways' family"),
+            "{e}"
+        );
+        let e = check(&["10.0.0.0/8"], &["fd00::1"]).unwrap_err();
+        assert!(e.contains("spec.destinations"), "{e}");
+    }
 }

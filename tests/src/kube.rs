@@ -2,7 +2,8 @@
 //! (built once per machine by `cargo xtask setup`, see `xtask/scripts/kube-apiserver.sh`)
 //! in the lab's `cp` namespace, on br-vpc at `CP_ADDR:6443`. TLS with the apiserver's
 //! self-signed CA, bearer tokens: an administrator (`system:masters`, for kubectl) and the
-//! agent's ServiceAccount identity, so that RBAC from `deploy/` is what the agent gets.
+//! agent's and the controller's ServiceAccount identities, so that RBAC from `deploy/` is
+//! what they get. The controller (`routing-agent controller`) runs in the `cp` namespace.
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,6 +16,7 @@ use crate::{Lab, run};
 pub const CP_ADDR: &str = "10.114.0.250";
 pub const AGENT_NAMESPACE: &str = "routing-agent";
 pub const AGENT_SERVICE_ACCOUNT: &str = "routing-agent";
+pub const CONTROLLER_SERVICE_ACCOUNT: &str = "routing-agent-controller";
 
 /// Where kube-apiserver and etcd are (`RA_KUBE_DIR`, or the set-up cache).
 pub fn kube_bin_dir() -> PathBuf {
@@ -33,6 +35,9 @@ pub struct ControlPlane {
     pub admin: PathBuf,
     /// kubeconfig of the agent's ServiceAccount identity.
     pub agent: PathBuf,
+    /// kubeconfig of the controller's ServiceAccount identity.
+    pub controller: PathBuf,
+    controller_proc: Option<Child>,
 }
 
 /// Starts `program` inside `ns`, its output appended to `log`.
@@ -42,6 +47,7 @@ fn spawn_in(ns: &str, log: &Path, program: &Path, args: &[String]) -> Result<Chi
         .arg(format!("--net=/run/netns/{ns}"))
         .arg(program)
         .args(args)
+        .env("NO_COLOR", "1")
         .stdout(Stdio::from(out.try_clone()?))
         .stderr(Stdio::from(out))
         .spawn()
@@ -87,12 +93,18 @@ impl Lab {
             "-out",
             &p("sa.pub"),
         ])?;
-        let sa_user = format!("system:serviceaccount:{AGENT_NAMESPACE}:{AGENT_SERVICE_ACCOUNT}");
+        let sa = |name: &str| format!("system:serviceaccount:{AGENT_NAMESPACE}:{name}");
+        let groups = format!(
+            "\"system:serviceaccounts,system:serviceaccounts:{AGENT_NAMESPACE},system:authenticated\""
+        );
         fs::write(
             dir.join("tokens.csv"),
             format!(
                 "admin-token,admin,admin,system:masters\n\
-                 agent-token,{sa_user},agent,\"system:serviceaccounts,system:serviceaccounts:{AGENT_NAMESPACE},system:authenticated\"\n"
+                 agent-token,{},agent,{groups}\n\
+                 controller-token,{},controller,{groups}\n",
+                sa(AGENT_SERVICE_ACCOUNT),
+                sa(CONTROLLER_SERVICE_ACCOUNT),
             ),
         )?;
         let mut procs = Vec::new();
@@ -114,6 +126,8 @@ impl Lab {
             apiserver_args: Vec::new(),
             admin: dir.join("admin.kubeconfig"),
             agent: dir.join("agent.kubeconfig"),
+            controller: dir.join("controller.kubeconfig"),
+            controller_proc: None,
             dir: dir.clone(),
         };
         cp.apiserver_args = vec![
@@ -134,12 +148,44 @@ impl Lab {
         let ca = dir.join("certs/apiserver.crt");
         kubeconfig(&cp.admin, &ca, "admin", "admin-token")?;
         kubeconfig(&cp.agent, &ca, "agent", "agent-token")?;
+        kubeconfig(&cp.controller, &ca, "controller", "controller-token")?;
         cp.wait_ready()?;
         Ok(cp)
     }
 }
 
 impl ControlPlane {
+    /// Starts `routing-agent controller` (its ServiceAccount identity) in the `cp`
+    /// namespace.
+    pub fn start_controller(&mut self, extra: &[&str]) -> Result<()> {
+        self.stop_controller();
+        let mut args = vec![
+            "controller".to_string(),
+            "--kubeconfig".into(),
+            self.controller.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.controller_proc = Some(spawn_in(
+            &self.ns,
+            &self.dir.join("controller.log"),
+            &crate::agent_bin(),
+            &args,
+        )?);
+        Ok(())
+    }
+
+    pub fn stop_controller(&mut self) {
+        if let Some(mut c) = self.controller_proc.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The controller's log.
+    pub fn controller_log(&self) -> String {
+        fs::read_to_string(self.dir.join("controller.log")).unwrap_or_default()
+    }
+
     /// Starts kube-apiserver (again, after `stop_apiserver`).
     pub fn start_apiserver(&mut self) -> Result<()> {
         let child = spawn_in(
@@ -228,6 +274,7 @@ impl ControlPlane {
 
 impl Drop for ControlPlane {
     fn drop(&mut self) {
+        self.stop_controller();
         for c in self.procs.iter_mut().rev() {
             let _ = c.kill();
             let _ = c.wait();
