@@ -31,6 +31,8 @@ pub struct AgentConfig {
     pub health_tick: Duration,
     /// Kubernetes mode: where this node's status and Events go.
     pub publisher: Option<mpsc::Sender<publish::Report>>,
+    /// Liveness / readiness, served on the health port.
+    pub probes: std::sync::Arc<crate::serve::Probes>,
 }
 
 /// Exponential back-off for retrying what the kernel could not take yet.
@@ -127,6 +129,7 @@ pub async fn run(
     let mut reported: Option<crate::crd::NodeRoutes> = None;
 
     loop {
+        cfg.probes.beat();
         let retry = async {
             match retry_at {
                 Some(t) => tokio::time::sleep_until(t).await,
@@ -213,6 +216,7 @@ pub async fn run(
         match dataplane.reconcile(&desired).await {
             Ok(outcome) => {
                 reconciles += 1;
+                cfg.probes.set_ready();
                 if let Some(p) = &mut programs {
                     p.sync(&outcome.interfaces);
                 }

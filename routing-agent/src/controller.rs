@@ -98,7 +98,11 @@ impl Ctx {
 }
 
 /// Runs until the process is stopped.
-pub async fn run(client: Client, cfg: Config) -> anyhow::Result<()> {
+pub async fn run(
+    client: Client,
+    cfg: Config,
+    probes: Arc<crate::serve::Probes>,
+) -> anyhow::Result<()> {
     let (reports, reports_writer) = reflector::store::<NodeRouteStatus>();
     let (nodes, nodes_writer) = reflector::store::<PartialObjectMeta<Node>>();
     let report_changes = reflector::reflector(
@@ -129,6 +133,15 @@ pub async fn run(client: Client, cfg: Config) -> anyhow::Result<()> {
             }
         }
     });
+    probes.beat();
+    {
+        let (reports, nodes) = (reports.clone(), nodes.clone());
+        tokio::spawn(async move {
+            if reports.wait_until_ready().await.is_ok() && nodes.wait_until_ready().await.is_ok() {
+                probes.set_ready();
+            }
+        });
+    }
     let routes: Api<Route> = Api::all(client.clone());
     let ctx = Arc::new(Ctx {
         routes: routes.clone(),
@@ -261,5 +274,167 @@ async fn cleanup(route: &Route, ctx: &Ctx) -> Result<Action, Error> {
                 .await;
             Ok(Action::await_change())
         }
+    }
+}
+
+/// The fast tier: the controller's writes against a mock API server (tower-test): what it
+/// sends, and what it does not.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{NodeRoute, NodeRouteStatusSpec, RouteSpec};
+    use crate::mock_api;
+    use kube::runtime::watcher::Event as WatchEvent;
+    use std::time::Duration;
+
+    fn route(deleting: bool) -> Route {
+        let mut r = Route::new(
+            "r",
+            RouteSpec {
+                destinations: vec!["1.0.0.0/8".into()],
+                gateways: vec!["10.0.0.1".into()],
+                node_selector: None,
+            },
+        );
+        r.metadata.generation = Some(1);
+        r.metadata.finalizers = Some(vec![FINALIZER.into()]);
+        if deleting {
+            r.metadata.deletion_timestamp =
+                Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::now(),
+                ));
+        }
+        r
+    }
+
+    /// A context whose stores hold Node `node-a` and its report (listing `carried`).
+    fn ctx(client: Client, carried: &[&str], timeout: Duration) -> Arc<Ctx> {
+        let (reports, mut rw) = reflector::store::<NodeRouteStatus>();
+        let (nodes, mut nw) = reflector::store::<PartialObjectMeta<Node>>();
+        let mut nrs = NodeRouteStatus::new(
+            "node-a",
+            NodeRouteStatusSpec {
+                node_name: "node-a".into(),
+            },
+        );
+        nrs.status = Some(NodeRoutes {
+            applied: carried.len() as u32,
+            routes: carried
+                .iter()
+                .map(|n| NodeRoute {
+                    name: n.to_string(),
+                    generation: Some(1),
+                    state: crate::crd::APPLIED.into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        });
+        rw.apply_watcher_event(&WatchEvent::Init);
+        rw.apply_watcher_event(&WatchEvent::InitApply(nrs));
+        rw.apply_watcher_event(&WatchEvent::InitDone);
+        let mut node = PartialObjectMeta::<Node>::default();
+        node.metadata.name = Some("node-a".into());
+        nw.apply_watcher_event(&WatchEvent::Init);
+        nw.apply_watcher_event(&WatchEvent::InitApply(node));
+        nw.apply_watcher_event(&WatchEvent::InitDone);
+        Arc::new(Ctx {
+            routes: Api::all(client.clone()),
+            reports,
+            nodes,
+            events: Events::new(client, MANAGER, None),
+            cfg: Config {
+                deletion_timeout: timeout,
+            },
+        })
+    }
+
+    /// Answers the next request with `reply` and returns (method, URI, body).
+
+    #[tokio::test]
+    async fn the_status_is_applied_once_then_not_written_while_it_holds() {
+        let (client, mut handle) = mock_api::client();
+        let ctx = ctx(client, &["r"], Duration::from_secs(15));
+        let r = route(false);
+        let task = tokio::spawn({
+            let (ctx, r) = (ctx.clone(), r.clone());
+            async move { apply(&r, &ctx).await }
+        });
+        let (method, uri, body) =
+            mock_api::next(&mut handle, 200, serde_json::to_value(&r).unwrap()).await;
+        assert_eq!(method, "PATCH");
+        assert!(uri.contains("/routes/r/status"), "{uri}");
+        assert!(
+            uri.contains("fieldManager=routing-agent-controller") && uri.contains("force=true"),
+            "{uri}"
+        );
+        assert_eq!(body["status"]["nodes"], "1/1");
+        assert_eq!(body["status"]["observedGeneration"], 1);
+        task.await.unwrap().unwrap();
+
+        // The object now carries that status: nothing to write.
+        let mut written = r.clone();
+        written.status = Some(serde_json::from_value(body["status"].clone()).unwrap());
+        tokio::time::timeout(Duration::from_secs(2), apply(&written, &ctx))
+            .await
+            .expect("no request was made (none is answered)")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_deletion_waits_while_a_node_carries_the_route() {
+        let (client, _handle) = mock_api::client();
+        let ctx = ctx(client, &["r"], Duration::from_secs(15));
+        let e = tokio::time::timeout(
+            Duration::from_secs(2),
+            reconcile(Arc::new(route(true)), ctx),
+        )
+        .await
+        .expect("no request while waiting")
+        .unwrap_err();
+        match e {
+            finalizer::Error::CleanupFailed(Error::Waiting { nodes, left }) => {
+                assert_eq!(nodes, vec!["node-a".to_string()]);
+                assert!(left > Duration::from_secs(10));
+            }
+            e => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_finalizer_is_removed_once_no_node_carries_the_route() {
+        let (client, mut handle) = mock_api::client();
+        let ctx = ctx(client, &["other"], Duration::from_secs(15));
+        let r = route(true);
+        let task = tokio::spawn(reconcile(Arc::new(r.clone()), ctx));
+        let (method, uri, body) =
+            mock_api::next(&mut handle, 200, serde_json::to_value(&r).unwrap()).await;
+        assert_eq!(method, "PATCH");
+        assert!(uri.ends_with("/routes/r?"), "{uri}");
+        assert_eq!(body[1]["op"], "remove");
+        assert_eq!(body[1]["path"], "/metadata/finalizers/0");
+        task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn after_the_timeout_the_finalizer_goes_with_an_event_naming_the_node() {
+        let (client, mut handle) = mock_api::client();
+        let ctx = ctx(client, &["r"], Duration::ZERO);
+        let r = route(true);
+        let task = tokio::spawn(reconcile(Arc::new(r.clone()), ctx));
+        let (method, uri, body) = mock_api::next(&mut handle, 200, serde_json::json!({})).await;
+        assert_eq!(method, "POST");
+        assert!(
+            uri.starts_with("/api/v1/namespaces/default/events"),
+            "{uri}"
+        );
+        assert_eq!(body["reason"], "DeletedWithoutConfirmation");
+        assert!(body["message"].as_str().unwrap().contains("node-a"));
+        assert_eq!(body["involvedObject"]["name"], "r");
+        let (method, _, body) =
+            mock_api::next(&mut handle, 200, serde_json::to_value(&r).unwrap()).await;
+        assert_eq!(method, "PATCH");
+        assert_eq!(body[1]["op"], "remove");
+        task.await.unwrap().unwrap();
     }
 }

@@ -11,12 +11,15 @@ pub mod dataplane;
 pub mod ebpf;
 pub mod events;
 pub mod health;
+#[cfg(test)]
+mod mock_api;
 pub mod plan;
 pub mod probe;
 pub mod publish;
 pub mod report;
 pub mod route;
 pub mod selector;
+pub mod serve;
 pub mod source;
 pub mod summary;
 pub mod sysctl;

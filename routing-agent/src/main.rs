@@ -8,7 +8,7 @@ use routing_agent::agent::{self, AgentConfig};
 use routing_agent::dataplane::{Config, Dataplane, ModeChoice, diff::IdRange, nexthop::Resilient};
 use routing_agent::ebpf::{AttachMode, Programs};
 use routing_agent::selector::NodeInfo;
-use routing_agent::{controller, publish, source, sysctl};
+use routing_agent::{controller, publish, serve, source, sysctl};
 use tokio::sync::mpsc;
 
 /// Programs static and ECMP routes on this node from Route objects.
@@ -38,6 +38,9 @@ enum Command {
     /// Run the cluster-wide controller (one replica): Route status summaries from the
     /// nodes' reports, and the deletion finalizer.
     Controller(ControllerArgs),
+    /// Set the ECMP sysctls and exit (the DaemonSet's privileged init container; the
+    /// agent itself then runs with capabilities only, /proc/sys read-only).
+    Sysctls(SysctlArgs),
     /// Print the CustomResourceDefinitions generated from the Rust types.
     Crd,
     /// Remove every route and nexthop the agent owns in this network namespace, and its
@@ -76,6 +79,16 @@ struct KernelArgs {
     bpf_pin_dir: PathBuf,
 }
 
+#[derive(Args, Clone)]
+struct SysctlArgs {
+    /// Set net.ipv{4,6}.fib_multipath_hash_policy=1 (hash on ports).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    multipath_hash_policy: bool,
+    /// Set net.ipv4.fib_multipath_use_neigh=1.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    multipath_use_neigh: bool,
+}
+
 #[derive(Args)]
 struct ControllerArgs {
     /// This kubeconfig instead of the in-cluster configuration / KUBECONFIG.
@@ -85,6 +98,9 @@ struct ControllerArgs {
     /// stopped or unreachable), before it is released anyway.
     #[arg(long, default_value = "15s", value_parser = parse_duration)]
     deletion_timeout: Duration,
+    /// Address of the health endpoints (/healthz, /readyz).
+    #[arg(long, default_value = "0.0.0.0:9978")]
+    health_addr: std::net::SocketAddr,
 }
 
 #[derive(Args)]
@@ -111,12 +127,12 @@ struct RunArgs {
     /// Do not load or attach the eBPF programs.
     #[arg(long)]
     no_ebpf: bool,
-    /// Set net.ipv{4,6}.fib_multipath_hash_policy=1 (hash on ports).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    multipath_hash_policy: bool,
-    /// Set net.ipv4.fib_multipath_use_neigh=1.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    multipath_use_neigh: bool,
+    #[command(flatten)]
+    sysctls: SysctlArgs,
+    /// Address of the health endpoints (/healthz: the main loop turns; /readyz: the first
+    /// reconcile from a complete view of the Routes is done).
+    #[arg(long, default_value = "0.0.0.0:9977")]
+    health_addr: std::net::SocketAddr,
     /// Seconds between full resyncs even when nothing was notified.
     #[arg(long, default_value_t = 30)]
     resync_seconds: u64,
@@ -236,13 +252,22 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", routing_agent::crd::yaml());
             Ok(())
         }
+        Command::Sysctls(s) => {
+            for (k, v) in sysctl::wanted(s.multipath_hash_policy, s.multipath_use_neigh) {
+                sysctl::ensure(k, v).with_context(|| format!("setting {k}={v}"))?;
+            }
+            Ok(())
+        }
         Command::Controller(c) => {
             let client = kube_client(c.kubeconfig.as_deref()).await?;
+            let probes = serve::Probes::new(Duration::MAX);
+            serve::spawn(c.health_addr, probes.clone()).await?;
             controller::run(
                 client,
                 controller::Config {
                     deletion_timeout: c.deletion_timeout,
                 },
+                probes,
             )
             .await
         }
@@ -256,7 +281,15 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(a) => {
-            sysctl::apply(a.multipath_hash_policy, a.multipath_use_neigh);
+            sysctl::apply(
+                a.sysctls.multipath_hash_policy,
+                a.sysctls.multipath_use_neigh,
+            );
+            let resync = Duration::from_secs(a.resync_seconds.max(1));
+            let probes = serve::Probes::new(resync * 3 + Duration::from_secs(30));
+            serve::spawn(a.health_addr, probes.clone())
+                .await
+                .with_context(|| format!("serving the health endpoints on {}", a.health_addr))?;
             let dataplane = Dataplane::new(dataplane_config(&a.kernel)).await?;
             let programs = if a.no_ebpf {
                 None
@@ -285,7 +318,7 @@ async fn main() -> anyhow::Result<()> {
             agent::run(
                 AgentConfig {
                     node,
-                    resync: Duration::from_secs(a.resync_seconds.max(1)),
+                    resync,
                     retry_min: Duration::from_secs(1),
                     retry_max: Duration::from_secs(30),
                     status_file: a.status_file,
@@ -299,6 +332,7 @@ async fn main() -> anyhow::Result<()> {
                     },
                     health_tick: a.health_interval,
                     publisher,
+                    probes,
                 },
                 dataplane,
                 programs,

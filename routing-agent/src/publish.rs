@@ -178,3 +178,136 @@ async fn write(api: &Api<NodeRouteStatus>, node: &str, status: &NodeRoutes) -> k
     .await?;
     Ok(())
 }
+
+/// The fast tier: the publisher against a mock API server (tower-test).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{NodeRoute, RouteSpec};
+    use crate::mock_api;
+
+    /// What the API server answers to a write of the node's object.
+    fn obj() -> serde_json::Value {
+        serde_json::json!({"apiVersion": API_VERSION, "kind": "NodeRouteStatus",
+            "metadata": {"name": "node-a"}, "spec": {"nodeName": "node-a"}})
+    }
+
+    fn status(applied: u32) -> NodeRoutes {
+        NodeRoutes {
+            applied,
+            routes: (0..applied)
+                .map(|i| NodeRoute {
+                    name: format!("r{i}"),
+                    state: crate::crd::APPLIED.into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn body_of_event() -> serde_json::Value {
+        serde_json::json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": "e"},
+            "involvedObject": {}})
+    }
+
+    fn report(applied: u32, notes: Vec<Note>) -> Report {
+        let r = Route::new(
+            "r0",
+            RouteSpec {
+                destinations: vec!["1.0.0.0/8".into()],
+                gateways: vec!["10.0.0.1".into()],
+                node_selector: None,
+            },
+        );
+        Report {
+            status: status(applied),
+            notes,
+            refs: refs(&[r]),
+        }
+    }
+
+    #[tokio::test]
+    async fn creates_once_then_writes_the_status_only_when_it_changes() {
+        let (client, mut handle) = mock_api::client();
+        let tx = spawn(client, "node-a".into());
+        tx.send(report(1, vec![])).await.unwrap();
+        let node = serde_json::json!({"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "node-a", "uid": "u-1"}});
+        let (m, uri, _) = mock_api::next(&mut handle, 200, node).await;
+        assert_eq!((m.as_str(), uri.as_str()), ("GET", "/api/v1/nodes/node-a"));
+        let (m, uri, body) = mock_api::next(&mut handle, 200, obj()).await;
+        assert_eq!(m, "PATCH");
+        assert!(
+            uri.starts_with(
+                "/apis/networking.doks.digitalocean.com/v1alpha1/noderoutestatuses/node-a?"
+            ),
+            "{uri}"
+        );
+        assert_eq!(body["metadata"]["ownerReferences"][0]["uid"], "u-1");
+        assert_eq!(body["spec"]["nodeName"], "node-a");
+        let (m, uri, body) = mock_api::next(&mut handle, 200, obj()).await;
+        assert_eq!(m, "PATCH");
+        assert!(
+            uri.contains("/noderoutestatuses/node-a/status?")
+                && uri.contains("fieldManager=routing-agent"),
+            "{uri}"
+        );
+        assert_eq!(body["status"]["applied"], 1);
+
+        // The same status again: nothing is sent. A note: one Event, still no status write.
+        tx.send(report(1, vec![])).await.unwrap();
+        let note = Note {
+            route: "r0".into(),
+            warning: true,
+            reason: "GatewayWithdrawn".into(),
+            note: "node node-a: gateway 10.0.0.1 withdrawn".into(),
+            key: "r0/GatewayWithdrawn/10.0.0.1".into(),
+        };
+        tx.send(report(1, vec![note])).await.unwrap();
+        let (m, uri, body) = mock_api::next(&mut handle, 201, body_of_event()).await;
+        assert_eq!(
+            (m.as_str(), uri.as_str()),
+            ("POST", "/api/v1/namespaces/default/events?")
+        );
+        assert_eq!(body["reason"], "GatewayWithdrawn");
+        assert_eq!(body["involvedObject"]["kind"], "Route");
+        assert_eq!(body["source"]["host"], "node-a");
+        // A change: written.
+        tx.send(report(2, vec![])).await.unwrap();
+        let (m, uri, body) = mock_api::next(&mut handle, 200, obj()).await;
+        assert!(m == "PATCH" && uri.contains("/status?"), "{m} {uri}");
+        assert_eq!(body["status"]["applied"], 2);
+        // Nothing else pending.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), handle.next_request())
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_retried_with_the_latest_status() {
+        let (client, mut handle) = mock_api::client();
+        let tx = spawn(client, "node-a".into());
+        tx.send(report(1, vec![])).await.unwrap();
+        let gone = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": "nodes \"node-a\" not found", "reason": "NotFound", "code": 404});
+        let (m, _, _) = mock_api::next(&mut handle, 404, gone).await;
+        assert_eq!(m, "GET");
+        let (_, _, body) = mock_api::next(&mut handle, 200, obj()).await;
+        assert!(
+            body["metadata"].get("ownerReferences").is_none(),
+            "no Node, no owner"
+        );
+        let unavailable = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": "etcd down", "reason": "ServiceUnavailable", "code": 503});
+        let (m, uri, _) = mock_api::next(&mut handle, 503, unavailable).await;
+        assert!(m == "PATCH" && uri.contains("/status?"));
+        // Meanwhile the status changed: the retry carries the new one.
+        tx.send(report(3, vec![])).await.unwrap();
+        let (m, uri, body) = mock_api::next(&mut handle, 200, obj()).await;
+        assert!(m == "PATCH" && uri.contains("/status?"), "{m} {uri}");
+        assert_eq!(body["status"]["applied"], 3);
+    }
+}

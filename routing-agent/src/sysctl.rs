@@ -22,7 +22,7 @@ pub fn ensure(key: &str, value: &str) -> std::io::Result<()> {
 
 /// ECMP settings: hash on L4 ports (policy 1) and, for IPv4, avoid next hops whose
 /// neighbour entry failed.
-pub fn apply(hash_policy: bool, use_neigh: bool) {
+pub fn wanted(hash_policy: bool, use_neigh: bool) -> Vec<(&'static str, &'static str)> {
     let mut wanted = Vec::new();
     if hash_policy {
         wanted.push(("net.ipv4.fib_multipath_hash_policy", "1"));
@@ -31,7 +31,14 @@ pub fn apply(hash_policy: bool, use_neigh: bool) {
     if use_neigh {
         wanted.push(("net.ipv4.fib_multipath_use_neigh", "1"));
     }
-    for (k, v) in wanted {
+    wanted
+}
+
+/// Sets the [`wanted`] sysctls, warning about those it cannot set (in a container,
+/// /proc/sys is read-only: the DaemonSet's privileged init container, `routing-agent
+/// sysctls`, sets them first, and then they already have their value here).
+pub fn apply(hash_policy: bool, use_neigh: bool) {
+    for (k, v) in wanted(hash_policy, use_neigh) {
         if let Err(e) = ensure(k, v) {
             warn!(sysctl = k, error = %e, "cannot set sysctl");
         }

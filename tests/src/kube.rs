@@ -143,6 +143,8 @@ impl Lab {
             format!("--service-account-signing-key-file={}", p("sa.key")),
             "--service-cluster-ip-range=10.96.0.0/16".into(),
             "--enable-priority-and-fairness=false".into(),
+            // As every distribution does (the DaemonSet's sysctl init container is privileged).
+            "--allow-privileged=true".into(),
         ];
         cp.start_apiserver()?;
         let ca = dir.join("certs/apiserver.crt");

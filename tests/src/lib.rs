@@ -758,6 +758,31 @@ pub fn in_netns<T: Send + 'static>(
         .map_err(|_| std::io::Error::other("thread panicked"))?
 }
 
+/// `GET path` on the agent's health port (127.0.0.1:9977) inside node `node`'s namespace:
+/// (status code, body).
+pub fn health_get(lab: &Lab, node: &str, path: &str) -> Result<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let text = in_netns(&lab.node_ns(node), move || -> Result<String> {
+        let mut s = TcpStream::connect_timeout(&"127.0.0.1:9977".parse()?, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.write_all(request.as_bytes())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })??;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("not an HTTP answer: {text:?}"))?;
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    Ok((code, body))
+}
+
 /// One exchange with the echo server at `addr` (from the calling thread's namespace):
 /// the source address it saw.
 fn echo(addr: SocketAddr) -> Result<IpAddr> {

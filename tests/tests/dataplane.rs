@@ -587,3 +587,30 @@ fn cleanup_removes_everything_owned() -> Result<()> {
     assert!(!pin.exists(), "pins removed");
     Ok(())
 }
+
+/// `routing-agent sysctls` (the DaemonSet's privileged init container) sets the ECMP
+/// sysctls of the namespace it runs in, and only that one.
+#[test]
+fn the_sysctls_command_sets_the_ecmp_sysctls() -> Result<()> {
+    let lab = Lab::new(LabSpec::two_nodes(1))?;
+    let read = |node: &str| -> Result<String> {
+        lab.sh(
+            &lab.node_ns(node),
+            "cat /proc/sys/net/ipv4/fib_multipath_hash_policy /proc/sys/net/ipv6/fib_multipath_hash_policy /proc/sys/net/ipv4/fib_multipath_use_neigh",
+        )
+    };
+    let before = read("a")?;
+    anyhow::ensure!(
+        before.split_whitespace().collect::<Vec<_>>() == ["0", "0", "0"],
+        "{before}"
+    );
+    let bin = agent_bin().display().to_string();
+    lab.sh(&lab.node_ns("a"), &format!("{bin} sysctls"))?;
+    let after = read("a")?;
+    anyhow::ensure!(
+        after.split_whitespace().collect::<Vec<_>>() == ["1", "1", "1"],
+        "{after}"
+    );
+    anyhow::ensure!(read("b")? == before, "node b's namespace was touched");
+    Ok(())
+}

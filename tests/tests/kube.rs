@@ -198,15 +198,26 @@ fn routes_stay_while_the_api_server_is_gone_and_resync_when_it_is_back() -> Resu
         );
     }
     agent.check_alive()?;
-    // A restart of the agent while the API server is gone changes nothing either.
+    // A restart of the agent while the API server is gone changes nothing either; the
+    // agent is live but not ready (it has no complete view of the Routes).
     agent.restart()?;
     std::thread::sleep(Duration::from_secs(2));
     ensure!(lab.route_gateways("a", DEST_V4)? == want);
     agent.check_alive()?;
+    ensure!(health_get(&lab, "a", "/healthz")?.0 == 200);
+    let (code, body) = health_get(&lab, "a", "/readyz")?;
+    ensure!(
+        code == 503 && body.contains("no reconcile"),
+        "{code} {body}"
+    );
 
     cp.start_apiserver()?;
     cp.wait_ready()?;
-    // Back: a change made now reaches the kernel (the watchers relisted).
+    // Back: ready once the first list arrived, and a change made now reaches the kernel
+    // (the watchers relisted).
+    wait_for("the agent ready", Duration::from_secs(30), || {
+        (health_get(&lab, "a", "/readyz").ok()?.0 == 200).then_some(())
+    })?;
     cp.kubectl(&["delete", "route", "keep"])?;
     wait_gateways(
         &lab,
@@ -596,6 +607,159 @@ fn deleting_while_an_agent_is_stopped_is_bounded_and_that_node_cleans_up_on_star
     })?;
     for a in agents.iter_mut() {
         a.check_alive()?;
+    }
+    Ok(())
+}
+
+/// A gateway that black-holes traffic is withdrawn on the node that sees it fail, and the
+/// Route says so: a GatewayWithdrawn Event naming the node and the gateway, the gateway
+/// `Down` in that node's NodeRouteStatus; when it answers probes again, GatewayRestored
+/// and `Up`.
+#[test]
+fn gateway_withdrawal_and_restore_are_reported_as_events_and_node_status() -> Result<()> {
+    let (lab, mut cp) = with_crd()?;
+    cp.kubectl(&["apply", "-f", &rbac_path()])?;
+    cp.apply("apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n")?;
+    cp.start_controller(&[])?;
+    let mut agent = Agent::start_kube(&lab, "a", &cp.agent, &["--probe-interval", "1s"])?;
+    let gws = [gateway_v4(1), gateway_v4(2), gateway_v4(3)];
+    cp.apply(&route_yaml(
+        "ecmp",
+        &[DEST_V4],
+        &[&gws[0], &gws[1], &gws[2]],
+        None,
+    ))?;
+    wait_route_status(&cp, "ecmp", "ready on 1/1", |s| s["nodes"] == "1/1")?;
+    agent.wait_resolved(3)?;
+    let stream = lab.stream("a", ECHO_V4.parse()?, 10);
+    std::thread::sleep(Duration::from_secs(1));
+    lab.fail(1, Failure::ForwardingDropped)?;
+    let note = wait_event(&cp, "ecmp", "GatewayWithdrawn", &gws[0])?;
+    ensure!(note.contains("node node-a"), "{note}");
+    let nrs = get_json(&cp, &["noderoutestatuses", "node-a"])?;
+    let g = nrs["status"]["gateways"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["address"] == gws[0].as_str()))
+        .cloned()
+        .unwrap_or_default();
+    ensure!(g["state"] == "Down" && g["reason"].is_string(), "{nrs:#}");
+    ensure!(nrs["status"]["gatewaysDown"] == 1, "{nrs:#}");
+    // The route is still applied (through the two others).
+    ensure!(get_json(&cp, &["route", "ecmp"])?["status"]["nodes"] == "1/1");
+    lab.heal(1, Failure::ForwardingDropped)?;
+    wait_event(&cp, "ecmp", "GatewayRestored", &gws[0])?;
+    wait_for(
+        "gateway 1 Up in the node status",
+        Duration::from_secs(30),
+        || {
+            let nrs = get_json(&cp, &["noderoutestatuses", "node-a"]).ok()?;
+            (nrs["status"]["gatewaysDown"] == 0).then_some(())
+        },
+    )?;
+    drop(stream);
+    agent.check_alive()?;
+    Ok(())
+}
+
+/// `kubectl apply -k deploy/` installs everything on a real API server; the workloads run
+/// as the identities the other tests use, and their arguments are ones the binary takes.
+#[test]
+fn the_deploy_kustomization_applies_and_its_workloads_match_what_is_tested() -> Result<()> {
+    let lab = Lab::new(LabSpec::default())?;
+    let mut lab = lab;
+    let cp = lab.control_plane()?;
+    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+    let built = cp.kubectl(&["kustomize", deploy])?;
+    let docs: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&built)
+        .map(|d| serde::Deserialize::deserialize(d).map_err(anyhow::Error::from))
+        .collect::<Result<_>>()?;
+    let find = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let kinds: std::collections::BTreeSet<&str> =
+        docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for k in [
+        "CustomResourceDefinition",
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "DaemonSet",
+        "Deployment",
+    ] {
+        ensure!(kinds.contains(k), "no {k} in deploy/: {kinds:?}");
+    }
+    // CEL rules: see with_crd_in.
+    cp.kubectl(&["apply", "--validate=false", "-k", deploy])?;
+    // Everything but the CRDs again, with kubectl's schema validation and a server dry run.
+    let rest: Vec<String> = docs
+        .iter()
+        .filter(|d| d["kind"] != "CustomResourceDefinition")
+        .map(serde_yaml::to_string)
+        .collect::<Result<_, _>>()?;
+    let path = lab.scratch.join("deploy-rest.yaml");
+    std::fs::write(&path, rest.join("---\n"))?;
+    cp.kubectl(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        &path.display().to_string(),
+    ])?;
+
+    let ds = get_json(&cp, &["-n", "routing-agent", "daemonset", "routing-agent"])?;
+    let pod = &ds["spec"]["template"]["spec"];
+    ensure!(pod["serviceAccountName"] == routing_agent_tests::kube::AGENT_SERVICE_ACCOUNT);
+    ensure!(pod["hostNetwork"] == true && pod["priorityClassName"] == "system-node-critical");
+    let agent = &pod["containers"][0];
+    ensure!(agent["securityContext"]["privileged"] == false, "{agent:#}");
+    ensure!(
+        agent["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName",
+        "{agent:#}"
+    );
+    let dep = find("Deployment");
+    let cpod = &dep["spec"]["template"]["spec"];
+    ensure!(cpod["serviceAccountName"] == routing_agent_tests::kube::CONTROLLER_SERVICE_ACCOUNT);
+
+    // The arguments are accepted by the binary: with an unreadable kubeconfig it fails on
+    // reading it (exit 1), not on its command line (exit 2). In lab namespaces only.
+    let args = |c: &serde_json::Value| -> Vec<String> {
+        c["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(String::from))
+            .collect()
+    };
+    let bin = agent_bin().display().to_string();
+    let mut agent_args = args(agent);
+    agent_args.extend([
+        "--kubeconfig=/nonexistent".into(),
+        "--node-name=node-a".into(),
+        format!("--bpf-pin-dir={}", lab.pin_dir("a").display()),
+        "--no-ebpf".into(),
+    ]);
+    let mut controller_args = args(&cpod["containers"][0]);
+    controller_args.push("--kubeconfig=/nonexistent".into());
+    for (ns, a) in [
+        (lab.node_ns("a"), agent_args),
+        (lab.ns("cp"), controller_args),
+    ] {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .arg(&bin)
+            .args(&a)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(1) && err.contains("/nonexistent"),
+            "{a:?}: {:?}\n{err}",
+            out.status
+        );
     }
     Ok(())
 }
