@@ -126,3 +126,150 @@ pub fn run() -> Result<()> {
     t.say("done: no namespace, pin or process left behind");
     Ok(())
 }
+
+fn deploy_file(name: &str) -> String {
+    crate::workspace()
+        .join("deploy")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+/// `cargo xtask lab --kube`: the same lab with a real kube-apiserver + etcd, two nodes, the
+/// controller and an agent per node, all with the identities and RBAC of `deploy/`.
+pub fn run_kube() -> Result<()> {
+    use routing_agent_tests::kube::ControlPlane;
+    let t = Timeline(Instant::now());
+    t.say("set-up (installs what this machine lacks; builds kube-apiserver once, ~10 min)");
+    crate::setup::setup()?;
+    crate::setup::kube()?;
+    t.say("building the agent and its eBPF programs");
+    crate::cmd("cargo", &["build", "-p", "routing-agent"])?;
+
+    t.say("creating the lab: fabric, 3 NAT gateways, the internet, node-a and node-b");
+    let mut lab = Lab::new(LabSpec::two_nodes(3))?;
+    t.say("starting etcd + kube-apiserver v1.20.2 in the lab's cp namespace (10.114.0.250:6443)");
+    let mut cp: ControlPlane = lab.control_plane()?;
+    cp.kubectl(&["apply", "--validate=false", "-f", &deploy_file("crd.yaml")])?;
+    cp.kubectl(&["apply", "-f", &deploy_file("rbac.yaml")])?;
+    cp.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/routes.networking.doks.digitalocean.com",
+    ])?;
+    cp.apply(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {egress: \"yes\"}\n---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node-b\n",
+    )?;
+    cp.start_controller(&[])?;
+    let mut agents = [
+        Agent::start_kube(&lab, "a", &cp.agent, &[])?,
+        Agent::start_kube(&lab, "b", &cp.agent, &[])?,
+    ];
+    t.say("controller and both agents running with their ServiceAccount identities");
+
+    let manifest = route_yaml(
+        "egress-ecmp",
+        &[DEST_V4],
+        &[&gateway_v4(1), &gateway_v4(2), &gateway_v4(3)],
+        Some(
+            "nodeSelectorTerms:\n  - matchExpressions:\n      - {key: egress, operator: In, values: [\"yes\"]}",
+        ),
+    );
+    show("kubectl apply -f egress.yaml", &manifest);
+    cp.apply(&manifest)?;
+    let nodes = |want: &str| -> Result<()> {
+        wait_for(&format!("NODES {want}"), Duration::from_secs(30), || {
+            let out = cp
+                .kubectl(&[
+                    "get",
+                    "route",
+                    "egress-ecmp",
+                    "-o",
+                    "jsonpath={.status.nodes}",
+                ])
+                .ok()?;
+            (out.trim() == want).then_some(())
+        })
+    };
+    nodes("1/1")?;
+    show("kubectl get routes", &cp.kubectl(&["get", "routes"])?);
+    show(
+        "kubectl get noderoutestatuses",
+        &cp.kubectl(&["get", "nrs"])?,
+    );
+    show(
+        "ip route show proto 196 (node-a; node-b has none: not labelled)",
+        &lab.ip(&lab.node_ns("a"), "route show proto 196")?,
+    );
+    let n = 30;
+    t.say(&format!(
+        "{n} TCP connections from node-a to the echo server"
+    ));
+    let seen = lab.spread("a", ECHO_V4.parse()?, n)?;
+    spread_table(&seen, n);
+
+    t.say("kubectl label node node-b egress=yes");
+    let start = Instant::now();
+    cp.kubectl(&["label", "node", "node-b", "egress=yes"])?;
+    wait_for("the route on node-b", Duration::from_secs(30), || {
+        (lab.route_gateways("b", DEST_V4).ok()?.len() == 3).then_some(())
+    })?;
+    t.say(&format!(
+        "node-b routes it {:.0} ms later",
+        start.elapsed().as_secs_f64() * 1e3
+    ));
+    nodes("2/2")?;
+    show("kubectl get routes", &cp.kubectl(&["get", "routes"])?);
+
+    t.say("gw1 starts dropping forwarded traffic (it still answers ARP and ping); node-a keeps connecting");
+    agents[0].wait_resolved(3)?;
+    let stream = lab.stream("a", ECHO_V4.parse()?, 10);
+    std::thread::sleep(Duration::from_secs(1));
+    lab.fail(1, Failure::ForwardingDropped)?;
+    let start = Instant::now();
+    wait_for("gw1 withdrawn on node-a", Duration::from_secs(30), || {
+        (lab.route_gateways("a", DEST_V4).ok()? == vec![gateway_v4(2), gateway_v4(3)]).then_some(())
+    })?;
+    t.say(&format!(
+        "node-a withdrew gw1 {:.1} s after it failed",
+        start.elapsed().as_secs_f64()
+    ));
+    std::thread::sleep(Duration::from_secs(1));
+    show(
+        "kubectl get events (the Route's)",
+        &cp.kubectl(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=egress-ecmp",
+        ])?,
+    );
+    show("kubectl get nrs", &cp.kubectl(&["get", "nrs"])?);
+    let attempts = stream.stop();
+    let failed = attempts.iter().filter(|a| a.result.is_err()).count();
+    t.say(&format!(
+        "{} connection attempts meanwhile, {failed} failed",
+        attempts.len()
+    ));
+    lab.heal(1, Failure::ForwardingDropped)?;
+
+    t.say("kubectl delete route egress-ecmp (returns once both nodes removed it)");
+    let start = Instant::now();
+    cp.kubectl(&["delete", "route", "egress-ecmp"])?;
+    t.say(&format!(
+        "deleted in {:.0} ms; node-a routes: {:?}, node-b routes: {:?}",
+        start.elapsed().as_secs_f64() * 1e3,
+        lab.route_gateways("a", DEST_V4)?,
+        lab.route_gateways("b", DEST_V4)?
+    ));
+
+    t.say("stopping everything and tearing the lab down");
+    for a in agents.iter_mut() {
+        a.stop();
+    }
+    drop(agents);
+    drop(cp);
+    drop(lab);
+    t.say("done: no namespace, pin or process left behind");
+    Ok(())
+}

@@ -24,7 +24,12 @@ enum Cmd {
     /// The whole test suite: set-up, fmt, clippy (stable + nightly eBPF), unit and lab tests.
     Test,
     /// The lab demo: build, create the namespace lab, run the agent, show ECMP at work.
-    Lab,
+    Lab {
+        /// Routes from a real kube-apiserver (two nodes, the controller, status, events,
+        /// a gateway failure, deletion) instead of a directory.
+        #[arg(long)]
+        kube: bool,
+    },
     /// Benchmarks (measure, never assert).
     Bench {
         #[arg(value_enum)]
@@ -169,7 +174,8 @@ fn main() -> Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup::setup(),
         Cmd::Test => test(),
-        Cmd::Lab => demo::run(),
+        Cmd::Lab { kube: false } => demo::run(),
+        Cmd::Lab { kube: true } => demo::run_kube(),
         Cmd::Bench {
             which,
             trials,
