@@ -317,7 +317,8 @@ fn seed_examples_applied_with_kubectl_land_on_the_selected_nodes() -> Result<()>
 }
 
 /// A two-node lab with the CRDs, RBAC, both Nodes (`egress=yes`), the controller and an
-/// agent per node, all with their ServiceAccount identities.
+/// agent per node, all with their ServiceAccount identities. The agents resync every
+/// second (a write on a timer would show).
 fn two_node_cluster(controller_args: &[&str]) -> Result<(Lab, ControlPlane, [Agent; 2])> {
     let (lab, mut cp) = with_crd_in(LabSpec::two_nodes(3))?;
     cp.kubectl(&["apply", "-f", &rbac_path()])?;
@@ -326,8 +327,18 @@ fn two_node_cluster(controller_args: &[&str]) -> Result<(Lab, ControlPlane, [Age
     )?;
     cp.start_controller(controller_args)?;
     let agents = [
-        Agent::start_kube(&lab, "a", &cp.agent, &["--no-ebpf"])?,
-        Agent::start_kube(&lab, "b", &cp.agent, &["--no-ebpf"])?,
+        Agent::start_kube(
+            &lab,
+            "a",
+            &cp.agent,
+            &["--no-ebpf", "--resync-seconds", "1"],
+        )?,
+        Agent::start_kube(
+            &lab,
+            "b",
+            &cp.agent,
+            &["--no-ebpf", "--resync-seconds", "1"],
+        )?,
     ];
     Ok((lab, cp, agents))
 }
@@ -357,6 +368,23 @@ fn wait_route_status(
             cp.controller_log()
         ))
     })
+}
+
+/// Write requests (create, update, patch, apply) the API server has served on `resource`
+/// (any subresource), from its `apiserver_request_total` counters.
+fn writes(cp: &ControlPlane, resource: &str) -> Result<u64> {
+    let metrics = cp.kubectl(&["get", "--raw", "/metrics"])?;
+    let want = format!("resource=\"{resource}\"");
+    Ok(metrics
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{") && l.contains(&want))
+        .filter(|l| {
+            ["CREATE", "UPDATE", "PATCH", "APPLY"]
+                .iter()
+                .any(|v| l.contains(&format!("verb=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
 }
 
 fn condition<'a>(status: &'a serde_json::Value, type_: &str) -> &'a serde_json::Value {
@@ -466,6 +494,19 @@ fn status_printer_columns_and_events_show_the_truth() -> Result<()> {
     ensure!(
         nrs["metadata"]["ownerReferences"][0]["kind"] == "Node",
         "owned by its Node: {nrs:#}"
+    );
+    // Written on change only: no write request at all (the API server's own request
+    // counters) over several resyncs of a steady state.
+    let before = (writes(&cp, "noderoutestatuses")?, writes(&cp, "routes")?);
+    ensure!(
+        before.0 >= 2 && before.1 >= 1,
+        "{before:?}: the counters see the writes"
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let after = (writes(&cp, "noderoutestatuses")?, writes(&cp, "routes")?);
+    ensure!(
+        after == before,
+        "a steady state was written again: {before:?} -> {after:?}"
     );
     let table = cp.kubectl(&["get", "nrs"])?;
     ensure!(
