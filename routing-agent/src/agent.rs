@@ -9,8 +9,11 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use ipnet::IpNet;
+
 use crate::crd::Route;
 use crate::dataplane::{Dataplane, Outcome, monitor};
+use crate::default_route;
 use crate::ebpf::Programs;
 use crate::health::{self, Health, Transition};
 use crate::plan::{self, DesiredState, ProblemKind};
@@ -33,6 +36,76 @@ pub struct AgentConfig {
     pub publisher: Option<mpsc::Sender<publish::Report>>,
     /// Liveness / readiness, served on the health port.
     pub probes: std::sync::Arc<crate::serve::Probes>,
+    /// What a default-route override must not cut off.
+    pub protect: ProtectConfig,
+}
+
+/// Protected destinations and symmetric routing, as configured.
+#[derive(Clone, Debug, Default)]
+pub struct ProtectConfig {
+    /// Always protected: metadata, `--protected-cidr`, the configured API server host.
+    pub fixed: Vec<IpNet>,
+    /// Its nameservers are protected (read at every reconcile).
+    pub resolv_conf: Option<PathBuf>,
+    /// Nameservers inside these are cluster-internal: not protected.
+    pub in_cluster: Vec<IpNet>,
+    pub symmetric: Option<SymmetricConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SymmetricConfig {
+    pub table: u32,
+    pub priority: u32,
+    /// The public interface by name (`None`: the one of the node's own default route).
+    pub interface: Option<String>,
+}
+
+/// The index of interface `name` in this network namespace.
+fn if_index(name: &str) -> Result<u32, String> {
+    let c = std::ffi::CString::new(name).map_err(|_| format!("bad interface name {name:?}"))?;
+    // SAFETY: a valid NUL-terminated string; if_nametoindex only reads it.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(format!(
+            "--public-interface {name}: {}",
+            std::io::Error::last_os_error()
+        )),
+        i => Ok(i),
+    }
+}
+
+impl ProtectConfig {
+    /// The protection for this reconcile: fixed candidates, the nameservers of the
+    /// resolv.conf as it is now, the control-plane endpoints from the source.
+    fn protection(&self, endpoints: &[IpAddr]) -> Result<default_route::Protection, String> {
+        let mut candidates: BTreeSet<IpNet> = self.fixed.iter().copied().collect();
+        candidates.extend(endpoints.iter().map(|a| IpNet::from(*a)));
+        if let Some(path) = &self.resolv_conf {
+            match std::fs::read_to_string(path) {
+                Ok(text) => candidates.extend(
+                    default_route::nameservers(&text, &self.in_cluster)
+                        .into_iter()
+                        .map(IpNet::from),
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("reading {}: {e}", path.display())),
+            }
+        }
+        let symmetric = match &self.symmetric {
+            None => None,
+            Some(s) => Some(default_route::Symmetric {
+                table: s.table,
+                priority: s.priority,
+                interface: match &s.interface {
+                    None => None,
+                    Some(name) => Some(if_index(name)?),
+                },
+            }),
+        };
+        Ok(default_route::Protection {
+            candidates,
+            symmetric,
+        })
+    }
 }
 
 /// Exponential back-off for retrying what the kernel could not take yet.
@@ -127,6 +200,7 @@ pub async fn run(
     let mut last_doc: Option<serde_json::Value> = None;
     let mut node = cfg.node.clone();
     let mut reported: Option<crate::crd::NodeRoutes> = None;
+    let mut endpoints: Vec<IpAddr> = Vec::new();
 
     loop {
         cfg.probes.beat();
@@ -140,6 +214,12 @@ pub async fn run(
             s = snapshots.recv() => match s {
                 Some(s) => {
                     routes = Some(s.routes);
+                    if let Some(e) = s.control_plane {
+                        if e != endpoints {
+                            info!(endpoints = ?e, "control-plane endpoints");
+                        }
+                        endpoints = e;
+                    }
                     if let Some(labels) = s.node_labels
                         && labels != node.labels
                     {
@@ -194,6 +274,27 @@ pub async fn run(
         // is: a restart never removes routes it has not yet been told to remove.
         let Some(routes) = &routes else { continue };
         let mut desired = plan::plan(routes, &node);
+        // Default-route overrides: what must stay reachable through the node's own uplink.
+        // Without the facts, nothing changes (an override without its protection could cut
+        // the node off).
+        let protection = match cfg.protect.protection(&endpoints) {
+            Ok(p) => p,
+            Err(e) => {
+                let wait = backoff.step();
+                error!(error = %e, retry_in = ?wait, "reconcile skipped; nothing changed");
+                retry_at = Some(tokio::time::Instant::now() + wait);
+                continue;
+            }
+        };
+        match dataplane.facts(protection.symmetric.as_ref()).await {
+            Ok(facts) => default_route::protect(&mut desired, &facts, &protection),
+            Err(e) => {
+                let wait = backoff.step();
+                error!(error = %e, retry_in = ?wait, "cannot read the node's routes, addresses and rules; nothing changed");
+                retry_at = Some(tokio::time::Instant::now() + wait);
+                continue;
+            }
+        }
         let all_gateways: BTreeSet<IpAddr> = desired
             .routes
             .values()
@@ -547,12 +648,7 @@ fn status_doc(
         .problems
         .iter()
         .map(|p| {
-            let kind = match &p.kind {
-                ProblemKind::Invalid => "Invalid",
-                ProblemKind::Conflict { .. } => "Conflict",
-                ProblemKind::GatewayUnreachable { .. } => "GatewayUnreachable",
-                ProblemKind::Kernel { .. } => "Kernel",
-            };
+            let kind = report::reason(&p.kind);
             serde_json::json!({"route": p.route, "kind": kind, "message": p.message})
         })
         .collect();

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod controller;
 pub mod crd;
 pub mod dataplane;
+pub mod default_route;
 pub mod ebpf;
 pub mod events;
 pub mod health;

@@ -77,6 +77,44 @@ struct KernelArgs {
     /// bpffs directory for the agent's pinned maps (one per agent on a shared kernel).
     #[arg(long, default_value = "/sys/fs/bpf/routing-agent")]
     bpf_pin_dir: PathBuf,
+    /// While the default route is overridden, answer traffic that came in on the public
+    /// interface through it (a table and a `from <address>` rule per public address).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    symmetric_routing: bool,
+    /// Table of symmetric routing (the reference agent's `eth0table`).
+    #[arg(long, default_value_t = 135)]
+    symmetric_table: u32,
+    /// Priority of the symmetric routing rules.
+    #[arg(long, default_value_t = 15135)]
+    symmetric_rule_priority: u32,
+}
+
+/// What stays reachable through the node's own default gateway while the default route is
+/// overridden.
+#[derive(Args, Clone)]
+struct ProtectArgs {
+    /// The metadata service (`none`: not protected).
+    #[arg(long, default_value = "169.254.169.254")]
+    metadata_address: String,
+    /// The node's resolv.conf: its nameservers are protected (the DaemonSet mounts the
+    /// host's at /host/etc/resolv.conf).
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
+    /// More destinations to protect (CIDR or address; repeatable).
+    #[arg(long = "protected-cidr", value_parser = parse_net)]
+    protected_cidrs: Vec<ipnet::IpNet>,
+    /// Cluster-internal networks (service and pod CIDRs): nameservers inside them are not
+    /// protected (repeatable).
+    #[arg(long = "in-cluster-cidr", value_parser = parse_net)]
+    in_cluster_cidrs: Vec<ipnet::IpNet>,
+    /// The public interface of symmetric routing (default: the interface of the node's
+    /// own default route).
+    #[arg(long)]
+    public_interface: Option<String>,
+}
+
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    routing_agent::route::parse_destination(s).map(|(n, _)| n)
 }
 
 #[derive(Args, Clone)]
@@ -129,6 +167,8 @@ struct RunArgs {
     no_ebpf: bool,
     #[command(flatten)]
     sysctls: SysctlArgs,
+    #[command(flatten)]
+    protect: ProtectArgs,
     /// Address of the health endpoints (/healthz: the main loop turns; /readyz: the first
     /// reconcile from a complete view of the Routes is done).
     #[arg(long, default_value = "0.0.0.0:9977")]
@@ -216,6 +256,9 @@ fn dataplane_config(k: &KernelArgs) -> Config {
             buckets: k.resilient_buckets,
             idle_timer_s: k.resilient_idle_timer,
         },
+        symmetric: k
+            .symmetric_routing
+            .then_some((k.symmetric_table, k.symmetric_rule_priority)),
     }
 }
 
@@ -231,16 +274,46 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
+/// The client, and the addresses of the API server host it was configured with.
+async fn kube_client_and_hosts(
+    kubeconfig: Option<&std::path::Path>,
+) -> anyhow::Result<(kube::Client, Vec<std::net::IpAddr>)> {
+    let config = kube_config(kubeconfig).await?;
+    let mut hosts = Vec::new();
+    if let Some(host) = config.cluster_url.host() {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        match host.parse::<std::net::IpAddr>() {
+            Ok(a) => hosts.push(a),
+            Err(_) => {
+                let port = config.cluster_url.port_u16().unwrap_or(443);
+                match tokio::net::lookup_host((host, port)).await {
+                    Ok(addrs) => hosts.extend(addrs.map(|s| s.ip())),
+                    Err(e) => {
+                        tracing::warn!(host, error = %e, "cannot resolve the API server host; not protecting it")
+                    }
+                }
+            }
+        }
+    }
+    let client =
+        kube::Client::try_from(config).context("connecting to the Kubernetes API server")?;
+    Ok((client, hosts))
+}
+
+async fn kube_config(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Config> {
+    Ok(match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .with_context(|| format!("reading {}", path.display()))?;
             kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?
         }
         None => kube::Config::infer().await?,
-    };
-    kube::Client::try_from(config).context("connecting to the Kubernetes API server")
+    })
+}
+
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    kube::Client::try_from(kube_config(kubeconfig).await?)
+        .context("connecting to the Kubernetes API server")
 }
 
 #[tokio::main]
@@ -302,10 +375,20 @@ async fn main() -> anyhow::Result<()> {
             };
             let (tx, rx) = mpsc::channel(4);
             let mut publisher = None;
+            let mut protected: Vec<ipnet::IpNet> = a.protect.protected_cidrs.clone();
+            if a.protect.metadata_address != "none" {
+                protected.push(
+                    parse_net(&a.protect.metadata_address)
+                        .map_err(|e| anyhow::anyhow!("--metadata-address: {e}"))?,
+                );
+            }
             match &a.routes_dir {
                 Some(dir) => source::dir::spawn(dir.clone(), tx)?,
                 None => {
-                    let client = kube_client(a.kubeconfig.as_deref()).await?;
+                    let (client, api_hosts) =
+                        kube_client_and_hosts(a.kubeconfig.as_deref()).await?;
+                    // The API server this agent was configured with is protected too.
+                    protected.extend(api_hosts.into_iter().map(ipnet::IpNet::from));
                     source::kube::spawn(client.clone(), a.node_name.clone(), tx);
                     publisher = Some(publish::spawn(client, a.node_name.clone()));
                 }
@@ -333,6 +416,16 @@ async fn main() -> anyhow::Result<()> {
                     health_tick: a.health_interval,
                     publisher,
                     probes,
+                    protect: agent::ProtectConfig {
+                        fixed: protected,
+                        resolv_conf: Some(a.protect.resolv_conf.clone()),
+                        in_cluster: a.protect.in_cluster_cidrs.clone(),
+                        symmetric: a.kernel.symmetric_routing.then(|| agent::SymmetricConfig {
+                            table: a.kernel.symmetric_table,
+                            priority: a.kernel.symmetric_rule_priority,
+                            interface: a.protect.public_interface.clone(),
+                        }),
+                    },
                 },
                 dataplane,
                 programs,

@@ -26,6 +26,8 @@ pub struct DesiredRoute {
     pub withdrawn: Vec<IpAddr>,
     /// Name of the Route this comes from.
     pub owner: String,
+    /// A half of a Route's default route (see [`crate::default_route`]).
+    pub from_default: bool,
 }
 
 impl DesiredRoute {
@@ -45,6 +47,9 @@ pub enum ProblemKind {
     GatewayUnreachable { gateway: IpAddr },
     /// The kernel refused a destination (filled in by the dataplane).
     Kernel { destination: IpNet },
+    /// A default-route override refused: symmetric routing would clobber a rule or table
+    /// the agent does not own.
+    SymmetricRouting,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -64,6 +69,9 @@ pub struct DesiredState {
     pub problems: Vec<Problem>,
     /// Non-fatal findings (normalised CIDRs, duplicates), each naming the Route.
     pub warnings: Vec<String>,
+    /// Protected routes and symmetric routing of active default-route overrides (filled
+    /// in by [`crate::default_route::protect`]).
+    pub overrides: crate::default_route::Overrides,
 }
 
 /// Plans the routes for `node`. The result does not depend on the order of `routes`.
@@ -108,7 +116,11 @@ pub fn plan(routes: &[Route], node: &NodeInfo) -> DesiredState {
         state.selected.push(name.clone());
         let mut gateways = valid.gateways.clone();
         gateways.sort();
-        for dst in valid.destinations {
+        for (asked, dst) in valid.destinations.iter().flat_map(|d| {
+            crate::default_route::kernel_destinations(*d)
+                .into_iter()
+                .map(move |k| (*d, k))
+        }) {
             if let Some(winner) = state.routes.get(&dst) {
                 state.problems.push(Problem {
                     route: name.clone(),
@@ -131,6 +143,7 @@ pub fn plan(routes: &[Route], node: &NodeInfo) -> DesiredState {
                     gateways: gateways.clone(),
                     withdrawn: Vec::new(),
                     owner: name.clone(),
+                    from_default: asked.prefix_len() == 0,
                 },
             );
         }
@@ -318,9 +331,11 @@ mod tests {
             ],
             &node(),
         );
-        assert_eq!(s.routes.len(), 3);
-        assert_eq!(s.routes[&net("::/0")].family(), Family::V6);
-        assert_eq!(s.routes[&net("0.0.0.0/0")].family(), Family::V4);
+        // Default routes are planned as their halves (see default_route).
+        assert_eq!(s.routes.len(), 5);
+        assert_eq!(s.routes[&net("8000::/1")].family(), Family::V6);
+        assert_eq!(s.routes[&net("128.0.0.0/1")].family(), Family::V4);
+        assert!(!s.routes[&net("2001:db8::/32")].from_default);
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub fn reason(kind: &ProblemKind) -> &'static str {
         ProblemKind::Conflict { .. } => "Conflict",
         ProblemKind::GatewayUnreachable { .. } => "GatewayUnreachable",
         ProblemKind::Kernel { .. } => "KernelRefused",
+        ProblemKind::SymmetricRouting => "SymmetricRoutingConflict",
     }
 }
 

@@ -47,8 +47,11 @@ fn two_gateways_make_an_ecmp_route() {
 
 #[test]
 fn default_route_override_plans_a_default_route() {
+    // As its two halves, more specific than the node's own default route.
     let s = plan(&load("03-default-route.yaml"), &node("n", &[]));
-    assert_eq!(gateways(&s, "0.0.0.0/0"), vec![ip("10.114.0.3")]);
+    assert_eq!(gateways(&s, "0.0.0.0/1"), vec![ip("10.114.0.3")]);
+    assert_eq!(gateways(&s, "128.0.0.0/1"), vec![ip("10.114.0.3")]);
+    assert!(s.routes.values().all(|r| r.from_default));
     assert!(s.warnings.is_empty());
 }
 

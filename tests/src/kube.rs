@@ -1,6 +1,8 @@
 //! A real control plane for the Kubernetes tests: etcd 3.4 and kube-apiserver v1.20.2
 //! (built once per machine by `cargo xtask setup`, see `xtask/scripts/kube-apiserver.sh`)
-//! in the lab's `cp` namespace, on br-vpc at `CP_ADDR:6443`. TLS with the apiserver's
+//! in the lab's `cp` namespace, on br-vpc at `CP_ADDR:6443` (in a lab with a public side:
+//! behind the isp at `CP_PUBLIC_ADDR`, reached through the nodes' own default route, with
+//! the `kubernetes` Endpoints left to the test). TLS with the apiserver's
 //! self-signed CA, bearer tokens: an administrator (`system:masters`, for kubectl) and the
 //! agent's and the controller's ServiceAccount identities, so that RBAC from `deploy/` is
 //! what they get. The controller (`routing-agent controller`) runs in the `cp` namespace.
@@ -14,6 +16,8 @@ use anyhow::{Context as _, Result, bail};
 use crate::{Lab, run};
 
 pub const CP_ADDR: &str = "10.114.0.250";
+/// The API server's address in a lab with a public side (behind the isp only).
+pub const CP_PUBLIC_ADDR: &str = "198.18.1.250";
 pub const AGENT_NAMESPACE: &str = "routing-agent";
 pub const AGENT_SERVICE_ACCOUNT: &str = "routing-agent";
 pub const CONTROLLER_SERVICE_ACCOUNT: &str = "routing-agent-controller";
@@ -54,11 +58,11 @@ fn spawn_in(ns: &str, log: &Path, program: &Path, args: &[String]) -> Result<Chi
         .with_context(|| format!("starting {}", program.display()))
 }
 
-fn kubeconfig(path: &Path, ca: &Path, user: &str, token: &str) -> Result<()> {
+fn kubeconfig(path: &Path, addr: &str, ca: &Path, user: &str, token: &str) -> Result<()> {
     fs::write(
         path,
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://{CP_ADDR}:6443\n    certificate-authority: {}\nusers:\n- name: {user}\n  user:\n    token: {token}\ncontexts:\n- name: lab\n  context: {{cluster: lab, user: {user}}}\ncurrent-context: lab\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://{addr}:6443\n    certificate-authority: {}\nusers:\n- name: {user}\n  user:\n    token: {token}\ncontexts:\n- name: lab\n  context: {{cluster: lab, user: {user}}}\ncurrent-context: lab\n",
             ca.display()
         ),
     )?;
@@ -78,8 +82,18 @@ impl Lab {
             );
         }
         let ns = self.add_ns("cp")?;
-        self.bridge_port("cp", "eth0", "cp-vpc", "br-vpc")?;
-        self.ip(&ns, &format!("addr add {CP_ADDR}/20 dev eth0"))?;
+        let addr = if self.spec.public {
+            let isp = self.ns("isp");
+            self.veth(&ns, "eth0", &isp, "cp0")?;
+            self.ip(&ns, &format!("addr add {CP_PUBLIC_ADDR}/24 dev eth0"))?;
+            self.ip(&isp, "addr add 198.18.1.1/24 dev cp0")?;
+            self.ip(&ns, "route add default via 198.18.1.1")?;
+            CP_PUBLIC_ADDR
+        } else {
+            self.bridge_port("cp", "eth0", "cp-vpc", "br-vpc")?;
+            self.ip(&ns, &format!("addr add {CP_ADDR}/20 dev eth0"))?;
+            CP_ADDR
+        };
         let dir = self.scratch.join("cp");
         fs::create_dir_all(dir.join("certs"))?;
         let p = |f: &str| dir.join(f).display().to_string();
@@ -133,7 +147,7 @@ impl Lab {
         cp.apiserver_args = vec![
             "--etcd-servers=http://127.0.0.1:2379".into(),
             "--bind-address=0.0.0.0".into(),
-            format!("--advertise-address={CP_ADDR}"),
+            format!("--advertise-address={addr}"),
             "--secure-port=6443".into(),
             format!("--cert-dir={}", p("certs")),
             format!("--token-auth-file={}", p("tokens.csv")),
@@ -146,11 +160,16 @@ impl Lab {
             // As every distribution does (the DaemonSet's sysctl init container is privileged).
             "--allow-privileged=true".into(),
         ];
+        if self.spec.public {
+            // The test writes the `kubernetes` Endpoints itself.
+            cp.apiserver_args
+                .push("--endpoint-reconciler-type=none".into());
+        }
         cp.start_apiserver()?;
         let ca = dir.join("certs/apiserver.crt");
-        kubeconfig(&cp.admin, &ca, "admin", "admin-token")?;
-        kubeconfig(&cp.agent, &ca, "agent", "agent-token")?;
-        kubeconfig(&cp.controller, &ca, "controller", "controller-token")?;
+        kubeconfig(&cp.admin, addr, &ca, "admin", "admin-token")?;
+        kubeconfig(&cp.agent, addr, &ca, "agent", "agent-token")?;
+        kubeconfig(&cp.controller, addr, &ca, "controller", "controller-token")?;
         cp.wait_ready()?;
         Ok(cp)
     }

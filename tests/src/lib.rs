@@ -24,6 +24,16 @@ use anyhow::{Context as _, Result, anyhow, bail};
 pub mod kube;
 
 pub const ECHO_PORT: u16 = 7;
+/// The isp (the nodes' original default gateway) and what only it reaches.
+pub const ISP_V4: &str = "192.0.2.1";
+pub const ISP_V6: &str = "2001:db8:2::1";
+pub const METADATA_V4: &str = "169.254.169.254";
+pub const NAMESERVER_V4: &str = "198.18.0.53";
+pub const NAMESERVER_V6: &str = "2001:db8:53::53";
+/// One more address only the isp reaches (a `--protected-cidr` in the tests).
+pub const PRIVATE_SERVICE_V4: &str = "198.18.2.1";
+/// Port of the inbound server on each node's public address (symmetric routing tests).
+pub const INBOUND_PORT: u16 = 8080;
 /// The hold server (same addresses as the echo server): answers with the client's source
 /// address, then echoes every line until the client closes. For long-lived connections.
 pub const HOLD_PORT: u16 = 9;
@@ -94,6 +104,12 @@ pub struct NodeSpec {
 pub struct LabSpec {
     pub gateways: u8,
     pub nodes: Vec<NodeSpec>,
+    /// The public side: an `isp` router on `br-pub` (192.0.2.1, 2001:db8:2::1), each node's
+    /// `eth0` on it (192.0.2.(8+H), 2001:db8:2::H) with its default routes via the isp;
+    /// behind the isp only (the internet has no route to them): the metadata address, a
+    /// nameserver and, with `control_plane()`, the API server. The internet routes the
+    /// nodes' public addresses via the isp.
+    pub public: bool,
 }
 
 impl Default for LabSpec {
@@ -104,6 +120,7 @@ impl Default for LabSpec {
                 name: "a".into(),
                 host: 2,
             }],
+            public: false,
         }
     }
 }
@@ -112,6 +129,7 @@ impl LabSpec {
     /// Nodes a (10.114.0.2) and b (10.114.0.6), with `gateways` gateways.
     pub fn two_nodes(gateways: u8) -> Self {
         LabSpec {
+            public: false,
             gateways,
             nodes: vec![
                 NodeSpec {
@@ -137,6 +155,13 @@ pub fn gateway_v6(i: u8) -> String {
 pub fn public_v4(i: u8) -> IpAddr {
     format!("203.0.113.{i}").parse().unwrap()
 }
+/// Node `host`'s public (`eth0`) addresses.
+pub fn node_public_v4(host: u8) -> String {
+    format!("192.0.2.{}", 8 + host)
+}
+pub fn node_public_v6(host: u8) -> String {
+    format!("2001:db8:2::{host:x}")
+}
 pub fn public_v6(i: u8) -> IpAddr {
     format!("2001:db8:113::{i:x}").parse().unwrap()
 }
@@ -147,8 +172,7 @@ pub struct Lab {
     pub scratch: PathBuf,
     namespaces: Vec<String>,
     stop: Arc<AtomicBool>,
-    server: Option<JoinHandle<()>>,
-    hold_server: Option<JoinHandle<()>>,
+    servers: Vec<JoinHandle<()>>,
 }
 
 /// The faces of a black-holing gateway (`../shared/lab.md`).
@@ -308,8 +332,7 @@ impl Lab {
             scratch,
             namespaces: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
-            server: None,
-            hold_server: None,
+            servers: Vec::new(),
         };
         lab.build()
             .with_context(|| format!("building lab {}", lab.prefix))?;
@@ -412,8 +435,68 @@ impl Lab {
         for n in self.spec.nodes.clone() {
             self.add_node_ns(&n)?;
         }
-        self.start_echo_server()?;
+        self.start_echo_server("inet", ECHO_PORT)?;
         self.start_hold_server()?;
+        if self.spec.public {
+            self.build_public()?;
+        }
+        Ok(())
+    }
+
+    /// The public side (see [`LabSpec::public`]).
+    fn build_public(&mut self) -> Result<()> {
+        let fab = self.ns("fabric");
+        self.ip(&fab, "link add br-pub type bridge mcast_snooping 0")?;
+        self.ip(&fab, "link set dev br-pub up")?;
+        let isp = self.add_ns("isp")?;
+        self.bridge_port("isp", "pub0", "isp-pub", "br-pub")?;
+        self.bridge_port("isp", "up0", "isp-up", "br-up")?;
+        self.ip(&isp, &format!("addr add {ISP_V4}/24 dev pub0"))?;
+        self.ip(&isp, &format!("addr add {ISP_V6}/64 dev pub0 nodad"))?;
+        self.ip(&isp, "addr add 203.0.113.253/24 dev up0")?;
+        self.ip(&isp, "addr add 2001:db8:113::fd/64 dev up0 nodad")?;
+        self.ip(&isp, "route add default via 203.0.113.254")?;
+        self.ip(&isp, "-6 route add default via 2001:db8:113::fe")?;
+        for a in [METADATA_V4, NAMESERVER_V4, PRIVATE_SERVICE_V4] {
+            self.ip(&isp, &format!("addr add {a}/32 dev lo"))?;
+        }
+        self.ip(&isp, &format!("addr add {NAMESERVER_V6}/128 dev lo nodad"))?;
+        self.sh(
+            &isp,
+            "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
+        )?;
+        let inet = self.ns("inet");
+        self.ip(&inet, "route add 192.0.2.0/24 via 203.0.113.253")?;
+        self.ip(&inet, "-6 route add 2001:db8:2::/64 via 2001:db8:113::fd")?;
+        self.start_echo_server("isp", ECHO_PORT)?;
+        for n in self.spec.nodes.clone() {
+            self.add_node_public(&n)?;
+        }
+        Ok(())
+    }
+
+    fn add_node_public(&mut self, n: &NodeSpec) -> Result<()> {
+        let short = format!("node-{}", n.name);
+        let ns = self.ns(&short);
+        self.bridge_port(&short, "eth0", &format!("{}-pub", n.name), "br-pub")?;
+        self.ip(
+            &ns,
+            &format!("addr add {}/24 dev eth0", node_public_v4(n.host)),
+        )?;
+        self.ip(
+            &ns,
+            &format!("addr add {}/64 dev eth0 nodad", node_public_v6(n.host)),
+        )?;
+        self.ip(
+            &ns,
+            &format!("route add default via {ISP_V4} dev eth0 proto static"),
+        )?;
+        self.ip(
+            &ns,
+            &format!("-6 route add default via {ISP_V6} dev eth0 proto static"),
+        )?;
+        // The inbound server on the node's public addresses.
+        self.start_echo_server(&short, INBOUND_PORT)?;
         Ok(())
     }
 
@@ -433,14 +516,14 @@ impl Lab {
         Ok(())
     }
 
-    /// The echo server: a thread inside the `inet` namespace answering every TCP
-    /// connection on port 7 (v4 and v6) with the client's source address.
-    fn start_echo_server(&mut self) -> Result<()> {
-        let ns = self.ns("inet");
+    /// The echo server: a thread inside namespace `short` answering every TCP connection
+    /// on `port` (v4 and v6) with the client's source address.
+    fn start_echo_server(&mut self, short: &str, port: u16) -> Result<()> {
+        let ns = self.ns(short);
         let stop = self.stop.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let handle = std::thread::spawn(move || {
-            let listener = in_netns(&ns, || TcpListener::bind(("::", ECHO_PORT)));
+            let listener = in_netns(&ns, move || TcpListener::bind(("::", port)));
             let listener = match listener {
                 Ok(Ok(l)) => l,
                 Ok(Err(e)) | Err(e) => {
@@ -461,7 +544,7 @@ impl Lab {
             }
         });
         ready_rx.recv()??;
-        self.server = Some(handle);
+        self.servers.push(handle);
         Ok(())
     }
 
@@ -492,7 +575,7 @@ impl Lab {
                 }
             }
         });
-        self.hold_server = Some(handle);
+        self.servers.push(handle);
         Ok(())
     }
 
@@ -618,6 +701,26 @@ impl Lab {
             .with_context(|| format!("connecting from node {node} to {addr}"))
     }
 
+    /// An inbound connection from the internet to node `node`'s public address (v4 or v6)
+    /// on [`INBOUND_PORT`]: the source address the node saw.
+    pub fn connect_inbound(&self, node: &str, v6: bool) -> Result<IpAddr> {
+        let host = self
+            .spec
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .ok_or_else(|| anyhow!("no node {node}"))?
+            .host;
+        let dst: IpAddr = if v6 {
+            node_public_v6(host).parse()?
+        } else {
+            node_public_v4(host).parse()?
+        };
+        let addr = SocketAddr::new(dst, INBOUND_PORT);
+        in_netns(&self.ns("inet"), move || echo(addr))?
+            .with_context(|| format!("connecting from the internet to {addr}"))
+    }
+
     /// Runs `routing-agent cleanup` in `node`'s namespace, with its pin directory.
     pub fn cleanup(&self, node: &str) -> Result<String> {
         run(&[
@@ -719,10 +822,7 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        for h in [self.server.take(), self.hold_server.take()]
-            .into_iter()
-            .flatten()
-        {
+        for h in std::mem::take(&mut self.servers) {
             let _ = h.join();
         }
         for ns in self.namespaces.iter().rev() {

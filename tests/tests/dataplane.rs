@@ -443,7 +443,7 @@ fn foreign_route_at_the_same_destination_is_reported_not_replaced() -> Result<()
     let s = agent.wait_status("kernel problem reported", |s| {
         s["problems"]
             .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["kind"] == "Kernel"))
+            .is_some_and(|p| p.iter().any(|p| p["kind"] == "KernelRefused"))
     })?;
     let msg = s["problems"][0]["message"].as_str().unwrap();
     assert!(

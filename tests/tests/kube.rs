@@ -265,7 +265,8 @@ fn seed_examples_applied_with_kubectl_land_on_the_selected_nodes() -> Result<()>
         ),
         (
             "03-default-route.yaml",
-            "0.0.0.0/0",
+            // A default route is installed as its two halves (see README).
+            "128.0.0.0/1",
             vec![g1.clone()],
             &["a", "b"],
         ),
@@ -292,10 +293,10 @@ fn seed_examples_applied_with_kubectl_land_on_the_selected_nodes() -> Result<()>
             )?;
         }
         // The other destination of the series is gone wherever this one is not it.
-        let other = if dst == "0.0.0.0/0" {
+        let other = if dst == "128.0.0.0/1" {
             "0.0.0.0/5"
         } else {
-            "0.0.0.0/0"
+            "128.0.0.0/1"
         };
         for node in ["a", "b"] {
             wait_for(

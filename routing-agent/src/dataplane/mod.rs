@@ -5,10 +5,12 @@
 //! (default main); nexthop objects carry the same protocol id and an id from the agent's
 //! range. Nothing else is ever changed or deleted.
 pub mod diff;
+pub mod facts;
 pub mod monitor;
 pub mod neigh;
 pub mod nexthop;
 pub mod routes;
+pub mod rules;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -39,6 +41,9 @@ pub struct Config {
     pub ids: IdRange,
     pub mode: ModeChoice,
     pub resilient: Resilient,
+    /// Table and rule priority of symmetric routing (`None`: never used; nothing of it is
+    /// cleaned up either).
+    pub symmetric: Option<(u32, u32)>,
 }
 
 /// What one reconcile achieved.
@@ -155,6 +160,13 @@ impl Dataplane {
             }
         }
 
+        // Protected destinations: through the node's own uplink (not gateways of Routes:
+        // no health, no TC programs on their interface).
+        for (dst, up) in &desired.overrides.protected {
+            want.entry(*dst)
+                .or_insert_with(|| vec![(up.gateway, up.oif)]);
+        }
+
         let kernel = self.snapshot().await?;
         let ops = diff::diff(&want, &kernel, self.mode, self.cfg.ids, self.cfg.protocol)?;
         let failed = self.apply(&ops).await;
@@ -183,10 +195,15 @@ impl Dataplane {
         }
         problems.sort();
 
+        changes += self.sync_symmetric(desired, &mut problems).await;
+
         let failed_dsts: BTreeSet<IpNet> = failed.iter().map(|(d, _)| *d).collect();
         let mut installed = BTreeMap::new();
         let mut interfaces = BTreeSet::new();
         for (dst, hops) in &want {
+            if desired.overrides.protected.contains_key(dst) {
+                continue;
+            }
             if failed_dsts.contains(dst) && !kernel.routes.contains_key(dst) {
                 continue;
             }
@@ -200,6 +217,103 @@ impl Dataplane {
             gateway_oifs,
             changes,
         })
+    }
+
+    /// Symmetric routing: the default routes of the symmetric table and the `from` rules
+    /// become exactly the desired ones (the agent's own only). Failures become problems.
+    async fn sync_symmetric(
+        &mut self,
+        desired: &DesiredState,
+        problems: &mut Vec<Problem>,
+    ) -> usize {
+        let Some((table, priority)) = self.cfg.symmetric else {
+            return 0;
+        };
+        let key = RouteKey {
+            protocol: self.cfg.protocol,
+            table,
+            metric: 0,
+        };
+        let o = &desired.overrides;
+        let owner = || {
+            desired
+                .routes
+                .values()
+                .find(|r| r.from_default)
+                .map(|r| r.owner.clone())
+                .unwrap_or_default()
+        };
+        let mut changes = 0;
+        let mut fail = |what: String, e: NlError| {
+            let route = owner();
+            problems.push(Problem {
+                message: format!("Route {route}: symmetric routing: {what}: {e}"),
+                route,
+                kind: ProblemKind::SymmetricRouting,
+            });
+        };
+        match routes::dump_owned(&self.handle, key).await {
+            Ok(have) => {
+                let want: BTreeMap<IpNet, diff::Target> = o
+                    .table_routes
+                    .iter()
+                    .map(|(f, up)| {
+                        let any = match f {
+                            crate::route::Family::V4 => "0.0.0.0/0",
+                            crate::route::Family::V6 => "::/0",
+                        };
+                        (
+                            any.parse().expect("valid"),
+                            diff::Target::Hops(vec![(up.gateway, up.oif)]),
+                        )
+                    })
+                    .collect();
+                for (dst, _) in have.iter().filter(|(d, _)| !want.contains_key(d)) {
+                    match routes::del(&self.handle, key, *dst).await {
+                        Ok(()) => changes += 1,
+                        Err(e) => fail(format!("removing {dst} from table {table}"), e),
+                    }
+                }
+                for (dst, t) in &want {
+                    if have.iter().any(|(d, h)| d == dst && h == t) {
+                        continue;
+                    }
+                    match routes::add(&self.handle, key, *dst, t, true).await {
+                        Ok(()) => changes += 1,
+                        Err(e) => fail(format!("{dst} in table {table}"), e),
+                    }
+                }
+            }
+            Err(e) => fail(format!("reading table {table}"), e),
+        }
+        match rules::dump(&self.handle).await {
+            Ok(all) => {
+                match rules::sync(&self.handle, &all, self.cfg.protocol, priority, &o.rules).await {
+                    Ok(n) => changes += n,
+                    Err(e) => fail(format!("rules at priority {priority}"), e),
+                }
+            }
+            Err(e) => fail("reading the rules".into(), e),
+        }
+        if changes > 0 {
+            info!(
+                table,
+                priority,
+                rules = o.rules.len(),
+                table_routes = o.table_routes.len(),
+                changes,
+                "symmetric routing"
+            );
+        }
+        changes
+    }
+
+    /// The node facts for default-route planning.
+    pub async fn facts(
+        &self,
+        symmetric: Option<&crate::default_route::Symmetric>,
+    ) -> Result<crate::default_route::NodeFacts, NlError> {
+        facts::read(&self.handle, self.cfg.protocol, symmetric).await
     }
 
     /// Applies ops phase by phase (nexthops, routes, garbage); routes within a phase go

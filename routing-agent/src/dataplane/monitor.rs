@@ -10,12 +10,14 @@ use tokio::sync::mpsc;
 
 use super::nexthop::RTNLGRP_NEXTHOP;
 
-const GROUPS: [u32; 5] = [
+const GROUPS: [u32; 7] = [
     1,  // RTNLGRP_LINK
     5,  // RTNLGRP_IPV4_IFADDR
     7,  // RTNLGRP_IPV4_ROUTE
+    8,  // RTNLGRP_IPV4_RULE (symmetric routing)
     9,  // RTNLGRP_IPV6_IFADDR
     11, // RTNLGRP_IPV6_ROUTE
+    19, // RTNLGRP_IPV6_RULE
 ];
 
 /// Starts the monitor. Every batch of notifications puts one token into `wake`

@@ -111,11 +111,18 @@ fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
-/// The destination and target of a route message, if it is one of ours.
-fn parse_owned(m: &RouteMessage, key: RouteKey) -> Option<(IpNet, Target)> {
-    if u8::from(m.header.protocol) != key.protocol || table_of(m) != key.table {
-        return None;
-    }
+/// A route as dumped, whoever owns it.
+#[derive(Clone, Debug)]
+pub struct Dumped {
+    pub protocol: u8,
+    pub table: u32,
+    pub dst: IpNet,
+    pub target: Target,
+    pub metric: u32,
+    pub unicast: bool,
+}
+
+fn parse(m: &RouteMessage) -> Option<Dumped> {
     let len = m.header.destination_prefix_length;
     let dst_addr = m
         .attributes
@@ -160,11 +167,26 @@ fn parse_owned(m: &RouteMessage, key: RouteKey) -> Option<(IpNet, Target)> {
     } else {
         Target::Hops(gw.zip(oif).into_iter().collect())
     };
-    Some((dst, target))
+    let metric = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0);
+    Some(Dumped {
+        protocol: u8::from(m.header.protocol),
+        table: table_of(m),
+        dst,
+        target,
+        metric,
+        unicast: m.header.kind == RouteType::Unicast,
+    })
 }
 
-/// The agent's routes (both families) in its table, marked with its protocol.
-pub async fn dump_owned(handle: &Handle, key: RouteKey) -> Result<Vec<(IpNet, Target)>, NlError> {
+/// Every route of every table, both families.
+pub async fn dump_all(handle: &Handle) -> Result<Vec<Dumped>, NlError> {
     let mut out = Vec::new();
     for v in [IpVersion::V4, IpVersion::V6] {
         let mut req = handle
@@ -176,12 +198,20 @@ pub async fn dump_owned(handle: &Handle, key: RouteKey) -> Result<Vec<(IpNet, Ta
         };
         let mut stream = req.execute();
         while let Some(m) = stream.try_next().await.map_err(nl_error)? {
-            if let Some(r) = parse_owned(&m, key) {
-                out.push(r);
-            }
+            out.extend(parse(&m));
         }
     }
     Ok(out)
+}
+
+/// The agent's routes (both families) in its table, marked with its protocol.
+pub async fn dump_owned(handle: &Handle, key: RouteKey) -> Result<Vec<(IpNet, Target)>, NlError> {
+    Ok(dump_all(handle)
+        .await?
+        .into_iter()
+        .filter(|d| d.protocol == key.protocol && d.table == key.table)
+        .map(|d| (d.dst, d.target))
+        .collect())
 }
 
 pub async fn add(

@@ -136,6 +136,7 @@ pub fn load(dir: &Path, cache: &mut DirCache) -> (Snapshot, Vec<FileError>) {
                 Snapshot {
                     routes,
                     node_labels: None,
+                    control_plane: None,
                 },
                 errors,
             );
@@ -190,6 +191,7 @@ pub fn load(dir: &Path, cache: &mut DirCache) -> (Snapshot, Vec<FileError>) {
         Snapshot {
             routes,
             node_labels: None,
+            control_plane: None,
         },
         errors,
     )

@@ -1,14 +1,16 @@
-//! Kubernetes source: every `Route` (cluster-scoped) and this node's own `Node` (field
-//! selector `metadata.name`), followed with kube-runtime watchers feeding reflector stores.
-//! Once both stores have their first complete list, every change sends a complete
-//! [`Snapshot`] with the node's current labels, so a relabelled node re-plans at once.
+//! Kubernetes source: every `Route` (cluster-scoped), this node's own `Node` (field
+//! selector `metadata.name`) and the control-plane endpoints (the `kubernetes` Endpoints in
+//! `default`), followed with kube-runtime watchers feeding reflector stores. Once all three
+//! have their first complete list, every change sends a complete [`Snapshot`] with the
+//! node's current labels (a relabelled node re-plans at once) and the endpoint addresses
+//! (protected while the default route is overridden).
 //!
 //! A lost API server is the watchers' business: they retry with back-off and relist when
 //! it is back; nothing is sent meanwhile, so the agent keeps the kernel as it is. Before
 //! the first complete list nothing is sent either (a restart while the API server is down
 //! changes nothing).
 use futures::{StreamExt, stream};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Endpoints, Node};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
@@ -21,6 +23,7 @@ use crate::crd::Route;
 enum Kind {
     Routes,
     Node,
+    Endpoints,
 }
 
 /// What a watcher event means here.
@@ -59,22 +62,34 @@ pub fn spawn(client: Client, node: String, tx: mpsc::Sender<Snapshot>) {
     let node_events = reflector(
         nodes_writer,
         watcher(
-            Api::<Node>::all(client),
+            Api::<Node>::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={node}")),
         ),
     )
     .default_backoff()
     .map(|e| signal(Kind::Node, e))
     .boxed();
+    let (endpoints, endpoints_writer) = reflector::store::<Endpoints>();
+    let endpoint_events = reflector(
+        endpoints_writer,
+        watcher(
+            Api::<Endpoints>::namespaced(client.clone(), "default"),
+            watcher::Config::default().fields("metadata.name=kubernetes"),
+        ),
+    )
+    .default_backoff()
+    .map(|e| signal(Kind::Endpoints, e))
+    .boxed();
     tokio::spawn(async move {
-        let mut events = stream::select(route_events, node_events);
-        let (mut routes_ready, mut node_ready) = (false, false);
+        let mut events = stream::select_all([route_events, node_events, endpoint_events]);
+        let (mut routes_ready, mut node_ready, mut endpoints_ready) = (false, false, false);
         while let Some(sig) = events.next().await {
             match sig {
                 Signal::Ready(what) => {
                     match what {
                         Kind::Routes => routes_ready = true,
                         Kind::Node => node_ready = true,
+                        Kind::Endpoints => endpoints_ready = true,
                     }
                     info!(?what, "initial list from the API server complete");
                 }
@@ -85,7 +100,7 @@ pub fn spawn(client: Client, node: String, tx: mpsc::Sender<Snapshot>) {
                     continue;
                 }
             }
-            if !(routes_ready && node_ready) {
+            if !(routes_ready && node_ready && endpoints_ready) {
                 continue;
             }
             let node_labels = match nodes.state().first() {
@@ -95,9 +110,17 @@ pub fn spawn(client: Client, node: String, tx: mpsc::Sender<Snapshot>) {
                     Default::default()
                 }
             };
+            let control_plane: Vec<std::net::IpAddr> = endpoints
+                .state()
+                .iter()
+                .flat_map(|e| e.subsets.iter().flatten())
+                .flat_map(|s| s.addresses.iter().flatten())
+                .filter_map(|a| a.ip.parse().ok())
+                .collect();
             let snapshot = Snapshot {
                 routes: routes.state().iter().map(|r| (**r).clone()).collect(),
                 node_labels: Some(node_labels),
+                control_plane: Some(control_plane),
             };
             if tx.send(snapshot).await.is_err() {
                 return;

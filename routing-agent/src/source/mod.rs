@@ -13,4 +13,7 @@ pub struct Snapshot {
     /// This node's labels, when the source knows them (Kubernetes); `None` keeps the ones
     /// the agent was started with (standalone mode).
     pub node_labels: Option<std::collections::BTreeMap<String, String>>,
+    /// The control-plane endpoint addresses (the `kubernetes` Service's endpoints), when
+    /// the source knows them; `None` keeps the last ones.
+    pub control_plane: Option<Vec<std::net::IpAddr>>,
 }

@@ -1,0 +1,327 @@
+//! Overriding the default route without losing the node (lab with a public side: the node's
+//! `eth0` and its `isp` default gateway, the metadata address and a nameserver reachable
+//! through the isp only). Needs root; every test builds and deletes its own lab.
+use std::net::IpAddr;
+
+use anyhow::{Result, ensure};
+use routing_agent_tests::*;
+
+fn public_lab() -> Result<Lab> {
+    Lab::new(LabSpec {
+        public: true,
+        ..LabSpec::default()
+    })
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// The lab itself, before any agent: egress through the isp with the node's public
+/// address; the isp-only services reachable; inbound connections answered.
+#[test]
+fn the_public_lab_routes_through_the_isp() -> Result<()> {
+    let lab = public_lab()?;
+    ensure!(lab.connect("a", ip(ECHO_V4))? == ip(&node_public_v4(2)));
+    ensure!(lab.connect("a", ip(ECHO_V6))? == ip(&node_public_v6(2)));
+    ensure!(lab.connect("a", ip(METADATA_V4))? == ip(&node_public_v4(2)));
+    ensure!(lab.connect("a", ip(NAMESERVER_V6))? == ip(&node_public_v6(2)));
+    ensure!(lab.connect_inbound("a", false)? == ip("203.0.113.254"));
+    ensure!(lab.connect_inbound("a", true)? == ip("2001:db8:113::fe"));
+    Ok(())
+}
+
+/// Everything of the node's routing a test compares: routes of every table, rules and
+/// nexthop objects, both families.
+fn routing_dump(lab: &Lab, node: &str) -> Result<String> {
+    let ns = lab.node_ns(node);
+    let mut out = String::new();
+    for cmd in [
+        "route show table all",
+        "-6 route show table all",
+        "rule show",
+        "-6 rule show",
+        "nexthop show",
+    ] {
+        out.push_str(&format!("## ip {cmd}\n{}\n", lab.ip(&ns, cmd)?));
+    }
+    Ok(out)
+}
+
+fn resolv_conf(lab: &Lab) -> Result<String> {
+    let path = lab.scratch.join("resolv.conf");
+    std::fs::write(
+        &path,
+        format!(
+            "search lab.example\nnameserver 127.0.0.53\nnameserver {NAMESERVER_V4}\nnameserver {NAMESERVER_V6}\n"
+        ),
+    )?;
+    Ok(path.display().to_string())
+}
+
+fn override_routes(dir: &std::path::Path) -> Result<()> {
+    std::fs::write(
+        dir.join("egress.yaml"),
+        route_yaml(
+            "egress",
+            &["0.0.0.0/0"],
+            &[&gateway_v4(1), &gateway_v4(2)],
+            None,
+        ) + "---\n"
+            + &route_yaml("egress6", &["::/0"], &[&gateway_v6(1)], None),
+    )?;
+    Ok(())
+}
+
+/// With `0.0.0.0/0` and `::/0` through the NAT gateways: the internet sees the gateways;
+/// the metadata service, the nameservers and a protected CIDR stay reached through the
+/// isp; an inbound connection to the public address is answered through eth0; removing the
+/// override restores the node's routing exactly.
+#[test]
+fn a_default_override_moves_egress_and_keeps_the_node_reachable() -> Result<()> {
+    let lab = public_lab()?;
+    let before = routing_dump(&lab, "a")?;
+    let resolv = resolv_conf(&lab)?;
+    let dir = lab.routes_dir("routes")?;
+    override_routes(&dir)?;
+    let mut agent = Agent::start(
+        &lab,
+        "a",
+        &dir,
+        &[
+            "--no-ebpf",
+            "--resolv-conf",
+            &resolv,
+            "--protected-cidr",
+            PRIVATE_SERVICE_V4,
+        ],
+    )?;
+    agent.wait_settled(4)?;
+    let me4 = ip(&node_public_v4(2));
+    let me6 = ip(&node_public_v6(2));
+    // Egress through the gateways.
+    let via = lab.connect("a", ip(ECHO_V4))?;
+    ensure!(via == public_v4(1) || via == public_v4(2), "echo saw {via}");
+    ensure!(lab.connect("a", ip(ECHO_V6))? == public_v6(1));
+    // Protected: through the isp, with the node's own address.
+    for (dst, me) in [
+        (METADATA_V4, me4),
+        (NAMESERVER_V4, me4),
+        (PRIVATE_SERVICE_V4, me4),
+        (NAMESERVER_V6, me6),
+    ] {
+        ensure!(
+            lab.connect("a", ip(dst))? == me,
+            "{dst} not reached through the isp"
+        );
+    }
+    // Symmetric routing: inbound connections answered through eth0.
+    ensure!(lab.connect_inbound("a", false)? == ip("203.0.113.254"));
+    ensure!(lab.connect_inbound("a", true)? == ip("2001:db8:113::fe"));
+    let ns = lab.node_ns("a");
+    let rules = lab.ip(&ns, "rule show")?;
+    ensure!(
+        rules.contains(&format!("15135:\tfrom {me4} lookup 135 proto 196")),
+        "{rules}"
+    );
+    let table = lab.ip(&ns, "route show table 135")?;
+    ensure!(
+        table.contains(&format!("default via {ISP_V4} dev eth0 proto 196")),
+        "{table}"
+    );
+    // The node's own default route is untouched.
+    ensure!(
+        lab.ip(&ns, "route show default")?
+            .contains(&format!("default via {ISP_V4} dev eth0 proto static"))
+    );
+    // Loopback nameserver: not protected (no /32 route for it).
+    ensure!(!lab.ip(&ns, "route show proto 196")?.contains("127.0.0.53"));
+
+    // The override goes: everything back as it was.
+    std::fs::remove_file(dir.join("egress.yaml"))?;
+    agent.wait_settled(0)?;
+    let after = routing_dump(&lab, "a")?;
+    ensure!(
+        after == before,
+        "not restored exactly:\n--- before\n{before}\n--- after\n{after}"
+    );
+    ensure!(lab.connect("a", ip(ECHO_V4))? == me4);
+    agent.check_alive()?;
+    Ok(())
+}
+
+/// The control: without symmetric routing, the reply to an inbound connection leaves
+/// through the NAT gateway and the connection fails.
+#[test]
+fn without_symmetric_routing_inbound_connections_break() -> Result<()> {
+    let lab = public_lab()?;
+    let dir = lab.routes_dir("routes")?;
+    override_routes(&dir)?;
+    let mut agent = Agent::start(
+        &lab,
+        "a",
+        &dir,
+        &["--no-ebpf", "--symmetric-routing", "false"],
+    )?;
+    agent.wait_settled(4)?;
+    ensure!(lab.connect("a", ip(ECHO_V4))? != ip(&node_public_v4(2)));
+    ensure!(
+        lab.connect_inbound("a", false).is_err(),
+        "answered without the rule"
+    );
+    ensure!(
+        lab.connect_inbound("a", true).is_err(),
+        "answered without the rule (v6)"
+    );
+    ensure!(!lab.ip(&lab.node_ns("a"), "rule show")?.contains("15135"));
+    agent.check_alive()?;
+    Ok(())
+}
+
+/// A rule the agent does not own at priority 15135: it refuses the IPv4 override with a
+/// clear message and changes nothing of it; the IPv6 one (no foreign rule) goes ahead.
+#[test]
+fn a_foreign_rule_at_the_symmetric_priority_refuses_the_override() -> Result<()> {
+    let lab = public_lab()?;
+    let ns = lab.node_ns("a");
+    lab.ip(
+        &ns,
+        &format!(
+            "rule add priority 15135 from {} lookup 200",
+            node_public_v4(2)
+        ),
+    )?;
+    let rules_before = lab.ip(&ns, "rule show")?;
+    let dir = lab.routes_dir("routes")?;
+    override_routes(&dir)?;
+    let mut agent = Agent::start(&lab, "a", &dir, &["--no-ebpf"])?;
+    let status = agent.wait_status("the IPv4 override refused", |s| {
+        s["problems"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|p| p["kind"] == "SymmetricRoutingConflict" && p["route"] == "egress")
+        }) && s["lastChanges"] == 0
+    })?;
+    let msg = status["problems"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["route"] == "egress"))
+        .map(|p| p["message"].to_string())
+        .unwrap_or_default();
+    ensure!(
+        msg.contains("15135") && msg.contains(&format!("from {} lookup 200", node_public_v4(2))),
+        "{msg}"
+    );
+    ensure!(
+        lab.ip(&ns, "rule show")? == rules_before,
+        "the rules changed"
+    );
+    ensure!(
+        lab.route_gateways("a", "128.0.0.0/1")?.is_empty(),
+        "the override went in"
+    );
+    ensure!(
+        lab.connect("a", ip(ECHO_V4))? == ip(&node_public_v4(2)),
+        "egress moved"
+    );
+    // IPv6 has no foreign rule: overridden.
+    ensure!(lab.connect("a", ip(ECHO_V6))? == public_v6(1));
+    agent.check_alive()?;
+    Ok(())
+}
+
+/// Kubernetes mode, the API server behind the isp (reached through the node's own default
+/// route only): with a default override active, the agent keeps reaching it (a later edit
+/// still lands), the `kubernetes` endpoints get protected routes through the isp, and a
+/// change of the endpoints moves them.
+#[test]
+fn the_control_plane_stays_reachable_and_its_endpoints_are_followed() -> Result<()> {
+    use routing_agent_tests::kube::CP_PUBLIC_ADDR;
+    let mut lab = public_lab()?;
+    let cp = lab.control_plane()?;
+    let deploy = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+    cp.kubectl(&[
+        "apply",
+        "--validate=false",
+        "-f",
+        &format!("{deploy}/crd.yaml"),
+    ])?;
+    cp.kubectl(&["apply", "-f", &format!("{deploy}/rbac.yaml")])?;
+    cp.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/routes.networking.doks.digitalocean.com",
+    ])?;
+    let endpoints = |addr: &str| {
+        format!(
+            "apiVersion: v1\nkind: Endpoints\nmetadata:\n  name: kubernetes\n  namespace: default\nsubsets:\n  - addresses: [{{ip: \"{addr}\"}}]\n    ports: [{{name: https, port: 6443, protocol: TCP}}]\n"
+        )
+    };
+    cp.apply(&endpoints("198.18.3.1"))?;
+    cp.apply("apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n")?;
+    let mut agent = Agent::start_kube(&lab, "a", &cp.agent, &["--no-ebpf"])?;
+    cp.apply(&route_yaml(
+        "egress",
+        &["0.0.0.0/0"],
+        &[&gateway_v4(1)],
+        None,
+    ))?;
+    let ns = lab.node_ns("a");
+    // A protected route: the agent's own host route through the isp.
+    let protected = |addr: &str| -> bool {
+        lab.route("a", &format!("{addr}/32"))
+            .ok()
+            .flatten()
+            .is_some_and(|r| r["protocol"] == "196" || r["protocol"] == 196)
+            && lab
+                .route_gateways("a", &format!("{addr}/32"))
+                .is_ok_and(|g| g == [ISP_V4])
+    };
+    wait_for(
+        "the override and the protected endpoint",
+        std::time::Duration::from_secs(30),
+        || {
+            (lab.route_gateways("a", "128.0.0.0/1").ok()? == [gateway_v4(1)]
+                && protected("198.18.3.1")
+                && protected(CP_PUBLIC_ADDR))
+            .then_some(())
+        },
+    )
+    .map_err(|e| e.context(agent.log_text()))?;
+    let via = lab.connect("a", ip(ECHO_V4))?;
+    ensure!(via == public_v4(1), "egress not through the gateway: {via}");
+    // The API server is still reached: an edit made now lands.
+    cp.apply(&route_yaml(
+        "egress",
+        &["0.0.0.0/0"],
+        &[&gateway_v4(2)],
+        None,
+    ))?;
+    wait_for("the edit", std::time::Duration::from_secs(30), || {
+        (lab.route_gateways("a", "128.0.0.0/1").ok()? == [gateway_v4(2)]).then_some(())
+    })?;
+    // The endpoints move: so does the protected route.
+    cp.apply(&endpoints("198.18.3.2"))?;
+    wait_for(
+        "the protected route moved",
+        std::time::Duration::from_secs(30),
+        || (protected("198.18.3.2") && !protected("198.18.3.1")).then_some(()),
+    )?;
+    ensure!(
+        protected(CP_PUBLIC_ADDR),
+        "the configured API server host stays protected"
+    );
+    // Without the override, no protected route is left.
+    cp.kubectl(&["delete", "route", "egress"])?;
+    wait_for(
+        "protected routes gone",
+        std::time::Duration::from_secs(30),
+        || {
+            lab.ip(&ns, "route show proto 196")
+                .ok()?
+                .trim()
+                .is_empty()
+                .then_some(())
+        },
+    )?;
+    agent.check_alive()?;
+    Ok(())
+}
