@@ -325,3 +325,60 @@ fn the_control_plane_stays_reachable_and_its_endpoints_are_followed() -> Result<
     agent.check_alive()?;
     Ok(())
 }
+
+/// The original gateway is the node's own default route as the kernel has it: an agent
+/// restart adopts everything without a change, and when the node's default route moves to
+/// another gateway, the protected routes and the symmetric table follow.
+#[test]
+fn restart_adopts_and_a_changed_node_default_route_is_followed() -> Result<()> {
+    let lab = public_lab()?;
+    let isp = lab.ns("isp");
+    lab.ip(&isp, "addr add 192.0.2.2/24 dev pub0")?;
+    let dir = lab.routes_dir("routes")?;
+    override_routes(&dir)?;
+    let args = ["--no-ebpf", "--protected-cidr", PRIVATE_SERVICE_V4];
+    let mut agent = Agent::start(&lab, "a", &dir, &args)?;
+    agent.wait_settled(4)?;
+    let before = routing_dump(&lab, "a")?;
+    agent.restart()?;
+    agent.wait_settled(4)?;
+    // The new process's first reconcile changed nothing (adopted, no flap).
+    let log = agent.log_text();
+    let since_restart = log
+        .rsplit("routing-agent starting")
+        .next()
+        .unwrap_or_default();
+    let first = since_restart
+        .lines()
+        .find(|l| l.contains("reconciled"))
+        .unwrap_or_default();
+    ensure!(
+        first.contains("changes=0"),
+        "first reconcile after the restart: {first}"
+    );
+    ensure!(
+        routing_dump(&lab, "a")? == before,
+        "a restart changed the routing"
+    );
+
+    let ns = lab.node_ns("a");
+    lab.ip(
+        &ns,
+        "route replace default via 192.0.2.2 dev eth0 proto static",
+    )?;
+    wait_for(
+        "protected route and table 135 via the new gateway",
+        std::time::Duration::from_secs(20),
+        || {
+            let gws = lab
+                .route_gateways("a", &format!("{PRIVATE_SERVICE_V4}/32"))
+                .ok()?;
+            let table = lab.ip(&ns, "route show table 135").ok()?;
+            (gws == ["192.0.2.2"] && table.contains("default via 192.0.2.2 dev eth0")).then_some(())
+        },
+    )?;
+    ensure!(lab.connect("a", ip(PRIVATE_SERVICE_V4))? == ip(&node_public_v4(2)));
+    ensure!(lab.connect_inbound("a", false)? == ip("203.0.113.254"));
+    agent.check_alive()?;
+    Ok(())
+}

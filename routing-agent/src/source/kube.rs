@@ -11,6 +11,7 @@
 //! changes nothing).
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Endpoints, Node};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
@@ -69,17 +70,7 @@ pub fn spawn(client: Client, node: String, tx: mpsc::Sender<Snapshot>) {
     .default_backoff()
     .map(|e| signal(Kind::Node, e))
     .boxed();
-    let (endpoints, endpoints_writer) = reflector::store::<Endpoints>();
-    let endpoint_events = reflector(
-        endpoints_writer,
-        watcher(
-            Api::<Endpoints>::namespaced(client.clone(), "default"),
-            watcher::Config::default().fields("metadata.name=kubernetes"),
-        ),
-    )
-    .default_backoff()
-    .map(|e| signal(Kind::Endpoints, e))
-    .boxed();
+    let (endpoint_events, control_plane) = control_plane_endpoints(client.clone());
     tokio::spawn(async move {
         let mut events = stream::select_all([route_events, node_events, endpoint_events]);
         let (mut routes_ready, mut node_ready, mut endpoints_ready) = (false, false, false);
@@ -110,13 +101,7 @@ pub fn spawn(client: Client, node: String, tx: mpsc::Sender<Snapshot>) {
                     Default::default()
                 }
             };
-            let control_plane: Vec<std::net::IpAddr> = endpoints
-                .state()
-                .iter()
-                .flat_map(|e| e.subsets.iter().flatten())
-                .flat_map(|s| s.addresses.iter().flatten())
-                .filter_map(|a| a.ip.parse().ok())
-                .collect();
+            let control_plane = control_plane();
             let snapshot = Snapshot {
                 routes: routes.state().iter().map(|r| (**r).clone()).collect(),
                 node_labels: Some(node_labels),
@@ -127,4 +112,124 @@ pub fn spawn(client: Client, node: String, tx: mpsc::Sender<Snapshot>) {
             }
         }
     });
+}
+
+/// The addresses of the control plane, read from a store.
+type Addresses = Box<dyn Fn() -> Vec<std::net::IpAddr> + Send>;
+
+/// Follows the `kubernetes` Service's endpoints: its EndpointSlices (discovery.k8s.io/v1)
+/// where the API server serves them, else the core/v1 Endpoints (which is all a server
+/// before 1.21 has). The choice is made once the first request answers.
+fn control_plane_endpoints(
+    client: Client,
+) -> (futures::stream::BoxStream<'static, Signal>, Addresses) {
+    let (slices, slices_writer) = reflector::store::<EndpointSlice>();
+    let (endpoints, endpoints_writer) = reflector::store::<Endpoints>();
+    let events = stream::once(async move {
+        let use_slices = serves_endpoint_slices(&client).await;
+        info!(
+            api = if use_slices {
+                "discovery.k8s.io/v1 EndpointSlice"
+            } else {
+                "core/v1 Endpoints"
+            },
+            "following the control-plane endpoints"
+        );
+        if use_slices {
+            reflector(
+                slices_writer,
+                watcher(
+                    Api::<EndpointSlice>::namespaced(client, "default"),
+                    watcher::Config::default().labels("kubernetes.io/service-name=kubernetes"),
+                ),
+            )
+            .default_backoff()
+            .map(|e| signal(Kind::Endpoints, e))
+            .boxed()
+        } else {
+            reflector(
+                endpoints_writer,
+                watcher(
+                    Api::<Endpoints>::namespaced(client, "default"),
+                    watcher::Config::default().fields("metadata.name=kubernetes"),
+                ),
+            )
+            .default_backoff()
+            .map(|e| signal(Kind::Endpoints, e))
+            .boxed()
+        }
+    })
+    .flatten()
+    .boxed();
+    let addresses: Addresses = Box::new(move || {
+        let mut v: Vec<std::net::IpAddr> = slices
+            .state()
+            .iter()
+            .flat_map(|s| s.endpoints.iter())
+            // Not ready: still an endpoint the node may be sent to; keep it protected
+            // unless it is explicitly terminating.
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.terminating) != Some(true))
+            .flat_map(|e| e.addresses.iter())
+            .filter_map(|a| a.parse().ok())
+            .chain(
+                endpoints
+                    .state()
+                    .iter()
+                    .flat_map(|e| e.subsets.iter().flatten())
+                    .flat_map(|s| s.addresses.iter().flatten())
+                    .filter_map(|a| a.ip.parse().ok()),
+            )
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    });
+    (events, addresses)
+}
+
+/// Does the API server serve discovery.k8s.io/v1 EndpointSlices? Asked until it answers.
+async fn serves_endpoint_slices(client: &Client) -> bool {
+    let mut wait = std::time::Duration::from_millis(500);
+    loop {
+        match client.list_api_group_resources("discovery.k8s.io/v1").await {
+            Ok(list) => return list.resources.iter().any(|r| r.name == "endpointslices"),
+            Err(kube::Error::Api(s)) if s.code == 404 => return false,
+            Err(e) => {
+                warn!(error = %e, retry_in = ?wait, "cannot ask the API server which APIs it serves; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock_api;
+
+    #[tokio::test]
+    async fn endpoint_slices_are_used_where_served_and_asked_again_on_errors() {
+        let (client, mut handle) = mock_api::client();
+        let ask = tokio::spawn({
+            let c = client.clone();
+            async move { serves_endpoint_slices(&c).await }
+        });
+        let unavailable = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": "unavailable", "reason": "ServiceUnavailable", "code": 503});
+        let (_, uri, _) = mock_api::next(&mut handle, 503, unavailable).await;
+        assert_eq!(uri, "/apis/discovery.k8s.io/v1");
+        let list = serde_json::json!({"kind": "APIResourceList", "apiVersion": "v1",
+            "groupVersion": "discovery.k8s.io/v1", "resources": [{"name": "endpointslices",
+            "singularName": "endpointslice", "namespaced": true, "kind": "EndpointSlice",
+            "verbs": ["list", "watch"]}]});
+        mock_api::next(&mut handle, 200, list).await;
+        assert!(ask.await.unwrap());
+
+        let ask = tokio::spawn(async move { serves_endpoint_slices(&client).await });
+        let gone = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "message": "the server could not find the requested resource", "reason": "NotFound", "code": 404});
+        mock_api::next(&mut handle, 404, gone).await;
+        assert!(!ask.await.unwrap(), "a 1.20 server: core/v1 Endpoints");
+    }
 }
