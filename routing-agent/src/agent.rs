@@ -662,5 +662,6 @@ fn status_doc(
         "warnings": desired.warnings,
         "attached": attached,
         "gateways": gateways,
+        "defaultRoute": report::default_routes(desired),
     })
 }

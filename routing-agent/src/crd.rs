@@ -193,6 +193,27 @@ pub struct NodeRoutes {
     /// Every gateway of the selected Routes; sorted by address.
     #[serde(default)]
     pub gateways: Vec<NodeGateway>,
+    /// Default-route overrides active on this node, per family.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub default_route: Vec<NodeDefaultRoute>,
+}
+
+/// An active default-route override: what stays on the node's own uplink.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeDefaultRoute {
+    /// `IPv4` or `IPv6`.
+    pub family: String,
+    /// The node's own default gateway, which the protected destinations keep using.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub original_gateway: String,
+    /// Destinations kept on the original gateway (control plane, metadata, nameservers,
+    /// --protected-cidr).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub protected: Vec<String>,
+    /// Symmetric routing rules (`priority: from <address> lookup <table>`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub symmetric_rules: Vec<String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -152,7 +152,53 @@ pub fn node_routes(
             since,
         });
     }
+    out.default_route = default_routes(desired);
     out
+}
+
+/// The active default-route overrides as the status shows them.
+pub fn default_routes(desired: &DesiredState) -> Vec<crate::crd::NodeDefaultRoute> {
+    use crate::route::Family;
+    let o = &desired.overrides;
+    let mut families: BTreeSet<Family> = desired
+        .routes
+        .values()
+        .filter(|r| r.from_default)
+        .map(|r| r.family())
+        .collect();
+    families.extend(o.table_routes.keys());
+    families
+        .into_iter()
+        .map(|fam| {
+            let original = o
+                .table_routes
+                .get(&fam)
+                .or_else(|| {
+                    o.protected
+                        .iter()
+                        .find(|(d, _)| Family::of(&d.addr()) == fam)
+                        .map(|(_, u)| u)
+                })
+                .map(|u| u.gateway.to_string())
+                .unwrap_or_default();
+            crate::crd::NodeDefaultRoute {
+                family: fam.to_string(),
+                original_gateway: original,
+                protected: o
+                    .protected
+                    .keys()
+                    .filter(|d| Family::of(&d.addr()) == fam)
+                    .map(|d| d.to_string())
+                    .collect(),
+                symmetric_rules: o
+                    .rules
+                    .iter()
+                    .filter(|r| Family::of(&r.source) == fam)
+                    .map(|r| format!("{}: from {} lookup {}", r.priority, r.source, r.table))
+                    .collect(),
+            }
+        })
+        .collect()
 }
 
 /// Equal but for the `since` stamps (which alone never justify a write).

@@ -134,6 +134,36 @@ fn a_default_override_moves_egress_and_keeps_the_node_reachable() -> Result<()> 
         lab.ip(&ns, "route show default")?
             .contains(&format!("default via {ISP_V4} dev eth0 proto static"))
     );
+    // The status says what stays on the isp.
+    let st = agent.status().unwrap_or_default();
+    let v4 = st["defaultRoute"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["family"] == "IPv4"))
+        .cloned()
+        .unwrap_or_default();
+    ensure!(v4["originalGateway"] == ISP_V4, "{st:#}");
+    let protected: Vec<&str> = v4["protected"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str())
+        .collect();
+    ensure!(
+        protected
+            == [
+                format!("{METADATA_V4}/32"),
+                format!("{NAMESERVER_V4}/32"),
+                format!("{PRIVATE_SERVICE_V4}/32")
+            ]
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        "{v4:#}"
+    );
+    ensure!(
+        v4["symmetricRules"] == serde_json::json!([format!("15135: from {me4} lookup 135")]),
+        "{v4:#}"
+    );
     // Loopback nameserver: not protected (no /32 route for it).
     ensure!(!lab.ip(&ns, "route show proto 196")?.contains("127.0.0.53"));
 
@@ -309,6 +339,24 @@ fn the_control_plane_stays_reachable_and_its_endpoints_are_followed() -> Result<
         protected(CP_PUBLIC_ADDR),
         "the configured API server host stays protected"
     );
+    // kubectl shows it: the node's status lists the protected destinations.
+    wait_for(
+        "the node status shows the protection",
+        std::time::Duration::from_secs(30),
+        || {
+            let nrs = cp
+                .kubectl(&[
+                    "get",
+                    "noderoutestatus",
+                    "node-a",
+                    "-o",
+                    "jsonpath={.status.defaultRoute[0].protected}",
+                ])
+                .ok()?;
+            (nrs.contains("198.18.3.2/32") && nrs.contains(&format!("{CP_PUBLIC_ADDR}/32")))
+                .then_some(())
+        },
+    )?;
     // Without the override, no protected route is left.
     cp.kubectl(&["delete", "route", "egress"])?;
     wait_for(
