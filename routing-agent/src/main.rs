@@ -387,8 +387,15 @@ async fn main() -> anyhow::Result<()> {
                 None => {
                     let (client, api_hosts) =
                         kube_client_and_hosts(a.kubeconfig.as_deref()).await?;
-                    // The API server this agent was configured with is protected too.
-                    protected.extend(api_hosts.into_iter().map(ipnet::IpNet::from));
+                    // The API server this agent was configured with is protected too,
+                    // unless it is a cluster-internal address (the in-cluster
+                    // configuration's service IP: its endpoints are followed instead).
+                    protected.extend(
+                        api_hosts
+                            .into_iter()
+                            .filter(|h| !a.protect.in_cluster_cidrs.iter().any(|n| n.contains(h)))
+                            .map(ipnet::IpNet::from),
+                    );
                     source::kube::spawn(client.clone(), a.node_name.clone(), tx);
                     publisher = Some(publish::spawn(client, a.node_name.clone()));
                 }

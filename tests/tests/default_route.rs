@@ -430,3 +430,35 @@ fn restart_adopts_and_a_changed_node_default_route_is_followed() -> Result<()> {
     agent.check_alive()?;
     Ok(())
 }
+
+/// `routing-agent cleanup` removes the override with everything that came with it
+/// (protected routes, table 135, the rules): the node's routing is as it was.
+#[test]
+fn cleanup_removes_the_override_and_its_rules() -> Result<()> {
+    let lab = public_lab()?;
+    let before = routing_dump(&lab, "a")?;
+    let dir = lab.routes_dir("routes")?;
+    override_routes(&dir)?;
+    let mut agent = Agent::start(
+        &lab,
+        "a",
+        &dir,
+        &["--no-ebpf", "--protected-cidr", PRIVATE_SERVICE_V4],
+    )?;
+    agent.wait_settled(4)?;
+    ensure!(
+        lab.ip(&lab.node_ns("a"), "rule show")?
+            .contains("lookup 135")
+    );
+    agent.stop();
+    // Stopping leaves everything in place (a restart must not cut traffic) ...
+    ensure!(routing_dump(&lab, "a")? != before);
+    // ... cleanup removes it all.
+    lab.cleanup("a")?;
+    let after = routing_dump(&lab, "a")?;
+    ensure!(
+        after == before,
+        "not restored exactly:\n--- before\n{before}\n--- after\n{after}"
+    );
+    Ok(())
+}
