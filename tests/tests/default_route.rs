@@ -254,6 +254,47 @@ fn a_foreign_rule_at_the_symmetric_priority_refuses_the_override() -> Result<()>
     );
     // IPv6 has no foreign rule: overridden.
     ensure!(lab.connect("a", ip(ECHO_V6))? == public_v6(1));
+    // The foreign rule goes: the override goes in (a rule change re-plans at once).
+    lab.ip(
+        &ns,
+        &format!(
+            "rule del priority 15135 from {} lookup 200",
+            node_public_v4(2)
+        ),
+    )?;
+    wait_for(
+        "the IPv4 override in place",
+        std::time::Duration::from_secs(20),
+        || (lab.route_gateways("a", "128.0.0.0/1").ok()?.len() == 2).then_some(()),
+    )?;
+    agent.check_alive()?;
+    Ok(())
+}
+
+/// A route the agent does not own in table 135 refuses the override just the same.
+#[test]
+fn a_foreign_route_in_the_symmetric_table_refuses_the_override() -> Result<()> {
+    let lab = public_lab()?;
+    let ns = lab.node_ns("a");
+    lab.ip(
+        &ns,
+        &format!("route add 203.0.113.0/24 via {ISP_V4} dev eth0 table 135"),
+    )?;
+    let before = routing_dump(&lab, "a")?;
+    let dir = lab.routes_dir("routes")?;
+    std::fs::write(
+        dir.join("egress.yaml"),
+        route_yaml("egress", &["0.0.0.0/0"], &[&gateway_v4(1)], None),
+    )?;
+    let mut agent = Agent::start(&lab, "a", &dir, &["--no-ebpf"])?;
+    let status = agent.wait_status("the override refused", |s| {
+        s["problems"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["kind"] == "SymmetricRoutingConflict"))
+            && s["lastChanges"] == 0
+    })?;
+    ensure!(status.to_string().contains("203.0.113.0/24"), "{status:#}");
+    ensure!(routing_dump(&lab, "a")? == before, "something changed");
     agent.check_alive()?;
     Ok(())
 }
