@@ -37,6 +37,9 @@ pub struct Uplink {
 pub struct NodeFacts {
     /// The node's own default route per family (the lowest metric in the main table).
     pub original: BTreeMap<Family, Uplink>,
+    /// Families whose own default route has no gateway the agent can read (a nexthop
+    /// object, a device route): nothing could be protected, so no override there.
+    pub unreadable: BTreeSet<Family>,
     /// Prefixes of the routes of the main table that are not the agent's.
     pub foreign_prefixes: Vec<IpNet>,
     /// Global addresses per interface index.
@@ -129,6 +132,21 @@ fn plan_overrides(state: &mut DesiredState, facts: &NodeFacts, cfg: &Protection)
         active.entry(r.family()).or_insert_with(|| r.owner.clone());
     }
     for (fam, owner) in active {
+        if !facts.original.contains_key(&fam) && facts.unreadable.contains(&fam) {
+            state
+                .routes
+                .retain(|_, r| !(r.from_default && r.family() == fam));
+            state.problems.push(Problem {
+                route: owner.clone(),
+                kind: ProblemKind::UnknownUplink,
+                message: format!(
+                    "Route {owner}: not overriding the {fam} default route: the node's own \
+                     default route has no gateway the agent can read (a nexthop object or a \
+                     device route), so nothing could be kept reachable through it"
+                ),
+            });
+            continue;
+        }
         let Some(original) = facts.original.get(&fam).copied() else {
             // No default route of the node's own: nothing went through it to protect.
             state.warnings.push(format!(
@@ -414,6 +432,18 @@ mod tests {
             "{:?}",
             s.warnings
         );
+    }
+
+    #[test]
+    fn an_unreadable_node_default_route_refuses_the_override() {
+        let mut s = plan(&[route("egress", &["0.0.0.0/0"], &["10.114.0.3"])]);
+        let mut f = facts();
+        f.original.clear();
+        f.unreadable.insert(Family::V4);
+        let o = plan_overrides(&mut s, &f, &cfg(&["198.18.1.250/32"]));
+        assert!(s.routes.is_empty(), "no unprotected override");
+        assert_eq!(s.problems[0].kind, ProblemKind::UnknownUplink);
+        assert!(o.protected.is_empty());
     }
 
     #[test]

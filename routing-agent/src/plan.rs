@@ -50,6 +50,9 @@ pub enum ProblemKind {
     /// A default-route override refused: symmetric routing would clobber a rule or table
     /// the agent does not own.
     SymmetricRouting,
+    /// A default-route override refused: the node's own default route has no readable
+    /// gateway to keep protected destinations on.
+    UnknownUplink,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]

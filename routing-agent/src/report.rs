@@ -28,6 +28,7 @@ pub fn reason(kind: &ProblemKind) -> &'static str {
         ProblemKind::GatewayUnreachable { .. } => "GatewayUnreachable",
         ProblemKind::Kernel { .. } => "KernelRefused",
         ProblemKind::SymmetricRouting => "SymmetricRoutingConflict",
+        ProblemKind::UnknownUplink => "UnknownUplink",
     }
 }
 

@@ -503,3 +503,28 @@ fn cleanup_removes_the_override_and_its_rules() -> Result<()> {
     );
     Ok(())
 }
+
+/// A node whose own default route names no gateway (a device route here): nothing could be
+/// kept on it, so the override is refused rather than installed unprotected.
+#[test]
+fn a_default_route_without_a_gateway_refuses_the_override() -> Result<()> {
+    let lab = public_lab()?;
+    let ns = lab.node_ns("a");
+    lab.ip(&ns, "route replace default dev eth0 proto static")?;
+    let before = routing_dump(&lab, "a")?;
+    let dir = lab.routes_dir("routes")?;
+    std::fs::write(
+        dir.join("egress.yaml"),
+        route_yaml("egress", &["0.0.0.0/0"], &[&gateway_v4(1)], None),
+    )?;
+    let mut agent = Agent::start(&lab, "a", &dir, &["--no-ebpf"])?;
+    agent.wait_status("the override refused", |s| {
+        s["problems"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|p| p["kind"] == "UnknownUplink" && p["route"] == "egress")
+        }) && s["lastChanges"] == 0
+    })?;
+    ensure!(routing_dump(&lab, "a")? == before, "something changed");
+    agent.check_alive()?;
+    Ok(())
+}

@@ -50,10 +50,15 @@ pub async fn read(
     for d in all.iter().filter(|d| d.protocol != protocol) {
         if d.table == MAIN && d.unicast {
             facts.foreign_prefixes.push(d.dst);
-            if d.dst.prefix_len() == 0
-                && let Target::Hops(h) = &d.target
-                && let Some((gateway, oif)) = h.first()
-            {
+            if d.dst.prefix_len() == 0 {
+                let hop = match &d.target {
+                    Target::Hops(h) => h.first(),
+                    Target::Nhid(_) => None,
+                };
+                let Some((gateway, oif)) = hop else {
+                    facts.unreadable.insert(Family::of(&d.dst.addr()));
+                    continue;
+                };
                 let fam = Family::of(&d.dst.addr());
                 let up = Uplink {
                     gateway: *gateway,
