@@ -38,6 +38,7 @@ pub struct AgentConfig {
     pub probes: std::sync::Arc<crate::serve::Probes>,
     /// What a default-route override must not cut off.
     pub protect: ProtectConfig,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// Protected destinations and symmetric routing, as configured.
@@ -238,18 +239,29 @@ pub async fn run(
             _ = resync.tick() => {}
             _ = tick.tick(), if programs.is_some() => {
                 let p = programs.as_mut().expect("guarded");
-                let changes = health_step(&mut health, p, &dataplane, &mut watch, prober.as_ref(), &probe_tx).await;
+                let changes = health_step(&mut health, p, &dataplane, &mut watch, prober.as_ref(), &probe_tx, &cfg.metrics).await;
                 if changes.is_empty() {
                     emit_status(&cfg, last.as_ref(), programs.as_ref(), &health, &watch, reconciles, &mut last_doc);
                     continue;
                 }
                 for t in &changes {
                     log_transition(t, &health, &watch);
+                    count_transition(&cfg.metrics, t);
                 }
             }
             r = probe_rx.recv() => {
                 let Some((gw, ok)) = r else { continue };
+                cfg.metrics
+                    .probes
+                    .get_or_create(&crate::metrics::ProbeLabels {
+                        gateway: gw.to_string(),
+                        answered: ok.to_string(),
+                    })
+                    .inc();
                 let t = health.probe_result(gw, ok, Instant::now());
+                if let Some(t) = &t {
+                    count_transition(&cfg.metrics, t);
+                }
                 let h = health.get(&gw);
                 match (&t, h) {
                     (Some(t), _) => log_transition(t, &health, &watch),
@@ -289,6 +301,7 @@ pub async fn run(
         match dataplane.facts(protection.symmetric.as_ref()).await {
             Ok(facts) => default_route::protect(&mut desired, &facts, &protection),
             Err(e) => {
+                cfg.metrics.reconcile_errors.inc();
                 let wait = backoff.step();
                 error!(error = %e, retry_in = ?wait, "cannot read the node's routes, addresses and rules; nothing changed");
                 retry_at = Some(tokio::time::Instant::now() + wait);
@@ -317,10 +330,18 @@ pub async fn run(
         match dataplane.reconcile(&desired).await {
             Ok(outcome) => {
                 reconciles += 1;
-                cfg.probes.set_ready();
                 if let Some(p) = &mut programs {
                     p.sync(&outcome.interfaces);
                 }
+                // Ready: a full reconcile done and the TC programs on every interface
+                // that faces a gateway.
+                if programs
+                    .as_ref()
+                    .is_none_or(|p| p.covers(&outcome.interfaces))
+                {
+                    cfg.probes.set_ready();
+                }
+                record_reconcile(&cfg.metrics, &desired, &outcome, &health, started.elapsed());
                 watch.oifs = outcome.gateway_oifs.clone();
                 let retryable = outcome.problems.iter().any(|p| {
                     matches!(
@@ -348,6 +369,7 @@ pub async fn run(
                 );
             }
             Err(e) => {
+                cfg.metrics.reconcile_errors.inc();
                 let wait = backoff.step();
                 error!(error = format!("{e:#}"), retry_in = ?wait, "reconcile failed; nothing changed");
                 retry_at = Some(tokio::time::Instant::now() + wait);
@@ -367,6 +389,7 @@ async fn health_step(
     watch: &mut Watch,
     prober: Option<&Prober>,
     probe_tx: &mpsc::Sender<(IpAddr, bool)>,
+    metrics: &crate::metrics::Metrics,
 ) -> Vec<Transition> {
     let now = Instant::now();
     let neighbours = match dataplane.neighbours(&watch.oifs).await {
@@ -403,6 +426,9 @@ async fn health_step(
         }
     }
     let stats = programs.read_stats();
+    for (gw, s) in &stats {
+        metrics.observe_stats(*gw, s);
+    }
     for gw in watch.oifs.keys() {
         let s = stats.get(gw).copied().unwrap_or_default();
         let failed = neighbours.get(gw).is_some_and(|n| n.failed);
@@ -422,6 +448,64 @@ async fn health_step(
         }
     }
     changes
+}
+
+fn count_transition(metrics: &crate::metrics::Metrics, t: &Transition) {
+    let l = crate::metrics::Metrics::gateway(t.gateway);
+    if t.down {
+        metrics.withdrawals.get_or_create(&l).inc();
+    } else {
+        metrics.restores.get_or_create(&l).inc();
+    }
+    metrics
+        .gateway_last_change
+        .get_or_create(&l)
+        .set((unix_ms(SystemTime::now()) / 1000) as i64);
+}
+
+/// The gauges of one reconcile: routes, problems, gateways' state; its duration.
+fn record_reconcile(
+    metrics: &crate::metrics::Metrics,
+    desired: &DesiredState,
+    outcome: &Outcome,
+    health: &Health,
+    took: Duration,
+) {
+    metrics.reconciles.inc();
+    metrics.reconcile_duration.observe(took.as_secs_f64());
+    metrics.kernel_changes.inc_by(outcome.changes as u64);
+    metrics
+        .destinations_installed
+        .set(outcome.installed.len() as i64);
+    metrics.route_applied.clear();
+    for name in &desired.selected {
+        let failed = outcome.problems.iter().any(|p| &p.route == name);
+        metrics
+            .route_applied
+            .get_or_create(&crate::metrics::RouteLabels {
+                route: name.clone(),
+            })
+            .set(i64::from(!failed));
+    }
+    metrics.problems.clear();
+    for p in &outcome.problems {
+        metrics
+            .problems
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: report::reason(&p.kind).into(),
+            })
+            .inc();
+    }
+    metrics.gateway_up.clear();
+    metrics.gateway_penalty.clear();
+    for (gw, h) in health.iter() {
+        let l = crate::metrics::Metrics::gateway(*gw);
+        metrics.gateway_up.get_or_create(&l).set(i64::from(!h.down));
+        metrics
+            .gateway_penalty
+            .get_or_create(&l)
+            .set(i64::from(h.penalty));
+    }
 }
 
 fn record(programs: &mut Programs, health: &Health, gw: IpAddr) {

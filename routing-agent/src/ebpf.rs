@@ -349,6 +349,11 @@ impl Programs {
     }
 
     /// Interface names with attachments, for logs and status.
+    /// Whether every interface of `ifindexes` has both programs attached.
+    pub fn covers(&self, ifindexes: &BTreeSet<u32>) -> bool {
+        ifindexes.iter().all(|i| self.attached.contains_key(i))
+    }
+
     pub fn attached(&self) -> Vec<String> {
         self.attached.values().map(|a| a.name.clone()).collect()
     }

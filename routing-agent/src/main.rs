@@ -334,7 +334,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Controller(c) => {
             let client = kube_client(c.kubeconfig.as_deref()).await?;
             let probes = serve::Probes::new(Duration::MAX);
-            serve::spawn(c.health_addr, probes.clone()).await?;
+            serve::spawn(c.health_addr, probes.clone(), None).await?;
             controller::run(
                 client,
                 controller::Config {
@@ -360,7 +360,8 @@ async fn main() -> anyhow::Result<()> {
             );
             let resync = Duration::from_secs(a.resync_seconds.max(1));
             let probes = serve::Probes::new(resync * 3 + Duration::from_secs(30));
-            serve::spawn(a.health_addr, probes.clone())
+            let metrics = std::sync::Arc::new(routing_agent::metrics::Metrics::new());
+            serve::spawn(a.health_addr, probes.clone(), Some(metrics.clone()))
                 .await
                 .with_context(|| format!("serving the health endpoints on {}", a.health_addr))?;
             let dataplane = Dataplane::new(dataplane_config(&a.kernel)).await?;
@@ -396,8 +397,8 @@ async fn main() -> anyhow::Result<()> {
                             .filter(|h| !a.protect.in_cluster_cidrs.iter().any(|n| n.contains(h)))
                             .map(ipnet::IpNet::from),
                     );
-                    source::kube::spawn(client.clone(), a.node_name.clone(), tx);
-                    publisher = Some(publish::spawn(client, a.node_name.clone()));
+                    source::kube::spawn(client.clone(), a.node_name.clone(), tx, metrics.clone());
+                    publisher = Some(publish::spawn(client, a.node_name.clone(), metrics.clone()));
                 }
             }
             let node = NodeInfo {
@@ -423,6 +424,7 @@ async fn main() -> anyhow::Result<()> {
                     health_tick: a.health_interval,
                     publisher,
                     probes,
+                    metrics,
                     protect: agent::ProtectConfig {
                         fixed: protected,
                         resolv_conf: Some(a.protect.resolv_conf.clone()),

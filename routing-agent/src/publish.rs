@@ -47,13 +47,22 @@ pub fn refs(routes: &[Route]) -> BTreeMap<String, ObjectReference> {
 
 /// Starts the publisher for node `node`. Reports that cannot be queued are dropped by the
 /// sender (the next one carries the state anyway).
-pub fn spawn(client: Client, node: String) -> mpsc::Sender<Report> {
+pub fn spawn(
+    client: Client,
+    node: String,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) -> mpsc::Sender<Report> {
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(run(client, node, rx));
+    tokio::spawn(run(client, node, rx, metrics));
     tx
 }
 
-async fn run(client: Client, node: String, mut rx: mpsc::Receiver<Report>) {
+async fn run(
+    client: Client,
+    node: String,
+    mut rx: mpsc::Receiver<Report>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) {
     let api: Api<NodeRouteStatus> = Api::all(client.clone());
     let events = Events::new(client.clone(), MANAGER, Some(node.clone()));
     let mut created = false;
@@ -122,6 +131,12 @@ async fn run(client: Client, node: String, mut rx: mpsc::Receiver<Report>) {
                 backoff = Duration::from_secs(1);
             }
             Err(e) => {
+                metrics
+                    .api_errors
+                    .get_or_create(&crate::metrics::ComponentLabels {
+                        component: "status".into(),
+                    })
+                    .inc();
                 if matches!(&e, kube::Error::Api(s) if s.code == 404) {
                     created = false;
                 }
@@ -230,7 +245,7 @@ mod tests {
     #[tokio::test]
     async fn creates_once_then_writes_the_status_only_when_it_changes() {
         let (client, mut handle) = mock_api::client();
-        let tx = spawn(client, "node-a".into());
+        let tx = spawn(client, "node-a".into(), Default::default());
         tx.send(report(1, vec![])).await.unwrap();
         let node = serde_json::json!({"apiVersion": "v1", "kind": "Node",
             "metadata": {"name": "node-a", "uid": "u-1"}});
@@ -289,7 +304,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_write_is_retried_with_the_latest_status() {
         let (client, mut handle) = mock_api::client();
-        let tx = spawn(client, "node-a".into());
+        let tx = spawn(client, "node-a".into(), Default::default());
         tx.send(report(1, vec![])).await.unwrap();
         let gone = serde_json::json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
             "message": "nodes \"node-a\" not found", "reason": "NotFound", "code": 404});

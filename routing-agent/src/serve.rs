@@ -1,6 +1,7 @@
-//! The health port (`--health-addr`): `/healthz` for the kubelet's liveness probe (the
-//! main loop is turning), `/readyz` for its readiness probe (the first reconcile from a
-//! complete view of the Routes is done; the controller: its caches are filled).
+//! The HTTP port (`--health-addr`): `/healthz` for the kubelet's liveness probe (the main
+//! loop is turning), `/readyz` for its readiness probe (the first reconcile from a complete
+//! view of the Routes is done and the TC programs are attached; the controller: its caches
+//! are filled), `/metrics` for Prometheus.
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -71,8 +72,24 @@ fn answer(r: Result<(), String>) -> (StatusCode, String) {
     }
 }
 
-/// Serves the probes on `addr` until the process ends.
-pub async fn spawn(addr: SocketAddr, probes: Arc<Probes>) -> anyhow::Result<()> {
+#[derive(Clone)]
+struct AppState {
+    probes: Arc<Probes>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+}
+
+impl axum::extract::FromRef<AppState> for Arc<Probes> {
+    fn from_ref(s: &AppState) -> Self {
+        s.probes.clone()
+    }
+}
+
+/// Serves the probes (and `metrics`, when given) on `addr` until the process ends.
+pub async fn spawn(
+    addr: SocketAddr,
+    probes: Arc<Probes>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+) -> anyhow::Result<()> {
     let app = Router::new()
         .route(
             "/healthz",
@@ -82,9 +99,29 @@ pub async fn spawn(addr: SocketAddr, probes: Arc<Probes>) -> anyhow::Result<()> 
             "/readyz",
             get(|State(p): State<Arc<Probes>>| async move { answer(p.ready()) }),
         )
-        .with_state(probes);
+        .route(
+            "/metrics",
+            get(|State(s): State<AppState>| async move {
+                match &s.metrics {
+                    Some(m) => (
+                        StatusCode::OK,
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        m.encode(),
+                    ),
+                    None => (
+                        StatusCode::NOT_FOUND,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                        String::new(),
+                    ),
+                }
+            }),
+        )
+        .with_state(AppState { probes, metrics });
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    info!(%addr, "health endpoints listening (/healthz, /readyz)");
+    info!(%addr, "HTTP endpoints listening (/healthz, /readyz, /metrics)");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "health endpoint stopped");

@@ -463,3 +463,98 @@ fn without_flow_pinning_a_route_change_breaks_connections() -> Result<()> {
     );
     Ok(())
 }
+
+/// The value of the sample `name{labels}` in a Prometheus text exposition.
+fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let key = format!("{name}{{{labels}}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// `/metrics` after a failover and a restore: the gauges and counters moved as they should.
+#[test]
+fn metrics_tell_the_failover_and_the_restore() -> Result<()> {
+    let (lab, dir) = lab_with_routes()?;
+    let mut agent = start(&lab, &dir, &[])?;
+    let (code, _) = health_get(&lab, "a", "/readyz")?;
+    ensure!(
+        code == 200,
+        "not ready after the first reconcile with the programs attached"
+    );
+    let stream = lab.stream("a", ECHO_V4.parse()?, 10);
+    std::thread::sleep(Duration::from_secs(2));
+    lab.fail(1, Failure::ForwardingDropped)?;
+    wait_state(&mut agent, 1, "down", Duration::from_secs(20))?;
+    let metrics = |lab: &Lab| -> Result<String> {
+        let (code, body) = health_get(lab, "a", "/metrics")?;
+        ensure!(code == 200);
+        Ok(body)
+    };
+    let g = |i: u8| format!("gateway=\"{}\"", gateway_v4(i));
+    let m = wait_for("metrics of the withdrawal", Duration::from_secs(10), || {
+        let m = metrics(&lab).ok()?;
+        (sample(&m, "routing_agent_gateway_up", &g(1)) == Some(0.0)).then_some(m)
+    })?;
+    ensure!(
+        sample(&m, "routing_agent_gateway_withdrawals_total", &g(1)) == Some(1.0),
+        "{m}"
+    );
+    ensure!(
+        sample(&m, "routing_agent_gateway_up", &g(2)) == Some(1.0),
+        "{m}"
+    );
+    let failed = sample(
+        &m,
+        "routing_agent_gateway_connections_total",
+        &format!("{},outcome=\"failed\"", g(1)),
+    );
+    ensure!(failed.is_some_and(|f| f >= 1.0), "{m}");
+    let est = sample(
+        &m,
+        "routing_agent_gateway_connections_total",
+        &format!("{},outcome=\"established\"", g(2)),
+    );
+    ensure!(est.is_some_and(|e| e >= 1.0), "{m}");
+    ensure!(
+        sample(
+            &m,
+            "routing_agent_gateway_last_change_timestamp_seconds",
+            &g(1)
+        )
+        .is_some_and(|t| t > 1.7e9),
+        "{m}"
+    );
+    ensure!(
+        sample(&m, "routing_agent_route_applied", "route=\"ecmp\"") == Some(1.0),
+        "{m}"
+    );
+    ensure!(
+        m.contains("routing_agent_reconcile_duration_seconds_count"),
+        "{m}"
+    );
+    ensure!(m.contains("routing_agent_build_info{version="), "{m}");
+    let _ = stream.stop();
+
+    lab.heal(1, Failure::ForwardingDropped)?;
+    wait_state(&mut agent, 1, "up", Duration::from_secs(20))?;
+    let m = wait_for("metrics of the restore", Duration::from_secs(10), || {
+        let m = metrics(&lab).ok()?;
+        (sample(&m, "routing_agent_gateway_up", &g(1)) == Some(1.0)).then_some(m)
+    })?;
+    ensure!(
+        sample(&m, "routing_agent_gateway_restores_total", &g(1)) == Some(1.0),
+        "{m}"
+    );
+    ensure!(
+        sample(
+            &m,
+            "routing_agent_gateway_probes_total",
+            &format!("{},answered=\"true\"", g(1))
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{m}"
+    );
+    agent.check_alive()?;
+    Ok(())
+}

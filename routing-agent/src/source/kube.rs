@@ -47,7 +47,12 @@ fn signal<K>(what: Kind, e: Result<watcher::Event<K>, watcher::Error>) -> Signal
 }
 
 /// Starts following the Routes and Node `node`; snapshots go to `tx`.
-pub fn spawn(client: Client, node: String, tx: mpsc::Sender<Snapshot>) {
+pub fn spawn(
+    client: Client,
+    node: String,
+    tx: mpsc::Sender<Snapshot>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) {
     let (routes, routes_writer) = reflector::store::<Route>();
     let (nodes, nodes_writer) = reflector::store::<Node>();
     let route_events = reflector(
@@ -87,6 +92,12 @@ pub fn spawn(client: Client, node: String, tx: mpsc::Sender<Snapshot>) {
                 Signal::Listing => continue,
                 Signal::Changed => {}
                 Signal::Failed(e) => {
+                    metrics
+                        .api_errors
+                        .get_or_create(&crate::metrics::ComponentLabels {
+                            component: "watch".into(),
+                        })
+                        .inc();
                     warn!(error = %e, "watching the API server failed; retrying, routes kept as they are");
                     continue;
                 }
