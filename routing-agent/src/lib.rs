@@ -12,6 +12,7 @@ pub mod default_route;
 pub mod ebpf;
 pub mod events;
 pub mod health;
+pub mod inspect;
 pub mod metrics;
 #[cfg(test)]
 mod mock_api;

@@ -43,9 +43,22 @@ enum Command {
     Sysctls(SysctlArgs),
     /// Print the CustomResourceDefinitions generated from the Rust types.
     Crd,
+    /// Show what the agent maintains in this network namespace (routes, rules, gateways
+    /// with their health and counters), read from the kernel and the pinned maps: works
+    /// while the agent runs and after it stopped.
+    Status(StatusArgs),
     /// Remove every route and nexthop the agent owns in this network namespace, and its
     /// bpffs pins.
     Cleanup(KernelArgs),
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    kernel: KernelArgs,
+    /// JSON instead of tables.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -343,6 +356,26 @@ async fn main() -> anyhow::Result<()> {
                 probes,
             )
             .await
+        }
+        Command::Status(st) => {
+            let k = &st.kernel;
+            let mut tables = vec![k.table];
+            if k.symmetric_routing {
+                tables.push(k.symmetric_table);
+            }
+            let view = routing_agent::inspect::read(&routing_agent::inspect::Scope {
+                protocol: k.route_protocol,
+                tables,
+                rule_priority: k.symmetric_routing.then_some(k.symmetric_rule_priority),
+                pin_dir: &k.bpf_pin_dir,
+            })
+            .await?;
+            if st.json {
+                println!("{}", serde_json::to_string_pretty(&view)?);
+            } else {
+                print!("{}", routing_agent::inspect::render(&view));
+            }
+            Ok(())
         }
         Command::Cleanup(k) => {
             let mut dp = Dataplane::new(dataplane_config(&k)).await?;

@@ -558,3 +558,91 @@ fn metrics_tell_the_failover_and_the_restore() -> Result<()> {
     agent.check_alive()?;
     Ok(())
 }
+
+/// `routing-agent status --json` in the node's namespace.
+fn node_status(lab: &Lab) -> Result<serde_json::Value> {
+    let out = lab.sh(
+        &lab.node_ns("a"),
+        &format!(
+            "{} status --json --bpf-pin-dir {}",
+            agent_bin().display(),
+            lab.pin_dir("a").display()
+        ),
+    )?;
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// `routing-agent status` matches the kernel and the agent's view, while the agent runs and
+/// after it stopped (it reads the kernel and the pinned maps).
+#[test]
+fn the_status_command_matches_the_kernel_while_running_and_after_stop() -> Result<()> {
+    let (lab, dir) = lab_with_routes()?;
+    let mut agent = start(&lab, &dir, &[])?;
+    let st = node_status(&lab)?;
+    let routes = st["routes"].as_array().cloned().unwrap_or_default();
+    ensure!(routes.len() == 2, "{st:#}");
+    for r in &routes {
+        let dst = r["destination"].as_str().unwrap_or_default();
+        let gws: Vec<String> = r["gateways"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|g| g.as_str().map(String::from))
+            .collect();
+        ensure!(gws == lab.route_gateways("a", dst)?, "{dst}: {gws:?}");
+    }
+    let agent_view = agent.status().unwrap_or_default();
+    for i in 1..=3u8 {
+        let g = st["gateways"]
+            .as_array()
+            .and_then(|g| g.iter().find(|g| g["address"] == gateway_v4(i).as_str()))
+            .cloned()
+            .unwrap_or_default();
+        let mine = agent.gateway(&gateway_v4(i)).unwrap_or_default();
+        ensure!(g["state"] == "up" && g["interface"] == "eth1", "{g:#}");
+        ensure!(
+            g["mac"] == mine["mac"] && g["slot"] == mine["slot"],
+            "{g:#} vs {mine:#}"
+        );
+    }
+    ensure!(agent_view["routes"].as_array().map(Vec::len) == Some(2));
+    // A gateway goes down: the status says so, with the time.
+    lab.fail(1, Failure::Removed)?;
+    let stream = lab.stream("a", ECHO_V4.parse()?, 10);
+    wait_state(&mut agent, 1, "down", Duration::from_secs(20))?;
+    let _ = stream.stop();
+    let st = wait_for(
+        "status shows gateway 1 down",
+        Duration::from_secs(10),
+        || {
+            let st = node_status(&lab).ok()?;
+            let g1 = st["gateways"]
+                .as_array()?
+                .iter()
+                .find(|g| g["address"] == gateway_v4(1).as_str())?
+                .clone();
+            (g1["state"] == "down" && g1["downSince"].is_string()).then_some(st)
+        },
+    )?;
+    // After the agent stopped: the same, from the kernel and the pins.
+    agent.stop();
+    let after = node_status(&lab)?;
+    ensure!(after["routes"] == st["routes"], "{after:#}");
+    ensure!(
+        after["gateways"].as_array().map(Vec::len) == Some(3),
+        "{after:#}"
+    );
+    let table = lab.sh(
+        &lab.node_ns("a"),
+        &format!(
+            "{} status --bpf-pin-dir {}",
+            agent_bin().display(),
+            lab.pin_dir("a").display()
+        ),
+    )?;
+    ensure!(
+        table.contains("ROUTES") && table.contains(DEST_V4) && table.contains("down"),
+        "{table}"
+    );
+    Ok(())
+}
