@@ -217,7 +217,7 @@ fn read_pins(dir: &Path) -> anyhow::Result<Vec<GatewayView>> {
             },
         });
     }
-    out.sort_by(|a, b| a.slot.cmp(&b.slot));
+    out.sort_by_key(|g| g.slot);
     Ok(out)
 }
 
