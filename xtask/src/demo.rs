@@ -64,8 +64,8 @@ pub fn run() -> Result<()> {
     std::fs::write(dir.join("egress.yaml"), &manifest)?;
     show("routes/egress.yaml", &manifest);
 
-    t.say("starting routing-agent (standalone mode) inside node-a");
-    let mut agent = Agent::start(&lab, "a", &dir, &[])?;
+    t.say("starting routing-agent (standalone mode) inside node-a, probing withdrawn gateways every 2 s (default 30 s)");
+    let mut agent = Agent::start(&lab, "a", &dir, &["--probe-interval", "2s"])?;
     agent.wait_settled(1)?;
     t.say("routes installed");
     let ns = lab.node_ns("a");
@@ -118,6 +118,80 @@ pub fn run() -> Result<()> {
     show(
         "bpftool map dump pinned …/RA_GW_STATS (first CPUs)",
         &lines.join("\n"),
+    );
+
+    // A gateway breaks.
+    agent.wait_resolved(2)?;
+    t.say("gw1 goes away (its VPC link goes down); node-a keeps opening 10 connections/s");
+    let stream = lab.stream("a", ECHO_V4.parse()?, 10);
+    std::thread::sleep(Duration::from_secs(2));
+    lab.fail(1, Failure::Removed)?;
+    let broken = Instant::now();
+    wait_for("gw1 withdrawn", Duration::from_secs(30), || {
+        (lab.route_gateways("a", DEST_V4).ok()? == vec![gateway_v4(3)]).then_some(())
+    })?;
+    t.say(&format!(
+        "gw1 withdrawn {:.2} s after it broke (failed connection attempts seen by the TC program, a peer gateway succeeding)",
+        broken.elapsed().as_secs_f64()
+    ));
+    std::thread::sleep(Duration::from_secs(2));
+    let attempts = stream.stop();
+    let after: Vec<_> = attempts.iter().filter(|a| a.started > broken).collect();
+    let failed = after.iter().filter(|a| a.result.is_err()).count();
+    t.say(&format!(
+        "{} connection attempts since the break: {failed} failed (those in flight before the withdrawal), the rest through gw3",
+        after.len()
+    ));
+    show(
+        "routing-agent status (node-a; reads the kernel and the pinned maps)",
+        &lab.sh(
+            &ns,
+            &format!(
+                "{} status --bpf-pin-dir {}",
+                crate::workspace()
+                    .join("target/debug/routing-agent")
+                    .display(),
+                lab.pin_dir("a").display()
+            ),
+        )?,
+    );
+    t.say("gw1 is probed with ICMP every 2 s while withdrawn; its link comes back");
+    std::thread::sleep(Duration::from_secs(3));
+    lab.heal(1, Failure::Removed)?;
+    let healed = Instant::now();
+    wait_for("gw1 restored", Duration::from_secs(60), || {
+        (lab.route_gateways("a", DEST_V4).ok()? == vec![gateway_v4(1), gateway_v4(3)]).then_some(())
+    })?;
+    t.say(&format!(
+        "gw1 back in the route {:.2} s after it was healed (the next answered probe)",
+        healed.elapsed().as_secs_f64()
+    ));
+    let (_, metrics) = health_get(&lab, "a", "/metrics")?;
+    let lines: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.contains(&gateway_v4(1))
+                && (l.starts_with("routing_agent_gateway_withdrawals")
+                    || l.starts_with("routing_agent_gateway_restores")
+                    || l.starts_with("routing_agent_gateway_up")
+                    || l.starts_with("routing_agent_gateway_probes")
+                    || l.contains("outcome=\"failed\""))
+        })
+        .collect();
+    show("curl :9977/metrics (gw1)", &lines.join("\n"));
+    let log = agent.log_text();
+    let story: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains("gateway down")
+                || l.contains("gateway up")
+                || l.contains("probe of a withdrawn")
+        })
+        .take(6)
+        .collect();
+    show(
+        "agent log (state changes, one line each with the reason)",
+        &story.join("\n"),
     );
 
     t.say("stopping the agent and tearing the lab down");
