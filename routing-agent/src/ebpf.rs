@@ -142,6 +142,26 @@ pub fn detach_netlink_filters() -> usize {
     n
 }
 
+/// The agent's TCX attachments in this network namespace (interface, direction), found by
+/// querying every interface; works from any process (`routing-agent status`).
+pub fn tcx_attachments() -> Vec<(String, &'static str)> {
+    let mut out = Vec::new();
+    for (_, name) in interfaces() {
+        for (t, dir, prog) in [
+            (TcAttachType::Egress, "egress", names::PROG_EGRESS),
+            (TcAttachType::Ingress, "ingress", names::PROG_INGRESS),
+        ] {
+            let Ok((_, progs)) = aya::programs::SchedClassifier::query_tcx(&name, t) else {
+                continue;
+            };
+            if progs.iter().any(|p| p.name_as_str() == Some(prog)) {
+                out.push((name.clone(), dir));
+            }
+        }
+    }
+    out
+}
+
 fn interfaces() -> Vec<(u32, String)> {
     let mut out = Vec::new();
     // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.

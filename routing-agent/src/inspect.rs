@@ -59,6 +59,9 @@ pub struct Counters {
 pub struct NodeView {
     pub routes: Vec<RouteView>,
     pub rules: Vec<String>,
+    /// TC programs attached (TCX links; `tc filter show` lists the cls_bpf ones of the
+    /// netlink attach mode).
+    pub attachments: Vec<String>,
     pub gateways: Vec<GatewayView>,
     /// Why the gateways could not be read (no pins: the agent never ran with eBPF here).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -146,9 +149,14 @@ pub async fn read(scope: &Scope<'_>) -> anyhow::Result<NodeView> {
         Ok(g) => (g, None),
         Err(e) => (vec![], Some(format!("{e:#}"))),
     };
+    let attachments = crate::ebpf::tcx_attachments()
+        .into_iter()
+        .map(|(i, d)| format!("{i} {d} (tcx)"))
+        .collect();
     Ok(NodeView {
         routes,
         rules,
+        attachments,
         gateways,
         gateways_unavailable,
     })
@@ -243,6 +251,13 @@ pub fn render(v: &NodeView) -> String {
         for r in &v.rules {
             out.push_str(&format!("  {r}\n"));
         }
+    }
+    out.push_str("ATTACHMENTS\n");
+    if v.attachments.is_empty() {
+        out.push_str("  (no TCX attachment: the agent is not running, or attaches through netlink: tc filter show dev IF egress)\n");
+    }
+    for a in &v.attachments {
+        out.push_str(&format!("  {a}\n"));
     }
     out.push_str("GATEWAYS\n");
     if let Some(why) = &v.gateways_unavailable {

@@ -606,6 +606,10 @@ fn the_status_command_matches_the_kernel_while_running_and_after_stop() -> Resul
         );
     }
     ensure!(agent_view["routes"].as_array().map(Vec::len) == Some(2));
+    ensure!(
+        st["attachments"] == serde_json::json!(["eth1 egress (tcx)", "eth1 ingress (tcx)"]),
+        "{st:#}"
+    );
     // A gateway goes down: the status says so, with the time.
     lab.fail(1, Failure::Removed)?;
     let stream = lab.stream("a", ECHO_V4.parse()?, 10);
@@ -628,6 +632,10 @@ fn the_status_command_matches_the_kernel_while_running_and_after_stop() -> Resul
     agent.stop();
     let after = node_status(&lab)?;
     ensure!(after["routes"] == st["routes"], "{after:#}");
+    ensure!(
+        after["attachments"] == serde_json::json!([]),
+        "TCX links go with the agent"
+    );
     ensure!(
         after["gateways"].as_array().map(Vec::len) == Some(3),
         "{after:#}"
