@@ -139,6 +139,10 @@ pub struct GatewayInfo {
     /// The gateway's MAC on `ifindex` (from the neighbour table), used by flow pinning.
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// When the state last changed (ms since the Unix epoch; 0: never).
+    pub changed_ms: u64,
+    /// Down: when the next ICMP probe is due (ms since the Unix epoch; 0 when up).
+    pub next_probe_ms: u64,
 }
 
 #[cfg(feature = "user")]

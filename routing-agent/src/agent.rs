@@ -440,6 +440,7 @@ async fn health_step(
     }
     if let Some(prober) = prober {
         for gw in health.due_probes(now) {
+            record(programs, health, gw);
             let (prober, tx) = (prober.clone(), probe_tx.clone());
             tokio::spawn(async move {
                 let ok = prober.probe(gw).await;
@@ -510,16 +511,28 @@ fn record_reconcile(
 
 fn record(programs: &mut Programs, health: &Health, gw: IpAddr) {
     let Some(h) = health.get(&gw) else { return };
-    let (state, since) = if h.down {
-        let ago = Instant::now().saturating_duration_since(h.since);
-        (
-            routing_agent_common::GW_DOWN,
-            unix_ms(SystemTime::now() - ago),
-        )
-    } else {
-        (routing_agent_common::GW_UP, 0)
-    };
-    programs.record_health(gw, state, h.penalty, since);
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    let at = |t: Instant| unix_ms(wall - now.saturating_duration_since(t));
+    let after = |t: Instant| unix_ms(wall + t.saturating_duration_since(now));
+    let changed = at(h.since);
+    programs.record_health(
+        gw,
+        crate::ebpf::HealthRecord {
+            state: if h.down {
+                routing_agent_common::GW_DOWN
+            } else {
+                routing_agent_common::GW_UP
+            },
+            penalty: h.penalty,
+            down_since_ms: if h.down { changed } else { 0 },
+            changed_ms: changed,
+            next_probe_ms: if h.down {
+                h.next_probe.map(after).unwrap_or(0)
+            } else {
+                0
+            },
+        },
+    );
 }
 
 fn log_transition(t: &Transition, health: &Health, watch: &Watch) {

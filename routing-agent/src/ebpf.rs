@@ -92,6 +92,16 @@ fn layout(name: &str) -> (usize, usize, u32) {
     }
 }
 
+/// The health part of a `RA_GATEWAYS` record (times in ms since the Unix epoch).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HealthRecord {
+    pub state: u32,
+    pub penalty: u32,
+    pub down_since_ms: u64,
+    pub changed_ms: u64,
+    pub next_probe_ms: u64,
+}
+
 /// A `RA_GATEWAYS` record (IPv4 addresses in the first 4 bytes).
 fn gateway_info(a: IpAddr, state: u32, penalty: u32, down_since_ms: u64) -> GatewayInfo {
     let mut addr = [0u8; 16];
@@ -114,6 +124,8 @@ fn gateway_info(a: IpAddr, state: u32, penalty: u32, down_since_ms: u64) -> Gate
         down_since_ms,
         mac: [0; 6],
         _pad: [0; 2],
+        changed_ms: 0,
+        next_probe_ms: 0,
     }
 }
 
@@ -441,14 +453,16 @@ impl Programs {
     }
 
     /// Records a gateway's health in its slot (for bpftool users and the next agent).
-    pub fn record_health(&mut self, gw: IpAddr, state: u32, penalty: u32, down_since_ms: u64) {
+    pub fn record_health(&mut self, gw: IpAddr, h: HealthRecord) {
         let Some(s) = self.slots.get(&gw) else {
             return;
         };
         let info = GatewayInfo {
-            state,
-            penalty,
-            down_since_ms,
+            state: h.state,
+            penalty: h.penalty,
+            down_since_ms: h.down_since_ms,
+            changed_ms: h.changed_ms,
+            next_probe_ms: h.next_probe_ms,
             ..s.info
         };
         self.write_slot(gw, info);

@@ -23,6 +23,9 @@ pub struct RouteView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nexthop_id: Option<u32>,
     pub table: u32,
+    /// `ok`, or `fail-closed` when a gateway it still uses is down (its last ones are kept
+    /// rather than falling back to the node's own default route).
+    pub state: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -38,6 +41,12 @@ pub struct GatewayView {
     /// When it went down (RFC 3339), while down.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub down_since: Option<String>,
+    /// When its state last changed (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_change: Option<String>,
+    /// While down: when the next ICMP probe is due (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_probe: Option<String>,
     pub counters: Counters,
 }
 
@@ -131,6 +140,7 @@ pub async fn read(scope: &Scope<'_>) -> anyhow::Result<NodeView> {
                 gateways,
                 nexthop_id: id,
                 table: d.table,
+                state: "ok".into(),
             }
         })
         .collect();
@@ -145,10 +155,21 @@ pub async fn read(scope: &Scope<'_>) -> anyhow::Result<NodeView> {
             .collect(),
         None => vec![],
     };
+
     let (gateways, gateways_unavailable) = match read_pins(scope.pin_dir) {
         Ok(g) => (g, None),
         Err(e) => (vec![], Some(format!("{e:#}"))),
     };
+    let down: Vec<&str> = gateways
+        .iter()
+        .filter(|g| g.state == "down")
+        .map(|g| g.address.as_str())
+        .collect();
+    for r in routes.iter_mut() {
+        if r.gateways.iter().any(|g| down.contains(&g.as_str())) {
+            r.state = "fail-closed".into();
+        }
+    }
     let attachments = crate::ebpf::tcx_attachments()
         .into_iter()
         .map(|(i, d)| format!("{i} {d} (tcx)"))
@@ -160,6 +181,14 @@ pub async fn read(scope: &Scope<'_>) -> anyhow::Result<NodeView> {
         gateways,
         gateways_unavailable,
     })
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 (to the second).
+fn time(ms: u64) -> String {
+    k8s_openapi::jiff::Timestamp::from_millisecond(ms as i64)
+        .and_then(|t| t.round(k8s_openapi::jiff::Unit::Second))
+        .map(|t| t.to_string())
+        .unwrap_or_default()
 }
 
 fn read_pins(dir: &Path) -> anyhow::Result<Vec<GatewayView>> {
@@ -208,11 +237,9 @@ fn read_pins(dir: &Path) -> anyhow::Result<Vec<GatewayView>> {
                     .collect::<Vec<_>>()
                     .join(":")
             },
-            down_since: (down && info.down_since_ms > 0).then(|| {
-                k8s_openapi::jiff::Timestamp::from_millisecond(info.down_since_ms as i64)
-                    .map(|t| t.to_string())
-                    .unwrap_or_default()
-            }),
+            down_since: (down && info.down_since_ms > 0).then(|| time(info.down_since_ms)),
+            last_change: (info.changed_ms > 0).then(|| time(info.changed_ms)),
+            next_probe: (down && info.next_probe_ms > 0).then(|| time(info.next_probe_ms)),
             counters: Counters {
                 syn_sent: s.syn_sent,
                 established: s.established,
@@ -234,15 +261,16 @@ pub fn render(v: &NodeView) -> String {
     let mut out = String::new();
     out.push_str("ROUTES\n");
     out.push_str(&format!(
-        "  {:<22} {:<6} {:<10} GATEWAYS\n",
-        "DESTINATION", "TABLE", "NEXTHOP"
+        "  {:<22} {:<6} {:<10} {:<12} GATEWAYS\n",
+        "DESTINATION", "TABLE", "NEXTHOP", "STATE"
     ));
     for r in &v.routes {
         out.push_str(&format!(
-            "  {:<22} {:<6} {:<10} {}\n",
+            "  {:<22} {:<6} {:<10} {:<12} {}\n",
             r.destination,
             r.table,
             r.nexthop_id.map(|i| i.to_string()).unwrap_or("-".into()),
+            r.state,
             r.gateways.join(",")
         ));
     }
@@ -278,7 +306,7 @@ pub fn render(v: &NodeView) -> String {
         ));
         for g in &v.gateways {
             out.push_str(&format!(
-                "  {:<18} {:<4} {:<5} {:<7} {:<9} {:<17} {:>8} {:>8} {:>6} {}\n",
+                "  {:<18} {:<4} {:<5} {:<7} {:<9} {:<17} {:>8} {:>8} {:>6} {:<20} {}\n",
                 g.address,
                 g.slot,
                 g.state,
@@ -288,7 +316,8 @@ pub fn render(v: &NodeView) -> String {
                 g.counters.syn_sent,
                 g.counters.established,
                 g.counters.failed,
-                g.down_since.clone().unwrap_or_default()
+                g.last_change.clone().unwrap_or("-".into()),
+                g.next_probe.clone().unwrap_or_default()
             ));
         }
     }

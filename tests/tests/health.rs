@@ -625,9 +625,22 @@ fn the_status_command_matches_the_kernel_while_running_and_after_stop() -> Resul
                 .iter()
                 .find(|g| g["address"] == gateway_v4(1).as_str())?
                 .clone();
-            (g1["state"] == "down" && g1["downSince"].is_string()).then_some(st)
+            (g1["state"] == "down" && g1["downSince"].is_string() && g1["nextProbe"].is_string())
+                .then_some(st)
         },
     )?;
+    let g1 = st["gateways"][0].clone();
+    ensure!(g1["lastChange"] == g1["downSince"], "{g1:#}");
+    ensure!(
+        st["routes"].as_array().into_iter().flatten().all(|r| {
+            if r["destination"] == format!("{SINGLE_V4}/32").as_str() {
+                r["state"] == "fail-closed"
+            } else {
+                r["state"] == "ok"
+            }
+        }),
+        "the single-gateway route keeps its down gateway (fail-closed): {st:#}"
+    );
     // After the agent stopped: the same, from the kernel and the pins.
     agent.stop();
     let after = node_status(&lab)?;
