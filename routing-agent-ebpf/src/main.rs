@@ -205,10 +205,18 @@ fn pinned(ctx: &TcContext, ifindex: u32, f: *mut FlowState, flags: u8, slot: u32
 #[inline(always)]
 fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, ()> {
     let (start, end) = (ctx.data(), ctx.data_end());
-    if off < 128 && start + off + core::mem::size_of::<T>() <= end {
-        // SAFETY: the bytes lie between data and data_end (checked just above, in a form
-        // the verifier follows).
-        return Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) });
+    if off < 128 {
+        // The offset masked to 0..=127 (the same value here) through a volatile load, so
+        // that LLVM keeps the mask: older verifiers (6.1) also walk branches they could
+        // prove impossible, and an offset whose known bounds contradict each other turns
+        // `data + off` into an unknown scalar there ("R1 invalid mem access 'scalar'").
+        // SAFETY: reads a local.
+        let o = unsafe { core::ptr::read_volatile(&off) } & 0x7f;
+        if start + o + core::mem::size_of::<T>() <= end {
+            // SAFETY: the bytes lie between data and data_end (checked just above, in a
+            // form the verifier follows).
+            return Ok(unsafe { core::ptr::read_unaligned((start + o) as *const T) });
+        }
     }
     ctx.load(off).map_err(|_| ())
 }

@@ -4,6 +4,7 @@ mod demo;
 mod failover;
 mod setup;
 mod tccost;
+mod vm;
 
 use std::process::Command;
 
@@ -43,6 +44,17 @@ enum Cmd {
     },
     /// Regenerate deploy/crd.yaml from the Rust types.
     GenCrd,
+    /// The kernel-facing integration tests inside a VM with another kernel (qemu, TCG).
+    VmTest {
+        #[arg(long, value_enum, default_value_t = vm::Kernel::Debian61)]
+        kernel: vm::Kernel,
+        /// Test binaries (tests/tests/*.rs) to run.
+        #[arg(long = "test", default_values_t = ["dataplane".to_string()])]
+        tests: Vec<String>,
+        /// A test-name filter passed to every test binary.
+        #[arg(long, default_value = "")]
+        filter: String,
+    },
 }
 
 /// Runs a command with inherited output; fails naming it.
@@ -182,5 +194,14 @@ fn main() -> Result<()> {
             baseline_trials,
         } => bench::run(which, trials, baseline_trials),
         Cmd::GenCrd => gen_crd(),
+        Cmd::VmTest {
+            kernel,
+            tests,
+            filter,
+        } => vm::run(
+            kernel,
+            &tests.iter().map(String::as_str).collect::<Vec<_>>(),
+            &filter,
+        ),
     }
 }

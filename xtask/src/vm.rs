@@ -1,0 +1,441 @@
+//! `cargo xtask vm-test`: the kernel-facing integration tests inside a VM booted with
+//! another kernel (Debian 12's 6.1 cloud kernel by default), the way aya tests itself
+//! across kernels.
+//!
+//! - The kernel comes from Debian's `linux-image-cloud-amd64` (the version its metapackage
+//!   names), downloaded once into `VM_CACHE`; `depmod` gives its module dependencies.
+//! - The agent and the test binaries are built statically (`+crt-static`, glibc) for
+//!   `x86_64-unknown-linux-gnu`, without debuginfo.
+//! - The initramfs (newc, written by `busybox cpio`) holds them, the host's `ip`, `tc`,
+//!   `nft`, `bpftool`, `nsenter`, `sysctl` and `dash` with their shared libraries, the
+//!   modules the lab needs (veth, bridge, clsact, cls_bpf, nf_tables and NAT), busybox for
+//!   the rest, and an init that mounts what the lab expects, runs the tests and prints the
+//!   verdict on the console.
+//! - qemu runs it under TCG (no usable KVM here); its console is streamed.
+use std::collections::BTreeSet;
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+pub const VM_CACHE: &str = "/var/cache/routing-agent/vm";
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+const MARKER: &str = "RA-VM-RESULT";
+
+/// Modules the lab needs in the guest (insmod'ed in dependency order).
+const MODULES: &[&str] = &[
+    "veth",
+    "bridge",
+    "sch_ingress",
+    "cls_bpf",
+    "nf_tables",
+    "nft_chain_nat",
+    "nft_masq",
+    "nft_ct",
+    "nft_numgen",
+    "nft_limit",
+    "sch_netem",
+    "dummy",
+];
+
+/// Host tools copied into the guest, with their libraries.
+const TOOLS: &[&str] = &[
+    "/usr/bin/ip",
+    "/usr/sbin/tc",
+    "/usr/sbin/nft",
+    "/usr/sbin/bpftool",
+    "/usr/bin/nsenter",
+    "/usr/sbin/sysctl",
+    "/usr/bin/dash",
+];
+
+/// busybox applets linked into the guest (only names no real tool above takes).
+const APPLETS: &[&str] = &[
+    "cat", "echo", "mount", "mkdir", "insmod", "poweroff", "sleep", "ls", "ln", "rm", "true",
+    "false", "sync", "uname", "grep", "head", "tail", "env", "ps", "kill", "timeout",
+];
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Kernel {
+    /// Debian 12's cloud kernel (6.1), downloaded once.
+    Debian61,
+}
+
+fn out(program: &str, args: &[&str]) -> Result<String> {
+    let o = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !o.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn say(what: &str) {
+    eprintln!("[vm-test] {what}");
+}
+
+/// Installs qemu, busybox-static and kmod when missing.
+fn tools() -> Result<()> {
+    let missing: Vec<&str> = ["qemu-system-x86", "busybox-static", "kmod"]
+        .into_iter()
+        .filter(|p| {
+            !out("dpkg-query", &["-W", "-f=${Status}", p])
+                .is_ok_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    say(&format!("installing {}", missing.join(" ")));
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    crate::cmd("apt-get", &args)
+}
+
+/// The kernel image and its module tree (extracted), downloading the package once.
+fn kernel(k: Kernel) -> Result<(PathBuf, PathBuf, String)> {
+    let Kernel::Debian61 = k;
+    let deps = out("apt-cache", &["depends", "linux-image-cloud-amd64"])?;
+    let pkg = deps
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Depends: "))
+        .filter(|p| p.starts_with("linux-image-"))
+        .context("linux-image-cloud-amd64 names no kernel package (apt-get update?)")?
+        .to_string();
+    let release = pkg.trim_start_matches("linux-image-").to_string();
+    let cache = Path::new(VM_CACHE);
+    let root = cache.join(&release);
+    let vmlinuz = root.join(format!("boot/vmlinuz-{release}"));
+    if !vmlinuz.exists() {
+        std::fs::create_dir_all(cache)?;
+        say(&format!("downloading {pkg}"));
+        let st = Command::new("apt-get")
+            .args(["download", &pkg])
+            .current_dir(cache)
+            .status()?;
+        if !st.success() {
+            bail!("apt-get download {pkg} failed");
+        }
+        let deb = std::fs::read_dir(cache)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")))
+            })
+            .context("the downloaded .deb")?;
+        let tmp = cache.join(format!("{release}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        out(
+            "dpkg",
+            &["-x", &deb.display().to_string(), &tmp.display().to_string()],
+        )?;
+        out("depmod", &["-b", &tmp.display().to_string(), &release])?;
+        std::fs::rename(&tmp, &root)?;
+    }
+    Ok((vmlinuz, root, release))
+}
+
+/// Builds the agent and the test binaries statically; returns (agent, tests by name).
+fn build(tests: &[&str]) -> Result<(PathBuf, Vec<(String, PathBuf)>)> {
+    let flags = "-C target-feature=+crt-static -C debuginfo=0";
+    let env = [("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", flags)];
+    say("building the agent and the tests statically (first time: a full build)");
+    let st = Command::new("cargo")
+        .args(["build", "-p", "routing-agent", "--target", TARGET])
+        .envs(env)
+        .current_dir(crate::workspace())
+        .status()?;
+    if !st.success() {
+        bail!("building the static agent failed");
+    }
+    let agent = crate::workspace().join(format!("target/{TARGET}/debug/routing-agent"));
+    let mut args = vec![
+        "test",
+        "-p",
+        "routing-agent-tests",
+        "--no-run",
+        "--target",
+        TARGET,
+        "--message-format=json",
+    ];
+    for t in tests {
+        args.extend(["--test", t]);
+    }
+    let o = Command::new("cargo")
+        .args(&args)
+        .envs(env)
+        .current_dir(crate::workspace())
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !o.status.success() {
+        bail!("building the static tests failed");
+    }
+    let mut bins = Vec::new();
+    for line in String::from_utf8_lossy(&o.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["reason"] == "compiler-artifact"
+            && v["target"]["kind"][0] == "test"
+            && let Some(exe) = v["executable"].as_str()
+        {
+            let name = v["target"]["name"].as_str().unwrap_or_default().to_string();
+            bins.push((name, PathBuf::from(exe)));
+        }
+    }
+    if bins.len() != tests.len() {
+        bail!("expected {} test binaries, found {bins:?}", tests.len());
+    }
+    Ok((agent, bins))
+}
+
+/// The shared libraries of `bin` (ldd).
+fn libs(bin: &str) -> Result<Vec<String>> {
+    Ok(out("ldd", &[bin])?
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = if let Some((_, r)) = l.split_once("=>") {
+                r.split_whitespace().next()?
+            } else {
+                l.split_whitespace().next()?
+            };
+            path.starts_with('/').then(|| path.to_string())
+        })
+        .collect())
+}
+
+fn copy_into(root: &Path, src: &Path, dst: &str) -> Result<()> {
+    let to = root.join(dst.trim_start_matches('/'));
+    std::fs::create_dir_all(to.parent().expect("a parent"))?;
+    std::fs::copy(src, &to).with_context(|| format!("copying {}", src.display()))?;
+    Ok(())
+}
+
+const INIT: &str = r#"#!/bin/sh
+# routing-agent VM test init (generated by xtask/src/vm.rs).
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+mount -t tmpfs run /run
+mount -t bpf bpf /sys/fs/bpf
+mkdir -p /run/netns
+while read m; do insmod $m || echo "insmod $m failed"; done < /modules.order
+ip link set lo up
+echo "kernel: $(uname -r)"
+export ROUTING_AGENT_BIN=/usr/bin/routing-agent RUST_BACKTRACE=0 NO_COLOR=1
+code=0
+for t in /tests/*; do
+  echo "== $t"
+  "$t" --test-threads=1 $RA_VM_FILTER || code=1
+done
+echo "RA-VM-RESULT $code"
+sync
+poweroff -f
+"#;
+
+/// Writes the initramfs; returns its path.
+fn initramfs(
+    agent: &Path,
+    tests: &[(String, PathBuf)],
+    modroot: &Path,
+    release: &str,
+    filter: &str,
+) -> Result<PathBuf> {
+    let stage = Path::new(VM_CACHE).join("stage");
+    let _ = std::fs::remove_dir_all(&stage);
+    for d in [
+        "proc", "sys", "dev", "tmp", "run", "bin", "sbin", "usr/bin", "usr/sbin", "tests", "etc",
+    ] {
+        std::fs::create_dir_all(stage.join(d))?;
+    }
+    copy_into(&stage, agent, "/usr/bin/routing-agent")?;
+    for (name, exe) in tests {
+        copy_into(&stage, exe, &format!("/tests/{name}"))?;
+    }
+    let mut libset = BTreeSet::new();
+    for t in TOOLS {
+        copy_into(&stage, Path::new(t), t)?;
+        libset.extend(libs(t)?);
+    }
+    for l in libset {
+        let real = std::fs::canonicalize(&l)?;
+        copy_into(&stage, &real, &l)?;
+    }
+    copy_into(&stage, Path::new("/bin/busybox"), "/bin/busybox")?;
+    for a in APPLETS {
+        std::os::unix::fs::symlink("/bin/busybox", stage.join("bin").join(a))?;
+    }
+    std::os::unix::fs::symlink("/usr/bin/dash", stage.join("bin/sh"))?;
+    // Modules, in dependency order.
+    let mut order: Vec<String> = Vec::new();
+    for m in MODULES {
+        let deps = out(
+            "modprobe",
+            &[
+                "-d",
+                &modroot.display().to_string(),
+                "-S",
+                release,
+                "--show-depends",
+                m,
+            ],
+        )?;
+        for line in deps.lines() {
+            // `insmod PATH [OPTIONS]`; builtins say `builtin NAME`.
+            let Some(rest) = line.strip_prefix("insmod ") else {
+                continue;
+            };
+            let mut words = rest.split_whitespace();
+            let Some(path) = words.next() else { continue };
+            let options: Vec<&str> = words.collect();
+            let rel = path
+                .strip_prefix(&modroot.display().to_string())
+                .unwrap_or(path);
+            if !order
+                .iter()
+                .any(|o| o.split_whitespace().next() == Some(rel))
+            {
+                copy_into(&stage, Path::new(path), rel)?;
+                order.push(
+                    std::iter::once(rel)
+                        .chain(options)
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                );
+            }
+        }
+    }
+    std::fs::write(stage.join("modules.order"), order.join("\n") + "\n")?;
+    let init = INIT.replace("$RA_VM_FILTER", filter);
+    std::fs::write(stage.join("init"), init)?;
+    std::fs::set_permissions(
+        stage.join("init"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    std::fs::write(stage.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")?;
+    // The archive: every path, relative, through busybox cpio.
+    let mut names = Vec::new();
+    fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+        for e in std::fs::read_dir(dir)? {
+            let p = e?.path();
+            out.push(
+                p.strip_prefix(base)
+                    .expect("under base")
+                    .display()
+                    .to_string(),
+            );
+            if p.is_dir() && !p.is_symlink() {
+                walk(&p, base, out)?;
+            }
+        }
+        Ok(())
+    }
+    walk(&stage, &stage, &mut names)?;
+    let image = Path::new(VM_CACHE).join("initramfs.cpio");
+    let mut child = Command::new("busybox")
+        .args(["cpio", "-o", "-H", "newc"])
+        .current_dir(&stage)
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(&image)?)
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all((names.join("\n") + "\n").as_bytes())?;
+    if !child.wait()?.success() {
+        bail!("busybox cpio failed");
+    }
+    Ok(image)
+}
+
+/// Boots and streams the console; the suite's verdict.
+fn boot(vmlinuz: &Path, image: &Path, limit: Duration) -> Result<bool> {
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-machine",
+            "q35",
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "4096",
+            "-nographic",
+            "-no-reboot",
+            "-kernel",
+        ])
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(image)
+        .args(["-append", "console=ttyS0 quiet panic=-1 rdinit=/init"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting qemu")?;
+    let started = Instant::now();
+    let stdout = child.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut verdict = None;
+    loop {
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(line) => {
+                println!("{line}");
+                if let Some(code) = line.trim().strip_prefix(MARKER) {
+                    verdict = Some(code.trim() == "0");
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            bail!("the VM did not finish within {} s", limit.as_secs());
+        }
+    }
+    let _ = child.wait();
+    say(&format!(
+        "VM finished in {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
+    verdict.context("the VM ended without a verdict (see its console above)")
+}
+
+pub fn run(k: Kernel, tests: &[&str], filter: &str) -> Result<()> {
+    crate::setup::setup()?;
+    tools()?;
+    let (vmlinuz, modroot, release) = kernel(k)?;
+    say(&format!("kernel {release}"));
+    let (agent, bins) = build(tests)?;
+    let image = initramfs(&agent, &bins, &modroot, &release, filter)?;
+    say(&format!(
+        "initramfs {} MiB; booting under TCG",
+        std::fs::metadata(&image)?.len() >> 20
+    ));
+    if !boot(&vmlinuz, &image, Duration::from_secs(45 * 60))? {
+        bail!("tests failed in the VM ({release})");
+    }
+    say(&format!("all tests passed on {release}"));
+    Ok(())
+}
