@@ -145,6 +145,16 @@ impl LabSpec {
     }
 }
 
+/// Whether the running kernel has TCX (Linux ≥ 6.6): the agent attaches through it
+/// there, through clsact + cls_bpf (netlink) before.
+pub fn kernel_has_tcx() -> bool {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-']);
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (6, 6)
+}
+
 /// Gateway `i` (1-based): VPC address 10.114.0.(2+i), public 203.0.113.i.
 pub fn gateway_v4(i: u8) -> String {
     format!("10.114.0.{}", 2 + i)
@@ -699,6 +709,24 @@ impl Lab {
         let addr = SocketAddr::new(dst, ECHO_PORT);
         in_netns(&self.node_ns(node), move || echo(addr))?
             .with_context(|| format!("connecting from node {node} to {addr}"))
+    }
+
+    /// Waits until every interface of node `node` but lo has its IPv6 link-local address,
+    /// past duplicate address detection (the kernel adds it after the link comes up, and
+    /// its local route with it: a slow machine would see it appear mid-test).
+    pub fn wait_ipv6_settled(&self, node: &str) -> Result<()> {
+        let ns = self.node_ns(node);
+        wait_for(
+            &format!("IPv6 link-local addresses of node {node}"),
+            Duration::from_secs(30),
+            || {
+                let links = self.ip(&ns, "-o link show").ok()?;
+                let want = links.lines().filter(|l| !l.contains(" lo:")).count();
+                let addrs = self.ip(&ns, "-o -6 addr show scope link").ok()?;
+                let ready = addrs.lines().filter(|l| !l.contains("tentative")).count();
+                (ready >= want).then_some(())
+            },
+        )
     }
 
     /// An inbound connection from the internet to node `node`'s public address (v4 or v6)

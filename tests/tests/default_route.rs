@@ -7,10 +7,13 @@ use anyhow::{Result, ensure};
 use routing_agent_tests::*;
 
 fn public_lab() -> Result<Lab> {
-    Lab::new(LabSpec {
+    let lab = Lab::new(LabSpec {
         public: true,
         ..LabSpec::default()
-    })
+    })?;
+    // The routing dumps compare before and after: let the kernel finish its own first.
+    lab.wait_ipv6_settled("a")?;
+    Ok(lab)
 }
 
 fn ip(s: &str) -> IpAddr {

@@ -30,6 +30,7 @@ const MODULES: &[&str] = &[
     "bridge",
     "sch_ingress",
     "cls_bpf",
+    "cls_u32",
     "nf_tables",
     "nft_chain_nat",
     "nft_masq",
