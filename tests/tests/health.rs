@@ -454,8 +454,12 @@ fn established_connections_keep_their_gateway_when_one_is_added() -> Result<()> 
     let (alive, held, steered) = hold_across_gateway_added(true)?;
     ensure!(alive == held, "only {alive}/{held} connections survived");
     // Some of them did move in the kernel and were sent back (see the control below for
-    // why at least one moves).
-    ensure!(steered > 0, "no packet was steered back");
+    // why at least one moves) — on kernels that re-route established sockets by the hash
+    // (seen on 6.18). Debian 12's 6.1 keeps a socket's route across the change (the
+    // control shows it): nothing to steer there.
+    if kernel_has_tcx() {
+        ensure!(steered > 0, "no packet was steered back");
+    }
     Ok(())
 }
 
@@ -467,10 +471,17 @@ fn without_flow_pinning_a_route_change_breaks_connections() -> Result<()> {
     let (alive, held, steered) = hold_across_gateway_added(false)?;
     ensure!(steered == 0, "{steered} packets steered with pinning off");
     println!("without pinning: {alive}/{held} connections survived");
-    ensure!(
-        alive < held,
-        "all {held} connections survived without pinning"
-    );
+    if kernel_has_tcx() {
+        // 6.18: established sockets follow the hash after a FIB change, and break.
+        ensure!(
+            alive < held,
+            "all {held} connections survived without pinning"
+        );
+    } else {
+        // 6.1 (measured in the VM suite: 24/24): a socket keeps its route across the
+        // change, so pinning has nothing to fix there; all survive.
+        ensure!(alive == held, "only {alive}/{held} survived on this kernel");
+    }
     Ok(())
 }
 

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <setup|test|lab|bench|gen-crd>`.
+//! Project tasks: `cargo xtask <setup|test|vm-test|lab|bench|gen-crd>`.
 mod bench;
 mod demo;
 mod failover;
@@ -49,7 +49,7 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = vm::Kernel::Debian61)]
         kernel: vm::Kernel,
         /// Test binaries (tests/tests/*.rs) to run.
-        #[arg(long = "test", default_values_t = ["dataplane".to_string()])]
+        #[arg(long = "test", default_values_t = ["dataplane".to_string(), "health".to_string(), "default_route".to_string()])]
         tests: Vec<String>,
         /// A test-name filter passed to every test binary.
         #[arg(long, default_value = "")]
