@@ -109,6 +109,7 @@ fn tools() -> Result<()> {
         return Ok(());
     }
     say(&format!("installing {}", missing.join(" ")));
+    crate::cmd("apt-get", &["update", "-qq"])?;
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
     args.extend(&missing);
     crate::cmd("apt-get", &args)
@@ -117,7 +118,13 @@ fn tools() -> Result<()> {
 /// The kernel image and its module tree (extracted), downloading the package once.
 fn kernel(k: Kernel) -> Result<(PathBuf, PathBuf, String)> {
     let Kernel::Debian61 = k;
-    let deps = out("apt-cache", &["depends", "linux-image-cloud-amd64"])?;
+    let deps = match out("apt-cache", &["depends", "linux-image-cloud-amd64"]) {
+        Ok(d) => d,
+        Err(_) => {
+            crate::cmd("apt-get", &["update", "-qq"])?;
+            out("apt-cache", &["depends", "linux-image-cloud-amd64"])?
+        }
+    };
     let pkg = deps
         .lines()
         .find_map(|l| l.trim().strip_prefix("Depends: "))
