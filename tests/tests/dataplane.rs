@@ -309,6 +309,9 @@ fn restart_adopts_without_flap() -> Result<()> {
             + "---\n"
             + &route_yaml("s", &[DEST_V6], &[&v6(1)], None),
     )])?;
+    // The kernel's own IPv6 link-local routes must be in place before the monitor starts
+    // (a slow machine, e.g. the 6.1 VM under TCG, still adds them at this point).
+    lab.wait_ipv6_settled("a")?;
     let mut agent = Agent::start(&lab, "a", &dir, &[])?;
     agent.wait_settled(2)?;
     let routes_before = lab.ip(&lab.node_ns("a"), "route show proto 196")?;
