@@ -289,23 +289,30 @@ pub async fn run(
         // Default-route overrides: what must stay reachable through the node's own uplink.
         // Without the facts, nothing changes (an override without its protection could cut
         // the node off).
-        let protection = match cfg.protect.protection(&endpoints) {
-            Ok(p) => p,
-            Err(e) => {
-                let wait = backoff.step();
-                error!(error = %e, retry_in = ?wait, "reconcile skipped; nothing changed");
-                retry_at = Some(tokio::time::Instant::now() + wait);
-                continue;
-            }
-        };
-        match dataplane.facts(protection.symmetric.as_ref()).await {
-            Ok(facts) => default_route::protect(&mut desired, &facts, &protection),
-            Err(e) => {
-                cfg.metrics.reconcile_errors.inc();
-                let wait = backoff.step();
-                error!(error = %e, retry_in = ?wait, "cannot read the node's routes, addresses and rules; nothing changed");
-                retry_at = Some(tokio::time::Instant::now() + wait);
-                continue;
+        // Read only while an override is planned: the kernel dumps and resolv.conf are not
+        // needed otherwise (no override: nothing to protect).
+        if desired.routes.values().any(|r| r.from_default) {
+            let facts = match cfg.protect.protection(&endpoints) {
+                Ok(p) => dataplane
+                    .facts(p.symmetric.as_ref())
+                    .await
+                    .map(|f| (p, f))
+                    .map_err(|e| {
+                        format!("cannot read the node's routes, addresses and rules: {e}")
+                    }),
+                Err(e) => Err(e),
+            };
+            match facts {
+                Ok((protection, facts)) => {
+                    default_route::protect(&mut desired, &facts, &protection)
+                }
+                Err(e) => {
+                    cfg.metrics.reconcile_errors.inc();
+                    let wait = backoff.step();
+                    error!(error = %e, retry_in = ?wait, "reconcile skipped; nothing changed");
+                    retry_at = Some(tokio::time::Instant::now() + wait);
+                    continue;
+                }
             }
         }
         let all_gateways: BTreeSet<IpAddr> = desired
@@ -575,13 +582,7 @@ fn gateway_status(
                 "restoreInSeconds": h.restore_after.map(|t| t.saturating_duration_since(now).as_secs_f64()),
                 "lastProbeAnswered": h.last_probe_ok,
                 "failureStreak": h.streak(),
-                "counters": {
-                    "synSent": c.syn_sent, "established": c.established, "failed": c.failed,
-                    "rst": c.rst, "icmpUnreachable": c.icmp_unreachable,
-                    "txPackets": c.tx_packets, "txBytes": c.tx_bytes,
-                    "rxPackets": c.rx_packets, "rxBytes": c.rx_bytes,
-                    "steeredBack": c.steered_back,
-                },
+                "counters": crate::inspect::Counters::from(c),
             })
         })
         .collect()

@@ -83,7 +83,6 @@ pub struct Overrides {
     pub protected: BTreeMap<IpNet, Uplink>,
     /// Default route per family in the symmetric table.
     pub table_routes: BTreeMap<Family, Uplink>,
-    pub table: u32,
     pub rules: BTreeSet<SourceRule>,
 }
 
@@ -122,10 +121,7 @@ pub fn protect(state: &mut DesiredState, facts: &NodeFacts, cfg: &Protection) {
 }
 
 fn plan_overrides(state: &mut DesiredState, facts: &NodeFacts, cfg: &Protection) -> Overrides {
-    let mut out = Overrides {
-        table: cfg.symmetric.as_ref().map(|s| s.table).unwrap_or_default(),
-        ..Default::default()
-    };
+    let mut out = Overrides::default();
     // Families overridden, and by which Route.
     let mut active: BTreeMap<Family, String> = BTreeMap::new();
     for r in state.routes.values().filter(|r| r.from_default) {

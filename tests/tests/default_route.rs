@@ -62,6 +62,22 @@ fn resolv_conf(lab: &Lab) -> Result<String> {
     Ok(path.display().to_string())
 }
 
+/// Waits until the agent, settled, reports Route `egress` refused with `kind`; returns the
+/// problem's message.
+fn refused(agent: &mut Agent, kind: &str) -> Result<String> {
+    let status = agent.wait_status(&format!("the override refused ({kind})"), |s| {
+        s["problems"].as_array().is_some_and(|p| {
+            p.iter()
+                .any(|p| p["kind"] == kind && p["route"] == "egress")
+        }) && s["lastChanges"] == 0
+    })?;
+    Ok(status["problems"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["route"] == "egress"))
+        .map(|p| p["message"].to_string())
+        .unwrap_or_default())
+}
+
 fn override_routes(dir: &std::path::Path) -> Result<()> {
     std::fs::write(
         dir.join("egress.yaml"),
@@ -228,17 +244,7 @@ fn a_foreign_rule_at_the_symmetric_priority_refuses_the_override() -> Result<()>
     let dir = lab.routes_dir("routes")?;
     override_routes(&dir)?;
     let mut agent = Agent::start(&lab, "a", &dir, &["--no-ebpf"])?;
-    let status = agent.wait_status("the IPv4 override refused", |s| {
-        s["problems"].as_array().is_some_and(|p| {
-            p.iter()
-                .any(|p| p["kind"] == "SymmetricRoutingConflict" && p["route"] == "egress")
-        }) && s["lastChanges"] == 0
-    })?;
-    let msg = status["problems"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["route"] == "egress"))
-        .map(|p| p["message"].to_string())
-        .unwrap_or_default();
+    let msg = refused(&mut agent, "SymmetricRoutingConflict")?;
     ensure!(
         msg.contains("15135") && msg.contains(&format!("from {} lookup 200", node_public_v4(2))),
         "{msg}"
@@ -290,13 +296,8 @@ fn a_foreign_route_in_the_symmetric_table_refuses_the_override() -> Result<()> {
         route_yaml("egress", &["0.0.0.0/0"], &[&gateway_v4(1)], None),
     )?;
     let mut agent = Agent::start(&lab, "a", &dir, &["--no-ebpf"])?;
-    let status = agent.wait_status("the override refused", |s| {
-        s["problems"]
-            .as_array()
-            .is_some_and(|p| p.iter().any(|p| p["kind"] == "SymmetricRoutingConflict"))
-            && s["lastChanges"] == 0
-    })?;
-    ensure!(status.to_string().contains("203.0.113.0/24"), "{status:#}");
+    let msg = refused(&mut agent, "SymmetricRoutingConflict")?;
+    ensure!(msg.contains("203.0.113.0/24"), "{msg}");
     ensure!(routing_dump(&lab, "a")? == before, "something changed");
     agent.check_alive()?;
     Ok(())
@@ -521,12 +522,7 @@ fn a_default_route_without_a_gateway_refuses_the_override() -> Result<()> {
         route_yaml("egress", &["0.0.0.0/0"], &[&gateway_v4(1)], None),
     )?;
     let mut agent = Agent::start(&lab, "a", &dir, &["--no-ebpf"])?;
-    agent.wait_status("the override refused", |s| {
-        s["problems"].as_array().is_some_and(|p| {
-            p.iter()
-                .any(|p| p["kind"] == "UnknownUplink" && p["route"] == "egress")
-        }) && s["lastChanges"] == 0
-    })?;
+    refused(&mut agent, "UnknownUplink")?;
     ensure!(routing_dump(&lab, "a")? == before, "something changed");
     agent.check_alive()?;
     Ok(())

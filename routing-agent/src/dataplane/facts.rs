@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use futures::TryStreamExt;
-use ipnet::IpNet;
 use netlink_packet_route::address::{AddressAttribute, AddressScope};
 
 use super::diff::Target;
@@ -96,9 +95,4 @@ pub async fn read(
         facts.foreign_rules = rules::foreign_at(&rules, protocol, s.priority);
     }
     Ok(facts)
-}
-
-/// Prefixes as host routes: an address is its /32 or /128.
-pub fn host(a: IpAddr) -> IpNet {
-    IpNet::from(a)
 }

@@ -67,6 +67,10 @@ pub struct Dataplane {
     nh: Option<NexthopSocket>,
     mode: Mode,
     cfg: Config,
+    /// The last symmetric-routing sync wanted nothing and left nothing of the agent's:
+    /// until an override wants some, there is nothing to read back (saves two kernel
+    /// dumps per reconcile).
+    symmetric_clean: bool,
 }
 
 impl Dataplane {
@@ -91,6 +95,7 @@ impl Dataplane {
             nh: matches!(mode, Mode::Nexthop(_)).then_some(nh),
             mode,
             cfg,
+            symmetric_clean: false,
         })
     }
 
@@ -235,6 +240,11 @@ impl Dataplane {
             metric: 0,
         };
         let o = &desired.overrides;
+        let nothing_wanted = o.table_routes.is_empty() && o.rules.is_empty();
+        if nothing_wanted && self.symmetric_clean {
+            return 0;
+        }
+        let problems_before = problems.len();
         let owner = || {
             desired
                 .routes
@@ -295,6 +305,7 @@ impl Dataplane {
             }
             Err(e) => fail("reading the rules".into(), e),
         }
+        self.symmetric_clean = nothing_wanted && problems.len() == problems_before;
         if changes > 0 {
             info!(
                 table,
