@@ -77,3 +77,28 @@ fn match_fields_select_by_node_name() {
     assert_eq!(plan(&routes, &node("worker-pool-y", &[])).routes.len(), 1);
     assert!(plan(&routes, &node("worker-pool-x", &[])).routes.is_empty());
 }
+
+/// The route of the Vagrant lab (deploy/vagrant, not run here) parses and plans to the
+/// ECMP route its Vagrantfile describes: the echo network over both gateway VMs.
+#[test]
+fn the_vagrant_labs_route_plans_ecmp_over_its_two_gateways() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/vagrant/routes/egress.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let routes = parse_file(&path, &text).unwrap_or_else(|e| panic!("{e}"));
+    let s = plan(&routes, &node("node", &[]));
+    assert!(s.problems.is_empty() && s.warnings.is_empty(), "{s:?}");
+    assert_eq!(
+        gateways(&s, "198.51.100.0/24"),
+        vec![ip("10.114.0.3"), ip("10.114.0.4")]
+    );
+    let lab = path.parent().and_then(Path::parent).unwrap();
+    let vagrantfile = std::fs::read_to_string(lab.join("Vagrantfile")).unwrap();
+    for address in [
+        "10.114.0.#{2 + i}",
+        "10.114.0.2",
+        "198.51.100.10",
+        "--routes-dir /vagrant/deploy/vagrant/routes",
+    ] {
+        assert!(vagrantfile.contains(address), "Vagrantfile lacks {address}");
+    }
+}

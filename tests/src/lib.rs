@@ -145,14 +145,33 @@ impl LabSpec {
     }
 }
 
+/// The running kernel's (major, minor) version.
+pub fn kernel_version() -> (u32, u32) {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-', '+']);
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor)
+}
+
 /// Whether the running kernel has TCX (Linux ≥ 6.6): the agent attaches through it
 /// there, through clsact + cls_bpf (netlink) before.
 pub fn kernel_has_tcx() -> bool {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release.trim().split(['.', '-']);
-    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    (major, minor) >= (6, 6)
+    kernel_version() >= (6, 6)
+}
+
+/// Whether the running kernel spreads locally originated IPv6 TCP connections whose source
+/// port it picks itself over a multipath route, as measured (`cargo xtask vm-test --kernel
+/// debian-6.1 --kernel debian-6.12 --kernel host --test dataplane --filter ecmp`):
+/// Debian's 6.1 and 6.12 look the route up before they choose the port and hash port 0,
+/// so every such connection to one address and port takes the same gateway; 6.18 spreads
+/// them. `None` for the kernels in between, not measured.
+pub fn kernel_spreads_local_v6_connections() -> Option<bool> {
+    match kernel_version() {
+        v if v <= (6, 12) => Some(false),
+        v if v >= (6, 18) => Some(true),
+        _ => None,
+    }
 }
 
 /// Gateway `i` (1-based): VPC address 10.114.0.(2+i), public 203.0.113.i.
@@ -711,6 +730,65 @@ impl Lab {
             .with_context(|| format!("connecting from node {node} to {addr}"))
     }
 
+    /// Like [`Lab::connect`], but the socket is bound to an ephemeral port before it
+    /// connects (`bind(port 0)`), so the kernel knows the source port at route lookup.
+    pub fn connect_bound(&self, node: &str, dst: IpAddr) -> Result<IpAddr> {
+        let addr = SocketAddr::new(dst, ECHO_PORT);
+        in_netns(&self.node_ns(node), move || echo_bound(addr))?
+            .with_context(|| format!("connecting (bound) from node {node} to {addr}"))
+    }
+
+    /// A pod behind node `node`: namespace `pod-<node>` on a veth (`eth0` in the pod,
+    /// `pod0` on the node), 10.244.H.2/24 and fd00:244:H::2/64 with the node (.1, ::1) as
+    /// default gateway; the node forwards and masquerades the pod's traffic out of `eth1`
+    /// to its own address, as a CNI does for egress. Returns the pod's namespace.
+    pub fn add_pod(&mut self, node: &str) -> Result<String> {
+        let host = self.node_host(node)?;
+        let node_ns = self.node_ns(node);
+        let pod = self.add_ns(&format!("pod-{node}"))?;
+        self.veth(&pod, "eth0", &node_ns, "pod0")?;
+        self.ip(&pod, &format!("addr add 10.244.{host}.2/24 dev eth0"))?;
+        self.ip(
+            &pod,
+            &format!("addr add fd00:244:{host:x}::2/64 dev eth0 nodad"),
+        )?;
+        self.ip(&pod, &format!("route add default via 10.244.{host}.1"))?;
+        self.ip(
+            &pod,
+            &format!("-6 route add default via fd00:244:{host:x}::1"),
+        )?;
+        self.ip(&node_ns, &format!("addr add 10.244.{host}.1/24 dev pod0"))?;
+        self.ip(
+            &node_ns,
+            &format!("addr add fd00:244:{host:x}::1/64 dev pod0 nodad"),
+        )?;
+        self.sh(
+            &node_ns,
+            "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 && \
+             nft add table inet podnat && \
+             nft add chain inet podnat post '{ type nat hook postrouting priority 100 ; }' && \
+             nft add rule inet podnat post iifname pod0 oifname eth1 masquerade",
+        )?;
+        Ok(pod)
+    }
+
+    /// Opens a TCP connection from namespace `ns` (full name) to the echo server at `dst`:
+    /// the source address the server saw.
+    pub fn connect_from(&self, ns: &str, dst: IpAddr) -> Result<IpAddr> {
+        let addr = SocketAddr::new(dst, ECHO_PORT);
+        in_netns(ns, move || echo(addr))?.with_context(|| format!("connecting from {ns} to {addr}"))
+    }
+
+    fn node_host(&self, node: &str) -> Result<u8> {
+        Ok(self
+            .spec
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .ok_or_else(|| anyhow!("no node {node}"))?
+            .host)
+    }
+
     /// Waits until every interface of node `node` but lo has its IPv6 link-local address,
     /// past duplicate address detection (the kernel adds it after the link comes up, and
     /// its local route with it: a slow machine would see it appear mid-test).
@@ -732,13 +810,7 @@ impl Lab {
     /// An inbound connection from the internet to node `node`'s public address (v4 or v6)
     /// on [`INBOUND_PORT`]: the source address the node saw.
     pub fn connect_inbound(&self, node: &str, v6: bool) -> Result<IpAddr> {
-        let host = self
-            .spec
-            .nodes
-            .iter()
-            .find(|n| n.name == node)
-            .ok_or_else(|| anyhow!("no node {node}"))?
-            .host;
+        let host = self.node_host(node)?;
         let dst: IpAddr = if v6 {
             node_public_v6(host).parse()?
         } else {
@@ -915,6 +987,24 @@ pub fn health_get(lab: &Lab, node: &str, path: &str) -> Result<(u16, String)> {
 /// the source address it saw.
 fn echo(addr: SocketAddr) -> Result<IpAddr> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text.trim().parse()?)
+}
+
+/// [`echo`] from a socket bound to an ephemeral port before it connects.
+fn echo_bound(addr: SocketAddr) -> Result<IpAddr> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    let any: SocketAddr = if addr.is_ipv6() {
+        "[::]:0".parse()?
+    } else {
+        "0.0.0.0:0".parse()?
+    };
+    s.bind(&any.into())?;
+    s.connect_timeout(&addr.into(), Duration::from_secs(3))?;
+    let mut s = TcpStream::from(s);
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;

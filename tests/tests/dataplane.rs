@@ -1,7 +1,7 @@
 //! The agent in standalone mode inside lab namespaces, asserted through the kernel
 //! (`ip -j`), through traffic (the echo server names the gateway a flow left by) and
 //! through its status file. Needs root; every test builds and deletes its own lab.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -130,34 +130,62 @@ fn single_gateway_v4_and_v6_through_kernel_and_traffic() -> Result<()> {
 /// Destination, gateways, echo address and public-address function of one family.
 type Family = (&'static str, Vec<String>, &'static str, fn(u8) -> IpAddr);
 
-fn ecmp_spreads(family_v6: bool, extra: &[&str]) -> Result<()> {
-    let lab = Lab::new(LabSpec::default())?;
-    let dir = lab.routes_dir("routes")?;
-    let (dst, gws, echo, public): Family = if family_v6 {
+fn family(is_v6: bool) -> Family {
+    if is_v6 {
         (DEST_V6, (1..=3).map(v6).collect(), ECHO_V6, public_v6)
     } else {
         (DEST_V4, (1..=3).map(v4).collect(), ECHO_V4, public_v4)
-    };
-    let gw_refs: Vec<&str> = gws.iter().map(String::as_str).collect();
-    std::fs::write(
-        dir.join("ecmp.yaml"),
-        route_yaml("ecmp", &[dst], &gw_refs, None),
-    )?;
-    let mut agent = Agent::start(&lab, "a", &dir, extra)?;
-    agent.wait_settled(1)?;
-    let mut sorted = gws.clone();
-    sorted.sort();
-    assert_eq!(lab.route_gateways("a", dst)?, sorted);
+    }
+}
 
-    let seen = lab.spread("a", echo.parse()?, 60)?;
-    eprintln!("ECMP spread over 60 connections: {seen:?}");
+/// A lab whose node a has one Route over three gateways for each family, with the agent
+/// running (`extra` flags) and settled.
+fn ecmp_lab(extra: &[&str]) -> Result<(Lab, Agent)> {
+    let lab = Lab::new(LabSpec::default())?;
+    let dir = lab.routes_dir("routes")?;
+    for is_v6 in [false, true] {
+        let (dst, gws, _, _) = family(is_v6);
+        let gw_refs: Vec<&str> = gws.iter().map(String::as_str).collect();
+        let name = if is_v6 { "ecmp6" } else { "ecmp4" };
+        std::fs::write(
+            dir.join(format!("{name}.yaml")),
+            route_yaml(name, &[dst], &gw_refs, None),
+        )?;
+    }
+    let mut agent = Agent::start(&lab, "a", &dir, extra)?;
+    agent.wait_settled(2)?;
+    for is_v6 in [false, true] {
+        let (dst, mut gws, _, _) = family(is_v6);
+        gws.sort();
+        assert_eq!(lab.route_gateways("a", dst)?, gws);
+    }
+    Ok((lab, agent))
+}
+
+/// Every gateway of the family carried some of 60 connections opened by `open`.
+fn assert_spread(
+    is_v6: bool,
+    what: &str,
+    mut open: impl FnMut(IpAddr) -> Result<IpAddr>,
+) -> Result<()> {
+    let (_, _, echo, public) = family(is_v6);
+    let mut seen = BTreeMap::new();
+    for _ in 0..60 {
+        *seen.entry(open(echo.parse()?)?).or_insert(0) += 1;
+    }
+    eprintln!("ECMP spread of 60 {what}: {seen:?}");
     let sources: BTreeSet<IpAddr> = seen.keys().copied().collect();
     assert_eq!(
         sources,
         set(&[public(1), public(2), public(3)]),
-        "every gateway carries flows"
+        "every gateway carries {what}"
     );
     Ok(())
+}
+
+fn ecmp_spreads(is_v6: bool, extra: &[&str]) -> Result<()> {
+    let (lab, _agent) = ecmp_lab(extra)?;
+    assert_spread(is_v6, "connections", |dst| lab.connect("a", dst))
 }
 
 #[test]
@@ -165,9 +193,59 @@ fn ecmp_over_three_gateways_spreads_connections_v4() -> Result<()> {
     ecmp_spreads(false, &[])
 }
 
+/// Locally originated IPv6 connections spread as far as the kernel lets them: the ones
+/// bound to a port before they connect on every kernel; the ones whose port the kernel
+/// picks in `connect()` only where the kernel hashes that port (see
+/// [`kernel_spreads_local_v6_connections`]). Where it does not (Debian's 6.1 and 6.12),
+/// they all take the gateway the kernel's hash gives source port 0, which `ip route get`
+/// names: the test pins that down, so a kernel that changes it is noticed.
 #[test]
 fn ecmp_over_three_gateways_spreads_connections_v6() -> Result<()> {
-    ecmp_spreads(true, &[])
+    let (lab, _agent) = ecmp_lab(&[])?;
+    assert_spread(true, "bound connections", |dst| lab.connect_bound("a", dst))?;
+    let spreads = kernel_spreads_local_v6_connections();
+    eprintln!(
+        "kernel {:?}: spreads connections with a kernel-chosen port: {spreads:?}",
+        kernel_version()
+    );
+    match spreads {
+        Some(true) => assert_spread(true, "connections", |dst| lab.connect("a", dst))?,
+        Some(false) => {
+            let seen = lab.spread("a", ECHO_V6.parse()?, 30)?;
+            let route = lab.ip(
+                &lab.node_ns("a"),
+                &format!("-6 -j route get {ECHO_V6} ipproto tcp sport 0 dport {ECHO_PORT}"),
+            )?;
+            let route: serde_json::Value = serde_json::from_str(&route)?;
+            let gateway = route[0]["gateway"].as_str().unwrap_or_default().to_string();
+            let i = (1..=3)
+                .find(|&i| v6(i) == gateway)
+                .unwrap_or_else(|| panic!("route get names no lab gateway: {route}"));
+            assert_eq!(
+                seen,
+                BTreeMap::from([(public_v6(i), 30)]),
+                "this kernel hashes source port 0: every connection takes gateway {i}"
+            );
+        }
+        None => {
+            let seen = lab.spread("a", ECHO_V6.parse()?, 30)?;
+            eprintln!("not measured on this kernel: {seen:?}");
+            assert!(seen.keys().all(|k| (1..=3).any(|i| public_v6(i) == *k)));
+        }
+    }
+    Ok(())
+}
+
+/// Pod traffic, forwarded by the node (and masqueraded to its address, as a CNI does), is
+/// hashed on its real ports on every kernel: both families spread.
+#[test]
+fn ecmp_spreads_forwarded_pod_connections() -> Result<()> {
+    let (mut lab, _agent) = ecmp_lab(&[])?;
+    let pod = lab.add_pod("a")?;
+    for is_v6 in [false, true] {
+        assert_spread(is_v6, "pod connections", |dst| lab.connect_from(&pod, dst))?;
+    }
+    Ok(())
 }
 
 #[test]

@@ -46,8 +46,10 @@ enum Cmd {
     GenCrd,
     /// The kernel-facing integration tests inside a VM with another kernel (qemu, TCG).
     VmTest {
-        #[arg(long, value_enum, default_value_t = vm::Kernel::Debian61)]
-        kernel: vm::Kernel,
+        /// Kernels to run on, in turn (repeat the flag): Debian 12's 6.1 and 6.12 cloud
+        /// kernels in a VM, or the host's own kernel without one.
+        #[arg(long = "kernel", value_enum, default_values_t = [vm::Kernel::Debian61, vm::Kernel::Debian612])]
+        kernels: Vec<vm::Kernel>,
         /// Test binaries (tests/tests/*.rs) to run.
         #[arg(long = "test", default_values_t = ["dataplane".to_string(), "health".to_string(), "default_route".to_string()])]
         tests: Vec<String>,
@@ -195,11 +197,11 @@ fn main() -> Result<()> {
         } => bench::run(which, trials, baseline_trials),
         Cmd::GenCrd => gen_crd(),
         Cmd::VmTest {
-            kernel,
+            kernels,
             tests,
             filter,
         } => vm::run(
-            kernel,
+            &kernels,
             &tests.iter().map(String::as_str).collect::<Vec<_>>(),
             &filter,
         ),

@@ -1,9 +1,10 @@
-//! `cargo xtask vm-test`: the kernel-facing integration tests inside a VM booted with
-//! another kernel (Debian 12's 6.1 cloud kernel by default), the way aya tests itself
-//! across kernels.
+//! `cargo xtask vm-test`: the kernel-facing integration tests inside VMs booted with other
+//! kernels (Debian 12's 6.1 and 6.12 cloud kernels by default, in turn), the way aya tests
+//! itself across kernels; `--kernel host` runs the same suites on the host without a VM.
 //!
-//! - The kernel comes from Debian's `linux-image-cloud-amd64` (the version its metapackage
-//!   names), downloaded once into `VM_CACHE`; `depmod` gives its module dependencies.
+//! - Each kernel comes from a Debian metapackage (`linux-image-cloud-amd64` for 6.1,
+//!   `linux-image-6.12-cloud-amd64`: the version it names), downloaded once into
+//!   `VM_CACHE`; `depmod` gives its module dependencies.
 //! - The agent and the test binaries are built statically (`+crt-static`, glibc) for
 //!   `x86_64-unknown-linux-gnu`, without debuginfo.
 //! - The initramfs (newc, written by `busybox cpio`) holds them, the host's `ip`, `tc`,
@@ -25,17 +26,10 @@ const TARGET: &str = "x86_64-unknown-linux-gnu";
 const MARKER: &str = "RA-VM-RESULT";
 
 /// Tests not run in the VM, each with why.
-const SKIP: &[(&str, &str)] = &[
-    (
-        "the_control_plane_stays_reachable_and_its_endpoints_are_followed",
-        "needs the lab's kube-apiserver, etcd and kubectl, which the guest does not have",
-    ),
-    (
-        "ecmp_over_three_gateways_spreads_connections_v6",
-        "KNOWN FAILURE on 6.1: every IPv6 flow takes one gateway of the resilient group \
-         (open finding, see the README)",
-    ),
-];
+const SKIP: &[(&str, &str)] = &[(
+    "the_control_plane_stays_reachable_and_its_endpoints_are_followed",
+    "needs the lab's kube-apiserver, etcd and kubectl, which the guest does not have",
+)];
 
 /// Modules the lab needs in the guest (insmod'ed in dependency order).
 const MODULES: &[&str] = &[
@@ -71,10 +65,28 @@ const APPLETS: &[&str] = &[
     "false", "sync", "uname", "grep", "head", "tail", "env", "ps", "kill", "timeout",
 ];
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Kernel {
-    /// Debian 12's cloud kernel (6.1), downloaded once.
+    /// Debian 12's cloud kernel (6.1, the kernel of DOKS nodes), downloaded once.
+    #[value(name = "debian-6.1")]
     Debian61,
+    /// Debian 12's newer cloud kernel (6.12, from bookworm), downloaded once.
+    #[value(name = "debian-6.12")]
+    Debian612,
+    /// No VM: the same suites on the host's own kernel.
+    #[value(name = "host")]
+    Host,
+}
+
+impl Kernel {
+    /// The Debian metapackage naming the kernel package.
+    fn metapackage(self) -> &'static str {
+        match self {
+            Kernel::Debian61 => "linux-image-cloud-amd64",
+            Kernel::Debian612 => "linux-image-6.12-cloud-amd64",
+            Kernel::Host => unreachable!("the host kernel is not downloaded"),
+        }
+    }
 }
 
 fn out(program: &str, args: &[&str]) -> Result<String> {
@@ -117,19 +129,19 @@ fn tools() -> Result<()> {
 
 /// The kernel image and its module tree (extracted), downloading the package once.
 fn kernel(k: Kernel) -> Result<(PathBuf, PathBuf, String)> {
-    let Kernel::Debian61 = k;
-    let deps = match out("apt-cache", &["depends", "linux-image-cloud-amd64"]) {
+    let meta = k.metapackage();
+    let deps = match out("apt-cache", &["depends", meta]) {
         Ok(d) => d,
         Err(_) => {
             crate::cmd("apt-get", &["update", "-qq"])?;
-            out("apt-cache", &["depends", "linux-image-cloud-amd64"])?
+            out("apt-cache", &["depends", meta])?
         }
     };
     let pkg = deps
         .lines()
         .find_map(|l| l.trim().strip_prefix("Depends: "))
         .filter(|p| p.starts_with("linux-image-"))
-        .context("linux-image-cloud-amd64 names no kernel package (apt-get update?)")?
+        .with_context(|| format!("{meta} names no kernel package (apt-get update?)"))?
         .to_string();
     let release = pkg.trim_start_matches("linux-image-").to_string();
     let cache = Path::new(VM_CACHE);
@@ -351,6 +363,8 @@ fn initramfs(
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )?;
     std::fs::write(stage.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")?;
+    // Protocol names for `ip ... ipproto tcp`.
+    copy_into(&stage, Path::new("/etc/protocols"), "/etc/protocols")?;
     // The archive: every path, relative, through busybox cpio.
     let mut names = Vec::new();
     fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
@@ -448,20 +462,58 @@ fn boot(vmlinuz: &Path, image: &Path, limit: Duration) -> Result<bool> {
     verdict.context("the VM ended without a verdict (see its console above)")
 }
 
-pub fn run(k: Kernel, tests: &[&str], filter: &str) -> Result<()> {
+/// Runs `tests` (test binaries) on each of `kernels` in turn, the VMs sharing one static
+/// build; fails naming every kernel whose suite failed.
+pub fn run(kernels: &[Kernel], tests: &[&str], filter: &str) -> Result<()> {
     crate::setup::setup()?;
-    tools()?;
-    let (vmlinuz, modroot, release) = kernel(k)?;
-    say(&format!("kernel {release}"));
-    let (agent, bins) = build(tests)?;
-    let image = initramfs(&agent, &bins, &modroot, &release, filter)?;
-    say(&format!(
-        "initramfs {} MiB; booting under TCG",
-        std::fs::metadata(&image)?.len() >> 20
-    ));
-    if !boot(&vmlinuz, &image, Duration::from_secs(45 * 60))? {
-        bail!("tests failed in the VM ({release})");
+    let mut failed = Vec::new();
+    let mut built = None;
+    for &k in kernels {
+        let started = Instant::now();
+        let (name, ok) = if k == Kernel::Host {
+            ("host".to_string(), run_host(tests, filter).is_ok())
+        } else {
+            tools()?;
+            let (vmlinuz, modroot, release) = kernel(k)?;
+            say(&format!("kernel {release}"));
+            if built.is_none() {
+                built = Some(build(tests)?);
+            }
+            let (agent, bins) = built.as_ref().expect("built above");
+            let image = initramfs(agent, bins, &modroot, &release, filter)?;
+            say(&format!(
+                "initramfs {} MiB; booting {release} under TCG",
+                std::fs::metadata(&image)?.len() >> 20
+            ));
+            let ok = boot(&vmlinuz, &image, Duration::from_secs(45 * 60))?;
+            (release, ok)
+        };
+        say(&format!(
+            "{name}: {} in {:.0} s",
+            if ok { "passed" } else { "FAILED" },
+            started.elapsed().as_secs_f64()
+        ));
+        if !ok {
+            failed.push(name);
+        }
     }
-    say(&format!("all tests passed on {release}"));
+    if !failed.is_empty() {
+        bail!("tests failed on {}", failed.join(", "));
+    }
+    say("all tests passed");
     Ok(())
+}
+
+/// The same suites on the host's own kernel, no VM (with the lab's API server, so nothing
+/// is skipped).
+fn run_host(tests: &[&str], filter: &str) -> Result<()> {
+    crate::setup::kube()?;
+    crate::cmd("cargo", &["build", "-p", "routing-agent"])?;
+    let mut args = vec!["test", "-p", "routing-agent-tests"];
+    for t in tests {
+        args.extend(["--test", t]);
+    }
+    args.push("--");
+    args.extend(filter.split_whitespace());
+    crate::cmd("cargo", &args)
 }
