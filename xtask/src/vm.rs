@@ -25,11 +25,11 @@ pub const VM_CACHE: &str = "/var/cache/routing-agent/vm";
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 const MARKER: &str = "RA-VM-RESULT";
 
-/// Tests not run in the VM, each with why.
-const SKIP: &[(&str, &str)] = &[(
-    "the_control_plane_stays_reachable_and_its_endpoints_are_followed",
-    "needs the lab's kube-apiserver, etcd and kubectl, which the guest does not have",
-)];
+/// What the lab's control plane needs in the guest (the default-route suite starts one):
+/// kube-apiserver and etcd where the tests look for them, kubectl, openssl (with its
+/// libraries, like `TOOLS`) and its configuration.
+const KUBE_TOOLS: &[&str] = &["/usr/bin/openssl"];
+const KUBE_FILES: &[&str] = &["/usr/lib/ssl/openssl.cnf"];
 
 /// Modules the lab needs in the guest (insmod'ed in dependency order).
 const MODULES: &[&str] = &[
@@ -129,20 +129,31 @@ fn tools() -> Result<()> {
 
 /// The kernel image and its module tree (extracted), downloading the package once.
 fn kernel(k: Kernel) -> Result<(PathBuf, PathBuf, String)> {
+    kernel_from_lists(k, false)
+}
+
+/// [`kernel`]; when the package lists are stale (the metapackage is unknown, or names a
+/// version the mirror no longer has), updates them once and tries again.
+fn kernel_from_lists(k: Kernel, updated: bool) -> Result<(PathBuf, PathBuf, String)> {
     let meta = k.metapackage();
+    let retry = || -> Result<(PathBuf, PathBuf, String)> {
+        crate::cmd("apt-get", &["update", "-qq"])?;
+        kernel_from_lists(k, true)
+    };
     let deps = match out("apt-cache", &["depends", meta]) {
         Ok(d) => d,
-        Err(_) => {
-            crate::cmd("apt-get", &["update", "-qq"])?;
-            out("apt-cache", &["depends", meta])?
-        }
+        Err(_) if !updated => return retry(),
+        Err(e) => return Err(e),
     };
-    let pkg = deps
+    let pkg = match deps
         .lines()
         .find_map(|l| l.trim().strip_prefix("Depends: "))
         .filter(|p| p.starts_with("linux-image-"))
-        .with_context(|| format!("{meta} names no kernel package (apt-get update?)"))?
-        .to_string();
+    {
+        Some(p) => p.to_string(),
+        None if !updated => return retry(),
+        None => bail!("{meta} names no kernel package"),
+    };
     let release = pkg.trim_start_matches("linux-image-").to_string();
     let cache = Path::new(VM_CACHE);
     let root = cache.join(&release);
@@ -155,6 +166,9 @@ fn kernel(k: Kernel) -> Result<(PathBuf, PathBuf, String)> {
             .current_dir(cache)
             .status()?;
         if !st.success() {
+            if !updated {
+                return retry();
+            }
             bail!("apt-get download {pkg} failed");
         }
         let deb = std::fs::read_dir(cache)?
@@ -298,9 +312,34 @@ fn initramfs(
         copy_into(&stage, exe, &format!("/tests/{name}"))?;
     }
     let mut libset = BTreeSet::new();
-    for t in TOOLS {
+    for t in TOOLS.iter().chain(KUBE_TOOLS) {
         copy_into(&stage, Path::new(t), t)?;
         libset.extend(libs(t)?);
+    }
+    for f in KUBE_FILES {
+        copy_into(&stage, &std::fs::canonicalize(f)?, f)?;
+    }
+    let kube = Path::new(crate::setup::KUBE_CACHE);
+    for b in ["kube-apiserver", "etcd"] {
+        copy_into(&stage, &kube.join(b), &kube.join(b).display().to_string())?;
+    }
+    let kubectl = std::fs::canonicalize(
+        out("sh", &["-c", "command -v kubectl"])
+            .context("kubectl on the PATH")?
+            .trim(),
+    )?;
+    copy_into(&stage, &kubectl, "/usr/bin/kubectl")?;
+    // The manifests and fixtures the tests apply, where the test binaries (built here)
+    // look for them.
+    let ws = crate::workspace();
+    std::fs::create_dir_all(stage.join(ws.join("tests").strip_prefix("/")?))?;
+    for dir in ["deploy", "routing-agent/tests/fixtures"] {
+        for e in std::fs::read_dir(ws.join(dir))? {
+            let f = e?.path();
+            if f.extension().is_some_and(|x| x == "yaml") {
+                copy_into(&stage, &f, &f.display().to_string())?;
+            }
+        }
     }
     for l in libset {
         let real = std::fs::canonicalize(&l)?;
@@ -351,18 +390,17 @@ fn initramfs(
         }
     }
     std::fs::write(stage.join("modules.order"), order.join("\n") + "\n")?;
-    let mut args = filter.to_string();
-    for (name, why) in SKIP {
-        say(&format!("skipping {name}: {why}"));
-        args.push_str(&format!(" --skip {name}"));
-    }
-    let init = INIT.replace("$RA_VM_FILTER", &args);
+    let init = INIT.replace("$RA_VM_FILTER", filter);
     std::fs::write(stage.join("init"), init)?;
     std::fs::set_permissions(
         stage.join("init"),
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )?;
     std::fs::write(stage.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n")?;
+    std::fs::write(
+        stage.join("etc/hosts"),
+        "127.0.0.1 localhost\n::1 localhost\n",
+    )?;
     // Protocol names for `ip ... ipproto tcp`.
     copy_into(&stage, Path::new("/etc/protocols"), "/etc/protocols")?;
     // The archive: every path, relative, through busybox cpio.
@@ -474,6 +512,7 @@ pub fn run(kernels: &[Kernel], tests: &[&str], filter: &str) -> Result<()> {
             ("host".to_string(), run_host(tests, filter).is_ok())
         } else {
             tools()?;
+            crate::setup::kube()?;
             let (vmlinuz, modroot, release) = kernel(k)?;
             say(&format!("kernel {release}"));
             if built.is_none() {
