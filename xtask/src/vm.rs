@@ -274,7 +274,8 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp
+# /tmp stays the initramfs's own (writable): a workspace under /tmp (CI's clone) has its
+# deploy/ and fixtures packed there, at the paths the test binaries were built with.
 mount -t tmpfs run /run
 mount -t bpf bpf /sys/fs/bpf
 mkdir -p /run/netns
@@ -332,6 +333,15 @@ fn initramfs(
     // The manifests and fixtures the tests apply, where the test binaries (built here)
     // look for them.
     let ws = crate::workspace();
+    if ["/run", "/proc", "/sys", "/dev"]
+        .iter()
+        .any(|m| ws.starts_with(m))
+    {
+        bail!(
+            "the workspace {} is under a directory the guest mounts over; move it",
+            ws.display()
+        );
+    }
     std::fs::create_dir_all(stage.join(ws.join("tests").strip_prefix("/")?))?;
     for dir in ["deploy", "routing-agent/tests/fixtures"] {
         for e in std::fs::read_dir(ws.join(dir))? {
