@@ -39,8 +39,14 @@ pub struct GatewaySlot {
 }
 
 /// `RA_GW_STATS[slot]`: per-CPU counters of one gateway; user space adds the CPUs up.
+/// User space shows them as they are (camelCase) in the status file and `status --json`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize),
+    serde(rename_all = "camelCase")
+)]
 pub struct GatewayStats {
     /// TCP connection attempts (first SYN) sent through the gateway.
     pub syn_sent: u64,
@@ -65,16 +71,29 @@ pub struct GatewayStats {
 impl GatewayStats {
     /// Field-wise sum (user space adds the per-CPU values up with it).
     pub fn add(&mut self, o: &GatewayStats) {
-        self.syn_sent += o.syn_sent;
-        self.established += o.established;
-        self.failed += o.failed;
-        self.rst += o.rst;
-        self.icmp_unreachable += o.icmp_unreachable;
-        self.tx_packets += o.tx_packets;
-        self.tx_bytes += o.tx_bytes;
-        self.rx_packets += o.rx_packets;
-        self.rx_bytes += o.rx_bytes;
-        self.steered_back += o.steered_back;
+        *self = self.zip(o, |a, b| a + b);
+    }
+
+    /// What each counter gained since `before`; one that went backwards (the maps were
+    /// recreated) counts again from zero.
+    pub fn since(&self, before: &GatewayStats) -> GatewayStats {
+        self.zip(before, |new, old| if new >= old { new - old } else { new })
+    }
+
+    /// `f(self.x, o.x)` for every field `x`.
+    fn zip(&self, o: &GatewayStats, f: impl Fn(u64, u64) -> u64) -> GatewayStats {
+        GatewayStats {
+            syn_sent: f(self.syn_sent, o.syn_sent),
+            established: f(self.established, o.established),
+            failed: f(self.failed, o.failed),
+            rst: f(self.rst, o.rst),
+            icmp_unreachable: f(self.icmp_unreachable, o.icmp_unreachable),
+            tx_packets: f(self.tx_packets, o.tx_packets),
+            tx_bytes: f(self.tx_bytes, o.tx_bytes),
+            rx_packets: f(self.rx_packets, o.rx_packets),
+            rx_bytes: f(self.rx_bytes, o.rx_bytes),
+            steered_back: f(self.steered_back, o.steered_back),
+        }
     }
 }
 

@@ -582,7 +582,7 @@ fn gateway_status(
                 "restoreInSeconds": h.restore_after.map(|t| t.saturating_duration_since(now).as_secs_f64()),
                 "lastProbeAnswered": h.last_probe_ok,
                 "failureStreak": h.streak(),
-                "counters": crate::inspect::Counters::from(c),
+                "counters": c,
             })
         })
         .collect()

@@ -47,40 +47,7 @@ pub struct GatewayView {
     /// While down: when the next ICMP probe is due (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_probe: Option<String>,
-    pub counters: Counters,
-}
-
-/// A gateway's eBPF counters as the status file and `routing-agent status --json` show them.
-#[derive(Debug, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Counters {
-    pub syn_sent: u64,
-    pub established: u64,
-    pub failed: u64,
-    pub rst: u64,
-    pub icmp_unreachable: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub steered_back: u64,
-}
-
-impl From<&GatewayStats> for Counters {
-    fn from(s: &GatewayStats) -> Self {
-        Counters {
-            syn_sent: s.syn_sent,
-            established: s.established,
-            failed: s.failed,
-            rst: s.rst,
-            icmp_unreachable: s.icmp_unreachable,
-            tx_packets: s.tx_packets,
-            tx_bytes: s.tx_bytes,
-            rx_packets: s.rx_packets,
-            rx_bytes: s.rx_bytes,
-            steered_back: s.steered_back,
-        }
-    }
+    pub counters: GatewayStats,
 }
 
 #[derive(Debug, Serialize)]
@@ -260,7 +227,7 @@ fn read_pins(dir: &Path) -> anyhow::Result<Vec<GatewayView>> {
             down_since: (down && info.down_since_ms > 0).then(|| time(info.down_since_ms)),
             last_change: (info.changed_ms > 0).then(|| time(info.changed_ms)),
             next_probe: (down && info.next_probe_ms > 0).then(|| time(info.next_probe_ms)),
-            counters: Counters::from(&s),
+            counters: s,
         });
     }
     out.sort_by_key(|g| g.slot);

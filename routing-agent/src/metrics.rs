@@ -239,49 +239,36 @@ impl Metrics {
     /// Adds what the eBPF counters of `gateway` gained since the last read.
     pub fn observe_stats(&self, gateway: IpAddr, now: &GatewayStats) {
         let mut last = self.last.lock().expect("not poisoned");
-        let before = last.get(&gateway).copied().unwrap_or_default();
-        // A counter that went backwards (maps recreated): start again from it.
-        let d = |new: u64, old: u64| if new >= old { new - old } else { new };
+        let d = now.since(&last.get(&gateway).copied().unwrap_or_default());
         let g = gateway.to_string();
-        let conn = |outcome| ConnectionLabels {
-            gateway: g.clone(),
-            outcome,
-        };
-        self.connections
-            .get_or_create(&conn(Outcome::attempted))
-            .inc_by(d(now.syn_sent, before.syn_sent));
-        self.connections
-            .get_or_create(&conn(Outcome::established))
-            .inc_by(d(now.established, before.established));
-        self.connections
-            .get_or_create(&conn(Outcome::failed))
-            .inc_by(d(now.failed, before.failed));
-        self.connections
-            .get_or_create(&conn(Outcome::reset))
-            .inc_by(d(now.rst, before.rst));
+        for (outcome, n) in [
+            (Outcome::attempted, d.syn_sent),
+            (Outcome::established, d.established),
+            (Outcome::failed, d.failed),
+            (Outcome::reset, d.rst),
+        ] {
+            let l = ConnectionLabels {
+                gateway: g.clone(),
+                outcome,
+            };
+            self.connections.get_or_create(&l).inc_by(n);
+        }
         let gl = GatewayLabels { gateway: g.clone() };
         self.icmp_unreachable
             .get_or_create(&gl)
-            .inc_by(d(now.icmp_unreachable, before.icmp_unreachable));
-        self.steered_back
-            .get_or_create(&gl)
-            .inc_by(d(now.steered_back, before.steered_back));
-        let t = |direction| TrafficLabels {
-            gateway: g.clone(),
-            direction,
-        };
-        self.packets
-            .get_or_create(&t(Direction::tx))
-            .inc_by(d(now.tx_packets, before.tx_packets));
-        self.packets
-            .get_or_create(&t(Direction::rx))
-            .inc_by(d(now.rx_packets, before.rx_packets));
-        self.bytes
-            .get_or_create(&t(Direction::tx))
-            .inc_by(d(now.tx_bytes, before.tx_bytes));
-        self.bytes
-            .get_or_create(&t(Direction::rx))
-            .inc_by(d(now.rx_bytes, before.rx_bytes));
+            .inc_by(d.icmp_unreachable);
+        self.steered_back.get_or_create(&gl).inc_by(d.steered_back);
+        for (direction, packets, bytes) in [
+            (Direction::tx, d.tx_packets, d.tx_bytes),
+            (Direction::rx, d.rx_packets, d.rx_bytes),
+        ] {
+            let l = TrafficLabels {
+                gateway: g.clone(),
+                direction,
+            };
+            self.packets.get_or_create(&l).inc_by(packets);
+            self.bytes.get_or_create(&l).inc_by(bytes);
+        }
         last.insert(gateway, *now);
     }
 

@@ -8,6 +8,7 @@
 //! moved straight into another one. Every name carries the run's prefix (`ra<pid>x<n>`);
 //! `Drop` deletes the namespaces, pin directories and scratch files, and every new lab first
 //! sweeps what crashed earlier runs (whose pid is gone) left behind.
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -193,6 +194,45 @@ pub fn node_public_v6(host: u8) -> String {
 }
 pub fn public_v6(i: u8) -> IpAddr {
     format!("2001:db8:113::{i:x}").parse().unwrap()
+}
+
+/// The lab's addresses of one IP family, for tests that run in both.
+#[derive(Clone, Copy, Debug)]
+pub struct LabFamily {
+    pub v6: bool,
+    /// The echo servers' network (a Route's destination) and the echo server in it.
+    pub dest: &'static str,
+    pub echo: &'static str,
+    /// Gateway `i`'s VPC address and public (masquerade) address.
+    pub gateway: fn(u8) -> String,
+    pub public: fn(u8) -> IpAddr,
+}
+
+pub const IPV4: LabFamily = LabFamily {
+    v6: false,
+    dest: DEST_V4,
+    echo: ECHO_V4,
+    gateway: gateway_v4,
+    public: public_v4,
+};
+
+pub const IPV6: LabFamily = LabFamily {
+    v6: true,
+    dest: DEST_V6,
+    echo: ECHO_V6,
+    gateway: gateway_v6,
+    public: public_v6,
+};
+
+impl LabFamily {
+    /// The VPC addresses of gateways 1..=n.
+    pub fn gateways(&self, n: u8) -> Vec<String> {
+        (1..=n).map(self.gateway).collect()
+    }
+
+    pub fn echo_addr(&self) -> IpAddr {
+        self.echo.parse().expect("a lab address")
+    }
 }
 
 pub struct Lab {
@@ -725,9 +765,7 @@ impl Lab {
     /// Opens a TCP connection from `node` to the echo server at `dst` and returns the
     /// source address the server saw (the egress gateway's public address).
     pub fn connect(&self, node: &str, dst: IpAddr) -> Result<IpAddr> {
-        let addr = SocketAddr::new(dst, ECHO_PORT);
-        in_netns(&self.node_ns(node), move || echo(addr))?
-            .with_context(|| format!("connecting from node {node} to {addr}"))
+        self.connect_from(&self.node_ns(node), dst)
     }
 
     /// Like [`Lab::connect`], but the socket is bound to an ephemeral port before it
@@ -834,17 +872,8 @@ impl Lab {
     }
 
     /// `count` connections; the set of source addresses the server saw, with counts.
-    pub fn spread(
-        &self,
-        node: &str,
-        dst: IpAddr,
-        count: usize,
-    ) -> Result<std::collections::BTreeMap<IpAddr, usize>> {
-        let mut seen = std::collections::BTreeMap::new();
-        for _ in 0..count {
-            *seen.entry(self.connect(node, dst)?).or_insert(0) += 1;
-        }
-        Ok(seen)
+    pub fn spread(&self, node: &str, dst: IpAddr, count: usize) -> Result<BTreeMap<IpAddr, usize>> {
+        tally(count, || self.connect(node, dst))
     }
 
     /// `ip -j` output of a node, parsed.
@@ -908,12 +937,17 @@ impl Lab {
 
     /// A routes directory holding one Route, `ecmp`: `DEST_V4` over gateways 1..=`n`.
     pub fn ecmp_routes(&self, n: u8) -> Result<PathBuf> {
+        self.ecmp_routes_of(IPV4, n)
+    }
+
+    /// [`Lab::ecmp_routes`] for family `f`.
+    pub fn ecmp_routes_of(&self, f: LabFamily, n: u8) -> Result<PathBuf> {
         let dir = self.routes_dir("routes")?;
-        let gws: Vec<String> = (1..=n).map(gateway_v4).collect();
+        let gws = f.gateways(n);
         let g: Vec<&str> = gws.iter().map(String::as_str).collect();
         write_atomic(
             &dir.join("r.yaml"),
-            &route_yaml("ecmp", &[DEST_V4], &g, None),
+            &route_yaml("ecmp", &[f.dest], &g, None),
         )?;
         Ok(dir)
     }
@@ -986,11 +1020,7 @@ pub fn health_get(lab: &Lab, node: &str, path: &str) -> Result<(u16, String)> {
 /// One exchange with the echo server at `addr` (from the calling thread's namespace):
 /// the source address it saw.
 fn echo(addr: SocketAddr) -> Result<IpAddr> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)?;
-    Ok(text.trim().parse()?)
+    echo_answer(TcpStream::connect_timeout(&addr, Duration::from_secs(3))?)
 }
 
 /// [`echo`] from a socket bound to an ephemeral port before it connects.
@@ -1004,11 +1034,28 @@ fn echo_bound(addr: SocketAddr) -> Result<IpAddr> {
     };
     s.bind(&any.into())?;
     s.connect_timeout(&addr.into(), Duration::from_secs(3))?;
-    let mut s = TcpStream::from(s);
+    echo_answer(s.into())
+}
+
+/// The echo server's answer on a connected stream: the source address it saw.
+fn echo_answer(mut s: TcpStream) -> Result<IpAddr> {
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     Ok(text.trim().parse()?)
+}
+
+/// Runs `open` (one connection to an echo server) `count` times: how many times each
+/// source address was seen.
+pub fn tally(
+    count: usize,
+    mut open: impl FnMut() -> Result<IpAddr>,
+) -> Result<BTreeMap<IpAddr, usize>> {
+    let mut seen = BTreeMap::new();
+    for _ in 0..count {
+        *seen.entry(open()?).or_insert(0) += 1;
+    }
+    Ok(seen)
 }
 
 /// A Route manifest.

@@ -3,7 +3,6 @@
 //! healthy gateways, fail-closed single-gateway routes, restore by ICMP probe, damping, a
 //! destination down on every gateway, and the TC attachment paths (TCX and netlink).
 //! Needs root; every test builds and deletes its own lab.
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -401,60 +400,39 @@ fn restart_keeps_counters_and_verdicts() -> Result<()> {
     Ok(())
 }
 
-/// Destination, echo address, gateway and gateway public address functions of a family.
-type Family = (
-    &'static str,
-    &'static str,
-    fn(u8) -> String,
-    fn(u8) -> IpAddr,
-);
-
 /// Holds 24 connections over an ECMP route through gateways 1 and 2, then adds gateway 3
 /// to the route (which moves about a third of the resilient group's buckets, and makes
 /// every established socket look its route up again). Returns (alive, held) afterwards and
 /// the agent's `steeredBack` count (packets the TC program sent back to their gateway).
 fn hold_across_gateway_added(pinning: bool, v6: bool) -> Result<(usize, usize, u64)> {
     let lab = Lab::new(LabSpec::default())?;
-    let (dst, echo, gateway, public): Family = if v6 {
-        (DEST_V6, ECHO_V6, gateway_v6, public_v6)
-    } else {
-        (DEST_V4, ECHO_V4, gateway_v4, public_v4)
-    };
-    let dir = lab.routes_dir("routes")?;
-    let route = |n: u8| -> Result<()> {
-        let gws: Vec<String> = (1..=n).map(gateway).collect();
-        let g: Vec<&str> = gws.iter().map(String::as_str).collect();
-        write_atomic(&dir.join("r.yaml"), &route_yaml("ecmp", &[dst], &g, None))
-    };
-    route(2)?;
+    let f = if v6 { IPV6 } else { IPV4 };
+    let dir = lab.ecmp_routes_of(f, 2)?;
     let pin = if pinning { "true" } else { "false" };
     let mut agent = Agent::start(&lab, "a", &dir, &["--flow-pinning", pin])?;
     agent.wait_settled(1)?;
     agent.wait_resolved(2)?;
-    let echo: IpAddr = echo.parse()?;
+    let echo = f.echo_addr();
     let mut held: Vec<Held> = (0..24)
         .map(|_| lab.hold("a", echo))
         .collect::<Result<_>>()?;
-    route(3)?;
+    lab.ecmp_routes_of(f, 3)?;
     wait_for("gateway 3 in the route", Duration::from_secs(10), || {
-        (lab.route_gateways("a", dst).ok()?.len() == 3).then_some(())
+        (lab.route_gateways("a", f.dest).ok()?.len() == 3).then_some(())
     })?;
     agent.wait_resolved(3)?;
     let alive = held.iter_mut().map(|h| h.alive()).filter(|&a| a).count();
     // New connections do use the new gateway (bound ones: see
     // `kernel_spreads_local_v6_connections` for why, in IPv6 on older kernels).
-    let mut spread = BTreeMap::new();
-    for _ in 0..30 {
-        *spread.entry(lab.connect_bound("a", echo)?).or_insert(0) += 1;
-    }
+    let spread = tally(30, || lab.connect_bound("a", echo))?;
     ensure!(
-        spread.contains_key(&public(3)),
+        spread.contains_key(&(f.public)(3)),
         "no new connection through gateway 3: {spread:?}"
     );
     agent.check_alive()?;
     let steered = |agent: &Agent| -> u64 {
         (1..=3)
-            .filter_map(|i| agent.gateway(&gateway(i)))
+            .filter_map(|i| agent.gateway(&(f.gateway)(i)))
             .filter_map(|g| g["counters"]["steeredBack"].as_u64())
             .sum()
     };

@@ -59,6 +59,22 @@ enum Cmd {
     },
 }
 
+/// Runs a command and returns its standard output; fails naming it, with its stderr.
+pub fn output(program: &str, args: &[&str]) -> Result<String> {
+    let o = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !o.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
 /// Runs a command with inherited output; fails naming it.
 pub fn cmd(program: &str, args: &[&str]) -> Result<()> {
     eprintln!("$ {program} {}", args.join(" "));

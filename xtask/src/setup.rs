@@ -4,6 +4,10 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    crate::output(program, args).ok()
+}
+
 const APT: &[&str] = &[
     "llvm-22-dev",
     "libzstd-dev",
@@ -23,19 +27,13 @@ pub const KUBE_CACHE: &str = "/var/cache/routing-agent/kube-v1.20.2";
 
 const BPF_LINKER: &str = "0.13.0";
 
-fn output(program: &str, args: &[&str]) -> Option<String> {
-    let o = Command::new(program).args(args).output().ok()?;
-    o.status
-        .success()
-        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
-}
-
 fn step(what: &str, state: &str) {
     eprintln!("[setup] {what}: {state}");
 }
 
-fn apt() -> Result<()> {
-    let missing: Vec<&str> = APT
+/// Installs the Debian `packages` that are missing (the set-up's own, or another task's).
+pub fn apt(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {
@@ -129,7 +127,7 @@ pub fn setup() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("setup, tests and the lab need root (network namespaces, bpffs)");
     }
-    apt()?;
+    apt(APT)?;
     nightly()?;
     bpf_linker()?;
     bpffs()?;

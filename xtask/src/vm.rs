@@ -25,12 +25,6 @@ pub const VM_CACHE: &str = "/var/cache/routing-agent/vm";
 const TARGET: &str = "x86_64-unknown-linux-gnu";
 const MARKER: &str = "RA-VM-RESULT";
 
-/// What the lab's control plane needs in the guest (the default-route suite starts one):
-/// kube-apiserver and etcd where the tests look for them, kubectl, openssl (with its
-/// libraries, like `TOOLS`) and its configuration.
-const KUBE_TOOLS: &[&str] = &["/usr/bin/openssl"];
-const KUBE_FILES: &[&str] = &["/usr/lib/ssl/openssl.cnf"];
-
 /// Modules the lab needs in the guest (insmod'ed in dependency order).
 const MODULES: &[&str] = &[
     "veth",
@@ -48,7 +42,8 @@ const MODULES: &[&str] = &[
     "dummy",
 ];
 
-/// Host tools copied into the guest, with their libraries.
+/// Host tools copied into the guest, with their libraries (openssl: the lab's control
+/// plane makes its keys with it; kube-apiserver, etcd and kubectl are static).
 const TOOLS: &[&str] = &[
     "/usr/bin/ip",
     "/usr/sbin/tc",
@@ -57,7 +52,10 @@ const TOOLS: &[&str] = &[
     "/usr/bin/nsenter",
     "/usr/sbin/sysctl",
     "/usr/bin/dash",
+    "/usr/bin/openssl",
 ];
+/// Host files copied into the guest as they are (their targets, for symlinks).
+const FILES: &[&str] = &["/usr/lib/ssl/openssl.cnf", "/etc/protocols"];
 
 /// busybox applets linked into the guest (only names no real tool above takes).
 const APPLETS: &[&str] = &[
@@ -89,42 +87,8 @@ impl Kernel {
     }
 }
 
-fn out(program: &str, args: &[&str]) -> Result<String> {
-    let o = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    if !o.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-}
-
 fn say(what: &str) {
     eprintln!("[vm-test] {what}");
-}
-
-/// Installs qemu, busybox-static and kmod when missing.
-fn tools() -> Result<()> {
-    let missing: Vec<&str> = ["qemu-system-x86", "busybox-static", "kmod"]
-        .into_iter()
-        .filter(|p| {
-            !out("dpkg-query", &["-W", "-f=${Status}", p])
-                .is_ok_and(|s| s.contains("install ok installed"))
-        })
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    say(&format!("installing {}", missing.join(" ")));
-    crate::cmd("apt-get", &["update", "-qq"])?;
-    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
-    args.extend(&missing);
-    crate::cmd("apt-get", &args)
 }
 
 /// The kernel image and its module tree (extracted), downloading the package once.
@@ -140,7 +104,7 @@ fn kernel_from_lists(k: Kernel, updated: bool) -> Result<(PathBuf, PathBuf, Stri
         crate::cmd("apt-get", &["update", "-qq"])?;
         kernel_from_lists(k, true)
     };
-    let deps = match out("apt-cache", &["depends", meta]) {
+    let deps = match crate::output("apt-cache", &["depends", meta]) {
         Ok(d) => d,
         Err(_) if !updated => return retry(),
         Err(e) => return Err(e),
@@ -181,11 +145,11 @@ fn kernel_from_lists(k: Kernel, updated: bool) -> Result<(PathBuf, PathBuf, Stri
             .context("the downloaded .deb")?;
         let tmp = cache.join(format!("{release}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
-        out(
+        crate::output(
             "dpkg",
             &["-x", &deb.display().to_string(), &tmp.display().to_string()],
         )?;
-        out("depmod", &["-b", &tmp.display().to_string(), &release])?;
+        crate::output("depmod", &["-b", &tmp.display().to_string(), &release])?;
         std::fs::rename(&tmp, &root)?;
     }
     Ok((vmlinuz, root, release))
@@ -247,7 +211,7 @@ fn build(tests: &[&str]) -> Result<(PathBuf, Vec<(String, PathBuf)>)> {
 
 /// The shared libraries of `bin` (ldd).
 fn libs(bin: &str) -> Result<Vec<String>> {
-    Ok(out("ldd", &[bin])?
+    Ok(crate::output("ldd", &[bin])?
         .lines()
         .filter_map(|l| {
             let l = l.trim();
@@ -313,11 +277,11 @@ fn initramfs(
         copy_into(&stage, exe, &format!("/tests/{name}"))?;
     }
     let mut libset = BTreeSet::new();
-    for t in TOOLS.iter().chain(KUBE_TOOLS) {
+    for t in TOOLS {
         copy_into(&stage, Path::new(t), t)?;
         libset.extend(libs(t)?);
     }
-    for f in KUBE_FILES {
+    for f in FILES {
         copy_into(&stage, &std::fs::canonicalize(f)?, f)?;
     }
     let kube = Path::new(crate::setup::KUBE_CACHE);
@@ -325,7 +289,7 @@ fn initramfs(
         copy_into(&stage, &kube.join(b), &kube.join(b).display().to_string())?;
     }
     let kubectl = std::fs::canonicalize(
-        out("sh", &["-c", "command -v kubectl"])
+        crate::output("sh", &["-c", "command -v kubectl"])
             .context("kubectl on the PATH")?
             .trim(),
     )?;
@@ -363,7 +327,7 @@ fn initramfs(
     // Modules, in dependency order.
     let mut order: Vec<String> = Vec::new();
     for m in MODULES {
-        let deps = out(
+        let deps = crate::output(
             "modprobe",
             &[
                 "-d",
@@ -411,8 +375,6 @@ fn initramfs(
         stage.join("etc/hosts"),
         "127.0.0.1 localhost\n::1 localhost\n",
     )?;
-    // Protocol names for `ip ... ipproto tcp`.
-    copy_into(&stage, Path::new("/etc/protocols"), "/etc/protocols")?;
     // The archive: every path, relative, through busybox cpio.
     let mut names = Vec::new();
     fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
@@ -514,21 +476,28 @@ fn boot(vmlinuz: &Path, image: &Path, limit: Duration) -> Result<bool> {
 /// build; fails naming every kernel whose suite failed.
 pub fn run(kernels: &[Kernel], tests: &[&str], filter: &str) -> Result<()> {
     crate::setup::setup()?;
+    // The lab's control plane: the host suites and the guests both start one.
+    crate::setup::kube()?;
+    if kernels.iter().any(|&k| k != Kernel::Host) {
+        crate::setup::apt(&["qemu-system-x86", "busybox-static", "kmod"])?;
+    }
     let mut failed = Vec::new();
     let mut built = None;
     for &k in kernels {
         let started = Instant::now();
         let (name, ok) = if k == Kernel::Host {
-            ("host".to_string(), run_host(tests, filter).is_ok())
+            let result = run_host(tests, filter);
+            if let Err(e) = &result {
+                say(&format!("host: {e:#}"));
+            }
+            ("host".to_string(), result.is_ok())
         } else {
-            tools()?;
-            crate::setup::kube()?;
             let (vmlinuz, modroot, release) = kernel(k)?;
             say(&format!("kernel {release}"));
-            if built.is_none() {
-                built = Some(build(tests)?);
-            }
-            let (agent, bins) = built.as_ref().expect("built above");
+            let (agent, bins) = match &built {
+                Some(b) => b,
+                None => built.insert(build(tests)?),
+            };
             let image = initramfs(agent, bins, &modroot, &release, filter)?;
             say(&format!(
                 "initramfs {} MiB; booting {release} under TCG",
@@ -553,10 +522,8 @@ pub fn run(kernels: &[Kernel], tests: &[&str], filter: &str) -> Result<()> {
     Ok(())
 }
 
-/// The same suites on the host's own kernel, no VM (with the lab's API server, so nothing
-/// is skipped).
+/// The same suites on the host's own kernel, no VM.
 fn run_host(tests: &[&str], filter: &str) -> Result<()> {
-    crate::setup::kube()?;
     crate::cmd("cargo", &["build", "-p", "routing-agent"])?;
     let mut args = vec!["test", "-p", "routing-agent-tests"];
     for t in tests {
