@@ -1,28 +1,25 @@
 //! routing-agent: programs static and ECMP routes on a Kubernetes node from `Route`
 //! custom resources.
 //!
-//! Layout: a pure planning core ([`route`], [`selector`], [`plan`]) and thin adapters
-//! around it: sources ([`source`]), the netlink dataplane ([`dataplane`]), eBPF
-//! ([`ebpf`]), and the loop that ties them together ([`agent`]).
+//! The layers, and the only direction imports go (see `docs/architecture.md`):
+//!
+//! - [`logic`]: the pure core. Route validation, node selection, the planner, default-route
+//!   planning, the gateway-health state machine, status building. No I/O, no clock, no
+//!   kernel; it imports nothing else of this crate.
+//! - Adapters, each importing [`logic`] only:
+//!   - [`source`]: where Routes come from (a directory of manifests, the Kubernetes API);
+//!   - [`node`]: this node's kernel (netlink dataplane, eBPF programs and maps, ICMP
+//!     probes, sysctls, `status` read-back);
+//!   - [`cluster`]: what goes back to the cluster (NodeRouteStatus, Events) and the
+//!     cluster-wide controller;
+//!   - [`ops`]: what an operator scrapes (Prometheus metrics, health endpoints).
+//! - [`agent`]: the agent as explicit state, one method per event, and the loop that
+//!   turns events into those calls. It wires the adapters to the core.
 pub mod agent;
-pub mod controller;
-pub mod crd;
-pub mod dataplane;
-pub mod default_route;
-pub mod ebpf;
-pub mod events;
-pub mod health;
-pub mod inspect;
-pub mod metrics;
+pub mod cluster;
+pub mod logic;
 #[cfg(test)]
 mod mock_api;
-pub mod plan;
-pub mod probe;
-pub mod publish;
-pub mod report;
-pub mod route;
-pub mod selector;
-pub mod serve;
+pub mod node;
+pub mod ops;
 pub mod source;
-pub mod summary;
-pub mod sysctl;

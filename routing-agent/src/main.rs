@@ -5,10 +5,15 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use routing_agent::agent::{self, AgentConfig};
-use routing_agent::dataplane::{Config, Dataplane, ModeChoice, diff::IdRange, nexthop::Resilient};
-use routing_agent::ebpf::{AttachMode, Programs};
-use routing_agent::selector::NodeInfo;
-use routing_agent::{controller, publish, serve, source, sysctl};
+use routing_agent::cluster::{controller, publish};
+use routing_agent::logic::selector::NodeInfo;
+use routing_agent::node::dataplane::{
+    Config, Dataplane, ModeChoice, diff::IdRange, nexthop::Resilient,
+};
+use routing_agent::node::ebpf::{AttachMode, Programs};
+use routing_agent::node::sysctl;
+use routing_agent::ops::http as serve;
+use routing_agent::source;
 use tokio::sync::mpsc;
 
 /// Programs static and ECMP routes on this node from Route objects.
@@ -127,7 +132,7 @@ struct ProtectArgs {
 }
 
 fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
-    routing_agent::route::parse_destination(s).map(|(n, _)| n)
+    routing_agent::logic::route::parse_destination(s).map(|(n, _)| n)
 }
 
 #[derive(Args, Clone)]
@@ -335,7 +340,7 @@ async fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format, &cli.log_level);
     match cli.command {
         Command::Crd => {
-            print!("{}", routing_agent::crd::yaml());
+            print!("{}", routing_agent::logic::crd::yaml());
             Ok(())
         }
         Command::Sysctls(s) => {
@@ -363,7 +368,7 @@ async fn main() -> anyhow::Result<()> {
             if k.symmetric_routing {
                 tables.push(k.symmetric_table);
             }
-            let view = routing_agent::inspect::read(&routing_agent::inspect::Scope {
+            let view = routing_agent::node::inspect::read(&routing_agent::node::inspect::Scope {
                 protocol: k.route_protocol,
                 tables,
                 rule_priority: k.symmetric_routing.then_some(k.symmetric_rule_priority),
@@ -373,15 +378,15 @@ async fn main() -> anyhow::Result<()> {
             if st.json {
                 println!("{}", serde_json::to_string_pretty(&view)?);
             } else {
-                print!("{}", routing_agent::inspect::render(&view));
+                print!("{}", routing_agent::node::inspect::render(&view));
             }
             Ok(())
         }
         Command::Cleanup(k) => {
             let mut dp = Dataplane::new(dataplane_config(&k)).await?;
             let removed = dp.remove_all().await?;
-            let filters = routing_agent::ebpf::detach_netlink_filters();
-            let pins = routing_agent::ebpf::remove_pins(&k.bpf_pin_dir)
+            let filters = routing_agent::node::ebpf::detach_netlink_filters();
+            let pins = routing_agent::node::ebpf::remove_pins(&k.bpf_pin_dir)
                 .with_context(|| format!("removing the pins in {}", k.bpf_pin_dir.display()))?;
             tracing::info!(removed, tc_filter_interfaces = filters, pins, pin_dir = %k.bpf_pin_dir.display(), "cleanup done");
             Ok(())
@@ -393,7 +398,7 @@ async fn main() -> anyhow::Result<()> {
             );
             let resync = Duration::from_secs(a.resync_seconds.max(1));
             let probes = serve::Probes::new(resync * 3 + Duration::from_secs(30));
-            let metrics = std::sync::Arc::new(routing_agent::metrics::Metrics::new());
+            let metrics = std::sync::Arc::new(routing_agent::ops::metrics::Metrics::new());
             serve::spawn(a.health_addr, probes.clone(), Some(metrics.clone()))
                 .await
                 .with_context(|| format!("serving the health endpoints on {}", a.health_addr))?;
@@ -446,7 +451,7 @@ async fn main() -> anyhow::Result<()> {
                     retry_min: Duration::from_secs(1),
                     retry_max: Duration::from_secs(30),
                     status_file: a.status_file,
-                    health: routing_agent::health::Config {
+                    health: routing_agent::logic::health::Config {
                         window: a.failure_window,
                         min_failures: a.failure_threshold,
                         probe_interval: a.probe_interval,

@@ -1,6 +1,6 @@
 //! deploy/crd.yaml is generated from the Rust types; this fails when it is stale.
 use kube::CustomResourceExt as _;
-use routing_agent::crd::Route;
+use routing_agent::logic::crd::Route;
 
 #[test]
 fn committed_crd_matches_the_rust_types() {
@@ -11,7 +11,7 @@ fn committed_crd_matches_the_rust_types() {
         .filter(|l| !l.starts_with('#'))
         .map(|l| format!("{l}\n"))
         .collect();
-    let generated = routing_agent::crd::yaml();
+    let generated = routing_agent::logic::crd::yaml();
     assert!(
         body == generated,
         "deploy/crd.yaml is stale: run `cargo xtask gen-crd` and commit it"

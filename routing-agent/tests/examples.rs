@@ -3,11 +3,11 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use routing_agent::plan::{DesiredState, plan};
-use routing_agent::selector::NodeInfo;
+use routing_agent::logic::plan::{DesiredState, plan};
+use routing_agent::logic::selector::NodeInfo;
 use routing_agent::source::dir::parse_file;
 
-fn load(name: &str) -> Vec<routing_agent::crd::Route> {
+fn load(name: &str) -> Vec<routing_agent::logic::crd::Route> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(name);

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use super::Snapshot;
-use crate::crd::{API_VERSION, KIND, Route};
+use crate::logic::crd::{API_VERSION, KIND, Route};
 
 /// A problem with one file, naming path and line.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::Snapshot;
-use crate::crd::Route;
+use crate::logic::crd::Route;
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -51,7 +51,7 @@ pub fn spawn(
     client: Client,
     node: String,
     tx: mpsc::Sender<Snapshot>,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    metrics: std::sync::Arc<crate::ops::metrics::Metrics>,
 ) {
     let (routes, routes_writer) = reflector::store::<Route>();
     let (nodes, nodes_writer) = reflector::store::<Node>();
@@ -94,7 +94,7 @@ pub fn spawn(
                 Signal::Failed(e) => {
                     metrics
                         .api_errors
-                        .get_or_create(&crate::metrics::ComponentLabels {
+                        .get_or_create(&crate::ops::metrics::ComponentLabels {
                             component: "watch".into(),
                         })
                         .inc();

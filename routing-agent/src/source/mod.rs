@@ -4,7 +4,7 @@
 pub mod dir;
 pub mod kube;
 
-use crate::crd::Route;
+use crate::logic::crd::Route;
 
 /// A complete view of the Routes, as a source knows them now.
 #[derive(Clone, Debug, Default, PartialEq)]

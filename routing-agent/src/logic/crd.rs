@@ -4,7 +4,7 @@
 //!
 //! - [`Route`] keeps exactly the spec of the DigitalOcean routing agent, so manifests
 //!   written for it apply unchanged. Values stay strings: parsing and normalisation happen
-//!   in [`crate::route`], which names the offending field in its errors. Its `status` is a
+//!   in [`crate::logic::route`], which names the offending field in its errors. Its `status` is a
 //!   summary over the nodes, written by `routing-agent controller` alone.
 //! - [`NodeRouteStatus`] is one small object per node, written by that node's agent alone:
 //!   what it did with each Route and how it sees each gateway. Why one object per node

@@ -13,9 +13,9 @@ use kube::{Api, Client, Resource as _};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::crd::{API_VERSION, NodeRouteStatus, NodeRoutes, Route};
-use crate::events::Events;
-use crate::report::{self, Note};
+use crate::cluster::events::Events;
+use crate::logic::crd::{API_VERSION, NodeRouteStatus, NodeRoutes, Route};
+use crate::logic::report::{self, Note};
 
 /// Field manager of the agent's writes.
 pub const MANAGER: &str = "routing-agent";
@@ -50,7 +50,7 @@ pub fn refs(routes: &[Route]) -> BTreeMap<String, ObjectReference> {
 pub fn spawn(
     client: Client,
     node: String,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    metrics: std::sync::Arc<crate::ops::metrics::Metrics>,
 ) -> mpsc::Sender<Report> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(run(client, node, rx, metrics));
@@ -61,7 +61,7 @@ async fn run(
     client: Client,
     node: String,
     mut rx: mpsc::Receiver<Report>,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    metrics: std::sync::Arc<crate::ops::metrics::Metrics>,
 ) {
     let api: Api<NodeRouteStatus> = Api::all(client.clone());
     let events = Events::new(client.clone(), MANAGER, Some(node.clone()));
@@ -133,7 +133,7 @@ async fn run(
             Err(e) => {
                 metrics
                     .api_errors
-                    .get_or_create(&crate::metrics::ComponentLabels {
+                    .get_or_create(&crate::ops::metrics::ComponentLabels {
                         component: "status".into(),
                     })
                     .inc();
@@ -198,7 +198,7 @@ async fn write(api: &Api<NodeRouteStatus>, node: &str, status: &NodeRoutes) -> k
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{NodeRoute, RouteSpec};
+    use crate::logic::crd::{NodeRoute, RouteSpec};
     use crate::mock_api;
 
     /// What the API server answers to a write of the node's object.
@@ -213,7 +213,7 @@ mod tests {
             routes: (0..applied)
                 .map(|i| NodeRoute {
                     name: format!("r{i}"),
-                    state: crate::crd::APPLIED.into(),
+                    state: crate::logic::crd::APPLIED.into(),
                     ..Default::default()
                 })
                 .collect(),

@@ -14,7 +14,7 @@ use kube::{Api, Client};
 use tokio::sync::Mutex;
 use tracing::{debug, warn};
 
-use crate::report::{self, Limiter};
+use crate::logic::report::{self, Limiter};
 
 /// The namespace of the Events about cluster-scoped Routes.
 pub const NAMESPACE: &str = "default";

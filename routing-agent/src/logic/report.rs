@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use crate::crd::{APPLIED, DOWN, FAILED, NodeGateway, NodeRoute, NodeRoutes, Route, UP};
-use crate::plan::{DesiredState, Problem, ProblemKind};
+use crate::logic::crd::{APPLIED, DOWN, FAILED, NodeGateway, NodeRoute, NodeRoutes, Route, UP};
+use crate::logic::plan::{DesiredState, Problem, ProblemKind};
 
 /// A gateway's state as the health side sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,8 +158,8 @@ pub fn node_routes(
 }
 
 /// The active default-route overrides as the status shows them.
-pub fn default_routes(desired: &DesiredState) -> Vec<crate::crd::NodeDefaultRoute> {
-    use crate::route::Family;
+pub fn default_routes(desired: &DesiredState) -> Vec<crate::logic::crd::NodeDefaultRoute> {
+    use crate::logic::route::Family;
     let o = &desired.overrides;
     let mut families: BTreeSet<Family> = desired
         .routes
@@ -182,7 +182,7 @@ pub fn default_routes(desired: &DesiredState) -> Vec<crate::crd::NodeDefaultRout
                 })
                 .map(|u| u.gateway.to_string())
                 .unwrap_or_default();
-            crate::crd::NodeDefaultRoute {
+            crate::logic::crd::NodeDefaultRoute {
                 family: fam.to_string(),
                 original_gateway: original,
                 protected: o
@@ -377,9 +377,9 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::RouteSpec;
-    use crate::plan;
-    use crate::selector::NodeInfo;
+    use crate::logic::crd::RouteSpec;
+    use crate::logic::plan;
+    use crate::logic::selector::NodeInfo;
 
     fn route(name: &str, dst: &[&str], gw: &[&str], generation: i64) -> Route {
         let mut r = Route::new(

@@ -75,7 +75,7 @@ fn answer(r: Result<(), String>) -> (StatusCode, String) {
 #[derive(Clone)]
 struct AppState {
     probes: Arc<Probes>,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
+    metrics: Option<Arc<crate::ops::metrics::Metrics>>,
 }
 
 impl axum::extract::FromRef<AppState> for Arc<Probes> {
@@ -88,7 +88,7 @@ impl axum::extract::FromRef<AppState> for Arc<Probes> {
 pub async fn spawn(
     addr: SocketAddr,
     probes: Arc<Probes>,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
+    metrics: Option<Arc<crate::ops::metrics::Metrics>>,
 ) -> anyhow::Result<()> {
     let app = Router::new()
         .route(

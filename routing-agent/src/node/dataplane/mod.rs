@@ -19,7 +19,7 @@ use futures::StreamExt;
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
-use crate::plan::{DesiredState, Problem, ProblemKind};
+use crate::logic::plan::{DesiredState, Problem, ProblemKind};
 use diff::{Hop, IdRange, KernelState, Mode, Op};
 use nexthop::{NexthopSocket, NlError, Resilient};
 use routes::RouteKey;
@@ -269,8 +269,8 @@ impl Dataplane {
                     .iter()
                     .map(|(f, up)| {
                         let any = match f {
-                            crate::route::Family::V4 => "0.0.0.0/0",
-                            crate::route::Family::V6 => "::/0",
+                            crate::logic::route::Family::V4 => "0.0.0.0/0",
+                            crate::logic::route::Family::V6 => "::/0",
                         };
                         (
                             any.parse().expect("valid"),
@@ -322,8 +322,8 @@ impl Dataplane {
     /// The node facts for default-route planning.
     pub async fn facts(
         &self,
-        symmetric: Option<&crate::default_route::Symmetric>,
-    ) -> Result<crate::default_route::NodeFacts, NlError> {
+        symmetric: Option<&crate::logic::default_route::Symmetric>,
+    ) -> Result<crate::logic::default_route::NodeFacts, NlError> {
         facts::read(&self.handle, self.cfg.protocol, symmetric).await
     }
 

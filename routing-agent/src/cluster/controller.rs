@@ -1,7 +1,7 @@
 //! `routing-agent controller`: the cluster-wide side, one replica (a Deployment).
 //!
 //! - Summarises each Route's status from the nodes' [`NodeRouteStatus`] objects and the
-//!   Nodes ([`crate::summary`]): selected / ready / failed / pending, conditions, the first
+//!   Nodes ([`crate::logic::summary`]): selected / ready / failed / pending, conditions, the first
 //!   failures. Written by server-side apply, only when it changed.
 //! - Holds the one finalizer of every Route ([`FINALIZER`], kube-runtime's `finalizer`):
 //!   a Route being deleted keeps it until no existing node's report lists the Route any
@@ -29,10 +29,12 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource as _};
 use tracing::{info, warn};
 
-use crate::crd::{API_VERSION, FINALIZER, KIND, NodeRouteStatus, NodeRoutes, Route, RouteStatus};
-use crate::events::Events;
-use crate::selector::NodeInfo;
-use crate::summary::{self, Deletion};
+use crate::cluster::events::Events;
+use crate::logic::crd::{
+    API_VERSION, FINALIZER, KIND, NodeRouteStatus, NodeRoutes, Route, RouteStatus,
+};
+use crate::logic::selector::NodeInfo;
+use crate::logic::summary::{self, Deletion};
 
 /// Field manager of the controller's writes.
 pub const MANAGER: &str = "routing-agent-controller";
@@ -101,7 +103,7 @@ impl Ctx {
 pub async fn run(
     client: Client,
     cfg: Config,
-    probes: Arc<crate::serve::Probes>,
+    probes: Arc<crate::ops::http::Probes>,
 ) -> anyhow::Result<()> {
     let (reports, reports_writer) = reflector::store::<NodeRouteStatus>();
     let (nodes, nodes_writer) = reflector::store::<PartialObjectMeta<Node>>();
@@ -202,7 +204,7 @@ async fn apply(route: &Route, ctx: &Ctx) -> Result<Action, Error> {
         &ctx.nodes(),
         &ctx.reports(),
         prev,
-        &crate::publish::now(),
+        &crate::cluster::publish::now(),
     );
     if prev == Some(&status) {
         return Ok(Action::await_change());
@@ -282,7 +284,7 @@ async fn cleanup(route: &Route, ctx: &Ctx) -> Result<Action, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{NodeRoute, NodeRouteStatusSpec, RouteSpec};
+    use crate::logic::crd::{NodeRoute, NodeRouteStatusSpec, RouteSpec};
     use crate::mock_api;
     use kube::runtime::watcher::Event as WatchEvent;
     use std::time::Duration;
@@ -324,7 +326,7 @@ mod tests {
                 .map(|n| NodeRoute {
                     name: n.to_string(),
                     generation: Some(1),
-                    state: crate::crd::APPLIED.into(),
+                    state: crate::logic::crd::APPLIED.into(),
                     ..Default::default()
                 })
                 .collect(),

@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::crd::Route;
+use crate::logic::crd::Route;
 
 /// Address family of a validated Route.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -64,6 +64,26 @@ pub fn parse_destination(value: &str) -> Result<(IpNet, bool), String> {
         return Ok((IpNet::from(addr), false));
     }
     Err(format!("{value:?} is neither a CIDR nor an IP address"))
+}
+
+/// The kernel destinations of a Route destination: a default route becomes its two halves
+/// (`0.0.0.0/1` + `128.0.0.0/1`, `::/1` + `8000::/1`; see [`crate::logic::default_route`]).
+pub fn kernel_destinations(dst: IpNet) -> Vec<IpNet> {
+    match dst {
+        IpNet::V4(n) if n.prefix_len() == 0 => vec![
+            IpNet::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 1).expect("valid"),
+            IpNet::new(std::net::Ipv4Addr::new(128, 0, 0, 0).into(), 1).expect("valid"),
+        ],
+        IpNet::V6(n) if n.prefix_len() == 0 => vec![
+            IpNet::new(std::net::Ipv6Addr::UNSPECIFIED.into(), 1).expect("valid"),
+            IpNet::new(
+                std::net::Ipv6Addr::new(0x8000, 0, 0, 0, 0, 0, 0, 0).into(),
+                1,
+            )
+            .expect("valid"),
+        ],
+        other => vec![other],
+    }
 }
 
 /// Parses a gateway: a unicast address (not unspecified, multicast, broadcast or
@@ -161,7 +181,7 @@ pub fn validate(route: &Route) -> Result<ValidRoute, InvalidRoute> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::RouteSpec;
+    use crate::logic::crd::RouteSpec;
 
     fn route(dst: &[&str], gw: &[&str]) -> Route {
         Route::new(

@@ -18,19 +18,13 @@
 //!   A rule at that priority or a route in that table that the agent does not own makes it
 //!   refuse the override (reported; nothing of it installed) rather than clobber them.
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::plan::{DesiredState, Problem, ProblemKind};
-use crate::route::Family;
-
-/// A next hop of the node's own: gateway and interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Uplink {
-    pub gateway: IpAddr,
-    pub oif: u32,
-}
+use crate::logic::desired::{DesiredState, Problem, ProblemKind};
+pub use crate::logic::desired::{Overrides, SourceRule, Uplink};
+use crate::logic::route::Family;
 
 /// What the node looks like apart from the agent's own objects (read from the kernel).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -66,39 +60,6 @@ pub struct Protection {
     pub candidates: BTreeSet<IpNet>,
     /// `None`: no symmetric routing.
     pub symmetric: Option<Symmetric>,
-}
-
-/// A rule `from <source> lookup <table>` at `priority`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SourceRule {
-    pub source: IpAddr,
-    pub table: u32,
-    pub priority: u32,
-}
-
-/// The kernel objects of the active overrides.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Overrides {
-    /// Protected destination → the original uplink.
-    pub protected: BTreeMap<IpNet, Uplink>,
-    /// Default route per family in the symmetric table.
-    pub table_routes: BTreeMap<Family, Uplink>,
-    pub rules: BTreeSet<SourceRule>,
-}
-
-/// The kernel destinations of a Route destination: a default route becomes its halves.
-pub fn kernel_destinations(dst: IpNet) -> Vec<IpNet> {
-    match dst {
-        IpNet::V4(n) if n.prefix_len() == 0 => vec![
-            IpNet::new(Ipv4Addr::UNSPECIFIED.into(), 1).expect("valid"),
-            IpNet::new(Ipv4Addr::new(128, 0, 0, 0).into(), 1).expect("valid"),
-        ],
-        IpNet::V6(n) if n.prefix_len() == 0 => vec![
-            IpNet::new(Ipv6Addr::UNSPECIFIED.into(), 1).expect("valid"),
-            IpNet::new(Ipv6Addr::new(0x8000, 0, 0, 0, 0, 0, 0, 0).into(), 1).expect("valid"),
-        ],
-        other => vec![other],
-    }
 }
 
 fn family(n: &IpNet) -> Family {
@@ -230,9 +191,12 @@ pub fn nameservers(resolv_conf: &str, in_cluster: &[IpNet]) -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{Route, RouteSpec};
-    use crate::plan;
-    use crate::selector::NodeInfo;
+    use std::net::Ipv4Addr;
+
+    use crate::logic::crd::{Route, RouteSpec};
+    use crate::logic::plan;
+    use crate::logic::route::kernel_destinations;
+    use crate::logic::selector::NodeInfo;
 
     fn net(s: &str) -> IpNet {
         s.parse().unwrap()

@@ -11,8 +11,8 @@ use rtnetlink::{Handle, IpVersion};
 
 use super::nexthop::NlError;
 use super::routes::nl_error;
-use crate::default_route::SourceRule;
-use crate::route::Family;
+use crate::logic::default_route::SourceRule;
+use crate::logic::route::Family;
 
 /// A rule as dumped.
 #[derive(Clone, Debug)]

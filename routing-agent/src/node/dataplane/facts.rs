@@ -11,8 +11,8 @@ use super::diff::Target;
 use super::nexthop::NlError;
 use super::routes::{self, Dumped, nl_error};
 use super::rules;
-use crate::default_route::{NodeFacts, Symmetric, Uplink};
-use crate::route::Family;
+use crate::logic::default_route::{NodeFacts, Symmetric, Uplink};
+use crate::logic::route::Family;
 
 /// The main table.
 const MAIN: u32 = 254;

@@ -10,9 +10,9 @@ use aya::maps::{Array, Map, MapData, PerCpuArray};
 use routing_agent_common::{GW_DOWN, GW_UNUSED, GatewayInfo, GatewayStats, MAX_GATEWAYS, names};
 use serde::Serialize;
 
-use crate::dataplane::diff::Target;
-use crate::dataplane::nexthop::{NexthopKind, NexthopSocket};
-use crate::dataplane::{routes, rules};
+use crate::node::dataplane::diff::Target;
+use crate::node::dataplane::nexthop::{NexthopKind, NexthopSocket};
+use crate::node::dataplane::{routes, rules};
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -157,7 +157,7 @@ pub async fn read(scope: &Scope<'_>) -> anyhow::Result<NodeView> {
             r.state = "fail-closed".into();
         }
     }
-    let attachments = crate::ebpf::tcx_attachments()
+    let attachments = crate::node::ebpf::tcx_attachments()
         .into_iter()
         .map(|(i, d)| format!("{i} {d} (tcx)"))
         .collect();

@@ -2,11 +2,11 @@
 //! whether its deletion still waits for a node.
 use std::collections::BTreeMap;
 
-use crate::crd::{
+use crate::logic::crd::{
     APPLIED, Condition, FAILED, NodeFailure, NodeRoute, NodeRoutes, Route, RouteStatus,
 };
-use crate::route;
-use crate::selector::{self, NodeInfo};
+use crate::logic::route;
+use crate::logic::selector::{self, NodeInfo};
 
 /// Failures listed in a Route's status (the count is always complete).
 pub const MAX_FAILURES: usize = 20;
@@ -185,7 +185,7 @@ pub fn deletion(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::RouteSpec;
+    use crate::logic::crd::RouteSpec;
     use k8s_openapi::api::core::v1::{NodeSelector, NodeSelectorRequirement, NodeSelectorTerm};
     use std::time::Duration;
 

@@ -11,71 +11,10 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::crd::Route;
-use crate::route::{self, Family};
-use crate::selector::{self, NodeInfo};
-
-/// One destination this node should route.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DesiredRoute {
-    pub destination: IpNet,
-    /// Sorted, deduplicated. More than one: ECMP. The gateways in use.
-    pub gateways: Vec<IpAddr>,
-    /// Gateways of the Route taken out of rotation because they are down (see
-    /// [`withdraw`]); sorted.
-    pub withdrawn: Vec<IpAddr>,
-    /// Name of the Route this comes from.
-    pub owner: String,
-    /// A half of a Route's default route (see [`crate::default_route`]).
-    pub from_default: bool,
-}
-
-impl DesiredRoute {
-    pub fn family(&self) -> Family {
-        Family::of(&self.destination.addr())
-    }
-}
-
-/// Why (part of) a Route is not applied on this node.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum ProblemKind {
-    /// The spec does not parse; nothing of the Route is applied.
-    Invalid,
-    /// Another Route owns this destination on this node.
-    Conflict { destination: IpNet, winner: String },
-    /// A gateway cannot be used as a next hop from this node (filled in by the dataplane).
-    GatewayUnreachable { gateway: IpAddr },
-    /// The kernel refused a destination (filled in by the dataplane).
-    Kernel { destination: IpNet },
-    /// A default-route override refused: symmetric routing would clobber a rule or table
-    /// the agent does not own.
-    SymmetricRouting,
-    /// A default-route override refused: the node's own default route has no readable
-    /// gateway to keep protected destinations on.
-    UnknownUplink,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Problem {
-    pub route: String,
-    pub kind: ProblemKind,
-    /// A sentence naming the object and the field or value.
-    pub message: String,
-}
-
-/// What this node should look like, and what could not be honoured.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DesiredState {
-    pub routes: BTreeMap<IpNet, DesiredRoute>,
-    /// Names of the valid Routes that select this node (applied or in conflict).
-    pub selected: Vec<String>,
-    pub problems: Vec<Problem>,
-    /// Non-fatal findings (normalised CIDRs, duplicates), each naming the Route.
-    pub warnings: Vec<String>,
-    /// Protected routes and symmetric routing of active default-route overrides (filled
-    /// in by [`crate::default_route::protect`]).
-    pub overrides: crate::default_route::Overrides,
-}
+use crate::logic::crd::Route;
+pub use crate::logic::desired::{DesiredRoute, DesiredState, Problem, ProblemKind};
+use crate::logic::route;
+use crate::logic::selector::{self, NodeInfo};
 
 /// Plans the routes for `node`. The result does not depend on the order of `routes`.
 pub fn plan(routes: &[Route], node: &NodeInfo) -> DesiredState {
@@ -120,7 +59,7 @@ pub fn plan(routes: &[Route], node: &NodeInfo) -> DesiredState {
         let mut gateways = valid.gateways.clone();
         gateways.sort();
         for (asked, dst) in valid.destinations.iter().flat_map(|d| {
-            crate::default_route::kernel_destinations(*d)
+            route::kernel_destinations(*d)
                 .into_iter()
                 .map(move |k| (*d, k))
         }) {
@@ -203,7 +142,8 @@ fn precedence(r: &Route) -> (bool, Option<String>, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::RouteSpec;
+    use crate::logic::crd::RouteSpec;
+    use crate::logic::route::Family;
     use k8s_openapi::api::core::v1::{NodeSelector, NodeSelectorRequirement, NodeSelectorTerm};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 

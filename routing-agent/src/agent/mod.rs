@@ -1,0 +1,449 @@
+//! The agent as explicit state: [`Agent`] owns everything the loop used to keep in locals
+//! (the latest Routes, this node, the control-plane endpoints, the last plan and what the
+//! kernel took, gateway health, retry back-off, what was last reported) and has one
+//! method per event. Each method does the event's work through the [`ports`] (the kernel,
+//! the TC programs) and returns the [`Next`] things to do that need the runtime (probes to
+//! send, a stop). [`run`] only turns events into those calls.
+//!
+//! Level-based: a new snapshot, a netlink notification, a retry and the periodic resync
+//! all run the same full reconcile (latest snapshot + this node → plan → kernel → eBPF
+//! attachments → report). A health tick or a probe result reconciles only when a gateway
+//! changed state.
+mod config;
+pub mod ports;
+mod run;
+mod status;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::IpNet;
+use tracing::{error, info, warn};
+
+pub use config::{AgentConfig, ProtectConfig, SymmetricConfig};
+pub use ports::{Kernel, TcPrograms};
+pub use run::run;
+
+use crate::logic::crd::{NodeRoutes, Route};
+use crate::logic::default_route;
+use crate::logic::desired::{DesiredState, ProblemKind};
+use crate::logic::health::{self, Health, Transition};
+use crate::logic::plan;
+use crate::logic::selector::NodeInfo;
+use crate::node::dataplane::Outcome;
+use crate::source::Snapshot;
+
+/// What an event asks of the runtime once the agent has handled it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Next {
+    /// Withdrawn gateways whose probe is due: send one each and report the answer with
+    /// [`Agent::on_probe_result`].
+    pub probe: Vec<IpAddr>,
+    /// Unresolved gateways to ping once so that the kernel learns their MAC (and their
+    /// traffic is attributed before the first connection); no answer is expected.
+    pub warm_up: Vec<IpAddr>,
+    /// Stop the loop.
+    pub stop: bool,
+}
+
+/// Exponential back-off for retrying what the kernel could not take yet.
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+    fn step(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// What the health side needs to know of the last reconcile.
+#[derive(Default)]
+struct Watch {
+    /// Every gateway of the selected routes (withdrawn included) → its interface.
+    oifs: BTreeMap<IpAddr, u32>,
+    /// Gateway → gateways it shares a route with.
+    peers: BTreeMap<IpAddr, BTreeSet<IpAddr>>,
+    /// Route destinations whose gateways are all down, kept (fail-closed).
+    kept_down: BTreeMap<IpNet, Vec<IpAddr>>,
+    /// Gateways' MAC addresses as last read from the neighbour table.
+    macs: BTreeMap<IpAddr, [u8; 6]>,
+    /// When an unresolved gateway was last pinged to make the kernel resolve it.
+    warmed: BTreeMap<IpAddr, Instant>,
+}
+
+/// How often an unresolved gateway is pinged so that its MAC is known (and its traffic
+/// attributed) before the first connection through it.
+const WARM_UP_EVERY: Duration = Duration::from_secs(5);
+
+/// The agent's state. `K` is the kernel's routing side, `P` the TC programs (absent with
+/// `--no-ebpf`: no health, no probes).
+pub struct Agent<K, P> {
+    cfg: AgentConfig,
+    kernel: K,
+    programs: Option<P>,
+    /// The latest complete view of the Routes; `None` until the source delivered one (the
+    /// kernel stays as it is until then: a restart never removes what it was not told to).
+    routes: Option<Vec<Route>>,
+    /// This node as the source knows it now (labels follow the Node object).
+    node: NodeInfo,
+    /// The control-plane endpoints (protected while the default route is overridden).
+    endpoints: Vec<IpAddr>,
+    health: Health,
+    watch: Watch,
+    /// The last reconcile's plan and what the kernel took of it.
+    last: Option<(DesiredState, Outcome)>,
+    reconciles: u64,
+    backoff: Backoff,
+    /// When to retry what the kernel could not take (`None`: nothing pending).
+    retry_at: Option<Instant>,
+    /// The NodeRouteStatus last handed to the publisher.
+    reported: Option<NodeRoutes>,
+    /// The status file's last content.
+    last_doc: Option<serde_json::Value>,
+}
+
+impl<K: Kernel, P: TcPrograms> Agent<K, P> {
+    /// A fresh agent. Verdicts an earlier agent recorded in the pinned maps are taken
+    /// over: a gateway that was down stays down (with its penalty) until probed back.
+    pub fn new(cfg: AgentConfig, kernel: K, programs: Option<P>) -> Self {
+        let mut health = Health::new(cfg.health.clone());
+        if let Some(p) = &programs {
+            let now = Instant::now();
+            let now_ms = status::unix_ms(SystemTime::now());
+            for (gw, info) in p.recorded() {
+                if info.state == routing_agent_common::GW_DOWN {
+                    let down_for = Duration::from_millis(now_ms.saturating_sub(info.down_since_ms));
+                    health.restore_down(gw, info.penalty, down_for, now);
+                    info!(gateway = %gw, penalty = info.penalty, down_for_s = down_for.as_secs(),
+                        "gateway still down according to the pinned record");
+                }
+            }
+        }
+        Agent {
+            node: cfg.node.clone(),
+            backoff: Backoff::new(cfg.retry_min, cfg.retry_max),
+            cfg,
+            kernel,
+            programs,
+            routes: None,
+            endpoints: Vec::new(),
+            health,
+            watch: Watch::default(),
+            last: None,
+            reconciles: 0,
+            retry_at: None,
+            reported: None,
+            last_doc: None,
+        }
+    }
+
+    /// Whether the TC programs are loaded (health ticks and probes only then).
+    pub fn has_programs(&self) -> bool {
+        self.programs.is_some()
+    }
+
+    /// When [`Agent::on_retry`] is due, if a retry is pending.
+    pub fn retry_at(&self) -> Option<Instant> {
+        self.retry_at
+    }
+
+    /// The last plan and what the kernel took of it.
+    pub fn last(&self) -> Option<&(DesiredState, Outcome)> {
+        self.last.as_ref()
+    }
+
+    /// The kernel side (tests inspect their fake through it).
+    pub fn kernel(&self) -> &K {
+        &self.kernel
+    }
+
+    /// The TC programs (tests feed their fake counters through it).
+    pub fn programs_mut(&mut self) -> Option<&mut P> {
+        self.programs.as_mut()
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// A new complete view from the source: the Routes, and the node's labels and the
+    /// control-plane endpoints when the source knows them.
+    pub async fn on_snapshot(&mut self, s: Snapshot) -> Next {
+        self.routes = Some(s.routes);
+        if let Some(e) = s.control_plane {
+            if e != self.endpoints {
+                info!(endpoints = ?e, "control-plane endpoints");
+            }
+            self.endpoints = e;
+        }
+        if let Some(labels) = s.node_labels
+            && labels != self.node.labels
+        {
+            info!(labels = ?labels, "this node's labels changed");
+            self.node.labels = labels;
+        }
+        self.reconcile().await
+    }
+
+    /// Routes, nexthops, links, addresses or rules changed in this namespace (a burst of
+    /// notifications, coalesced by the caller).
+    pub async fn on_netlink(&mut self) -> Next {
+        self.reconcile().await
+    }
+
+    /// The retry deadline ([`Agent::retry_at`]) passed.
+    pub async fn on_retry(&mut self) -> Next {
+        self.retry_at = None;
+        self.reconcile().await
+    }
+
+    /// The periodic resync: the same full reconcile, whether or not anything was notified.
+    pub async fn on_resync(&mut self) -> Next {
+        self.reconcile().await
+    }
+
+    /// A health tick: neighbour table → attribution map; counters + neighbour state →
+    /// state machine; the probes that are due. Reconciles only when a gateway changed state.
+    pub async fn on_health_tick(&mut self, now: Instant) -> Next {
+        if self.programs.is_none() {
+            return Next::default();
+        }
+        let (changes, mut next) = self.health_step(now).await;
+        if changes.is_empty() {
+            self.emit_status();
+            return next;
+        }
+        for t in &changes {
+            self.log_transition(t);
+            self.count_transition(t);
+        }
+        let after = self.reconcile().await;
+        next.probe.extend(after.probe);
+        next.warm_up.extend(after.warm_up);
+        next
+    }
+
+    /// The answer to a probe of `gw` sent for [`Next::probe`].
+    pub async fn on_probe_result(&mut self, gw: IpAddr, answered: bool, now: Instant) -> Next {
+        self.cfg
+            .metrics
+            .probes
+            .get_or_create(&crate::ops::metrics::ProbeLabels {
+                gateway: gw.to_string(),
+                answered: answered.to_string(),
+            })
+            .inc();
+        let t = self.health.probe_result(gw, answered, now);
+        match (&t, self.health.get(&gw)) {
+            (Some(t), _) => {
+                self.count_transition(t);
+                self.log_transition(t);
+            }
+            (None, Some(h)) if h.down => {
+                let wait = h.restore_after.map(|t| t.saturating_duration_since(now));
+                info!(gateway = %gw, answered, restore_in_s = wait.map(|w| w.as_secs()),
+                    "probe of a withdrawn gateway");
+            }
+            _ => {}
+        }
+        if t.is_none() {
+            return Next::default();
+        }
+        self.record(gw);
+        self.reconcile().await
+    }
+
+    /// SIGTERM or Ctrl-C: stop; the installed routes stay.
+    pub fn on_shutdown(&mut self) -> Next {
+        info!("stopping; installed routes stay in place (`routing-agent cleanup` removes them)");
+        Next {
+            stop: true,
+            ..Next::default()
+        }
+    }
+
+    /// The full, level-based reconcile.
+    async fn reconcile(&mut self) -> Next {
+        // Until the source has delivered its first complete view, the kernel stays as it
+        // is: a restart never removes routes it has not yet been told to remove.
+        let Some(routes) = &self.routes else {
+            return Next::default();
+        };
+        let mut desired = plan::plan(routes, &self.node);
+        // Default-route overrides: what must stay reachable through the node's own uplink.
+        // Without the facts, nothing changes (an override without its protection could cut
+        // the node off). Read only while an override is planned: the kernel dumps and
+        // resolv.conf are not needed otherwise (no override: nothing to protect).
+        if desired.routes.values().any(|r| r.from_default) {
+            let facts = match self.cfg.protect.protection(&self.endpoints) {
+                Ok(p) => self
+                    .kernel
+                    .facts(p.symmetric.as_ref())
+                    .await
+                    .map(|f| (p, f))
+                    .map_err(|e| {
+                        format!("cannot read the node's routes, addresses and rules: {e}")
+                    }),
+                Err(e) => Err(e),
+            };
+            match facts {
+                Ok((protection, facts)) => {
+                    default_route::protect(&mut desired, &facts, &protection)
+                }
+                Err(e) => {
+                    self.cfg.metrics.reconcile_errors.inc();
+                    let wait = self.backoff.step();
+                    error!(error = %e, retry_in = ?wait, "reconcile skipped; nothing changed");
+                    self.retry_at = Some(Instant::now() + wait);
+                    return Next::default();
+                }
+            }
+        }
+        let all_gateways: BTreeSet<IpAddr> = desired
+            .routes
+            .values()
+            .flat_map(|r| r.gateways.iter().copied())
+            .collect();
+        self.watch.peers = health::peers(desired.routes.values().map(|r| r.gateways.as_slice()));
+        self.health.set_gateways(&all_gateways, Instant::now());
+        if let Some(p) = &mut self.programs {
+            p.set_gateways(&all_gateways);
+        }
+        let kept_down = plan::withdraw(&mut desired, &self.health.down());
+        for (dst, gws) in &kept_down {
+            if self.watch.kept_down.get(dst) != Some(gws) {
+                warn!(destination = %dst, gateways = ?gws,
+                    "every gateway of the route is down; keeping them (fail-closed: never falling back to the node's default route)");
+            }
+        }
+        self.watch.kept_down = kept_down;
+        let started = Instant::now();
+        match self.kernel.reconcile(&desired).await {
+            Ok(outcome) => {
+                self.reconciles += 1;
+                if let Some(p) = &mut self.programs {
+                    p.sync(&outcome.interfaces);
+                }
+                // Ready: a full reconcile done and the TC programs on every interface
+                // that faces a gateway.
+                if self
+                    .programs
+                    .as_ref()
+                    .is_none_or(|p| p.covers(&outcome.interfaces))
+                {
+                    self.cfg.probes.set_ready();
+                }
+                let took = started.elapsed();
+                self.record_reconcile(&desired, &outcome, took);
+                self.watch.oifs = outcome.gateway_oifs.clone();
+                let retryable = outcome.problems.iter().any(|p| {
+                    matches!(
+                        p.kind,
+                        ProblemKind::GatewayUnreachable { .. } | ProblemKind::Kernel { .. }
+                    )
+                });
+                if retryable {
+                    self.retry_at = Some(Instant::now() + self.backoff.step());
+                } else {
+                    self.backoff.reset();
+                    self.retry_at = None;
+                }
+                status::log_reconcile(&desired, &outcome, self.last.as_ref(), took);
+                self.send_report(&desired, &outcome);
+                self.last = Some((desired, outcome));
+                self.emit_status();
+            }
+            Err(e) => {
+                self.cfg.metrics.reconcile_errors.inc();
+                let wait = self.backoff.step();
+                error!(error = format!("{e:#}"), retry_in = ?wait, "reconcile failed; nothing changed");
+                self.retry_at = Some(Instant::now() + wait);
+            }
+        }
+        Next::default()
+    }
+
+    /// One health tick's reading and judging. Returns the transitions (already recorded
+    /// in the slots) and the probes and warm-up pings to send.
+    async fn health_step(&mut self, now: Instant) -> (Vec<Transition>, Next) {
+        let mut next = Next::default();
+        let neighbours = match self.kernel.neighbours(&self.watch.oifs).await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "cannot read the neighbour table");
+                BTreeMap::new()
+            }
+        };
+        let Some(programs) = &mut self.programs else {
+            return (Vec::new(), next);
+        };
+        let macs: BTreeMap<(u32, [u8; 6]), IpAddr> = neighbours
+            .iter()
+            .filter_map(|(gw, n)| Some(((n.ifindex, n.mac?), *gw)))
+            .collect();
+        programs.set_neighbours(&macs);
+        self.watch.macs = neighbours
+            .iter()
+            .filter_map(|(gw, n)| Some((*gw, n.mac?)))
+            .collect();
+        for gw in self.watch.oifs.keys() {
+            if self.watch.macs.contains_key(gw) || self.health.get(gw).is_some_and(|h| h.down) {
+                continue;
+            }
+            if self
+                .watch
+                .warmed
+                .get(gw)
+                .is_some_and(|t| now.saturating_duration_since(*t) < WARM_UP_EVERY)
+            {
+                continue;
+            }
+            self.watch.warmed.insert(*gw, now);
+            next.warm_up.push(*gw);
+        }
+        let stats = programs.read_stats();
+        for (gw, s) in &stats {
+            self.cfg.metrics.observe_stats(*gw, s);
+        }
+        for gw in self.watch.oifs.keys() {
+            let s = stats.get(gw).copied().unwrap_or_default();
+            let failed = neighbours.get(gw).is_some_and(|n| n.failed);
+            self.health.observe(*gw, &s, failed, now);
+        }
+        let changes = self.health.evaluate(&self.watch.peers, now);
+        for t in &changes {
+            self.record(t.gateway);
+        }
+        for gw in self.health.due_probes(now) {
+            self.record(gw);
+            next.probe.push(gw);
+        }
+        (changes, next)
+    }
+
+    /// Writes `gw`'s health into its slot of the pinned gateway table.
+    fn record(&mut self, gw: IpAddr) {
+        let (Some(programs), Some(h)) = (&mut self.programs, self.health.get(&gw)) else {
+            return;
+        };
+        programs.record_health(gw, status::health_record(h));
+    }
+}

@@ -1,0 +1,322 @@
+//! What the agent tells about itself after an event: log lines, metrics, the status file,
+//! the NodeRouteStatus handed to the publisher, and the health records in the slots.
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::{info, warn};
+
+use super::{Agent, Kernel, TcPrograms};
+use crate::cluster::publish;
+use crate::logic::desired::DesiredState;
+use crate::logic::health::{GatewayHealth, Transition};
+use crate::logic::report::{self, GatewayState};
+use crate::node::dataplane::Outcome;
+use crate::node::ebpf::HealthRecord;
+use crate::ops::metrics::{Metrics, ReasonLabels, RouteLabels};
+
+pub(super) fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A gateway's health as its slot records it (times in ms since the Unix epoch).
+pub(super) fn health_record(h: &GatewayHealth) -> HealthRecord {
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    let at = |t: Instant| unix_ms(wall - now.saturating_duration_since(t));
+    let after = |t: Instant| unix_ms(wall + t.saturating_duration_since(now));
+    let changed = at(h.since);
+    HealthRecord {
+        state: if h.down {
+            routing_agent_common::GW_DOWN
+        } else {
+            routing_agent_common::GW_UP
+        },
+        penalty: h.penalty,
+        down_since_ms: if h.down { changed } else { 0 },
+        changed_ms: changed,
+        next_probe_ms: if h.down {
+            h.next_probe.map(after).unwrap_or(0)
+        } else {
+            0
+        },
+    }
+}
+
+/// One log line per change: problems that appear or clear, warnings, and a summary when
+/// the kernel was changed.
+pub(super) fn log_reconcile(
+    desired: &DesiredState,
+    outcome: &Outcome,
+    last: Option<&(DesiredState, Outcome)>,
+    took: Duration,
+) {
+    let (old_problems, old_warnings) = match last {
+        Some((d, o)) => (o.problems.as_slice(), d.warnings.as_slice()),
+        None => (&[][..], &[][..]),
+    };
+    for p in outcome
+        .problems
+        .iter()
+        .filter(|p| !old_problems.contains(p))
+    {
+        warn!(route = %p.route, "{}", p.message);
+    }
+    for p in old_problems
+        .iter()
+        .filter(|p| !outcome.problems.contains(p))
+    {
+        info!(route = %p.route, "resolved: {}", p.message);
+    }
+    for w in desired
+        .warnings
+        .iter()
+        .filter(|w| !old_warnings.contains(w))
+    {
+        warn!("{w}");
+    }
+    if outcome.changes > 0 || last.is_none() {
+        info!(
+            changes = outcome.changes,
+            installed = outcome.installed.len(),
+            problems = outcome.problems.len(),
+            took_ms = took.as_millis() as u64,
+            "reconciled"
+        );
+    }
+}
+
+fn status_doc(
+    node: &str,
+    desired: &DesiredState,
+    outcome: &Outcome,
+    attached: &[String],
+    gateways: &[serde_json::Value],
+    reconciles: u64,
+) -> serde_json::Value {
+    let routes: Vec<_> = outcome
+        .installed
+        .iter()
+        .map(|(dst, gws)| {
+            serde_json::json!({
+                "destination": dst.to_string(),
+                "gateways": gws.iter().map(|g| g.to_string()).collect::<Vec<_>>(),
+                "withdrawn": desired.routes.get(dst).map(|r| r.withdrawn.iter().map(|g| g.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
+                "owner": desired.routes.get(dst).map(|r| r.owner.clone()),
+            })
+        })
+        .collect();
+    let problems: Vec<_> = outcome
+        .problems
+        .iter()
+        .map(|p| {
+            let kind = report::reason(&p.kind);
+            serde_json::json!({"route": p.route, "kind": kind, "message": p.message})
+        })
+        .collect();
+    serde_json::json!({
+        "node": node,
+        "reconciles": reconciles,
+        "lastChanges": outcome.changes,
+        "selected": desired.selected,
+        "routes": routes,
+        "problems": problems,
+        "warnings": desired.warnings,
+        "attached": attached,
+        "gateways": gateways,
+        "defaultRoute": report::default_routes(desired),
+    })
+}
+
+impl<K: Kernel, P: TcPrograms> Agent<K, P> {
+    pub(super) fn count_transition(&self, t: &Transition) {
+        let metrics = &self.cfg.metrics;
+        let l = Metrics::gateway(t.gateway);
+        if t.down {
+            metrics.withdrawals.get_or_create(&l).inc();
+        } else {
+            metrics.restores.get_or_create(&l).inc();
+        }
+        metrics
+            .gateway_last_change
+            .get_or_create(&l)
+            .set((unix_ms(SystemTime::now()) / 1000) as i64);
+    }
+
+    pub(super) fn log_transition(&self, t: &Transition) {
+        let h = self.health.get(&t.gateway);
+        let peers = self
+            .watch
+            .peers
+            .get(&t.gateway)
+            .map(|p| p.len())
+            .unwrap_or_default();
+        if t.down {
+            let restore_in = h
+                .and_then(|h| h.restore_after)
+                .map(|r| r.saturating_duration_since(Instant::now()).as_secs());
+            warn!(gateway = %t.gateway, reason = %t.reason, penalty = h.map(|h| h.penalty),
+                restore_not_before_s = restore_in, peers,
+                "gateway down: withdrawing it from its routes and probing it");
+        } else {
+            info!(gateway = %t.gateway, reason = %t.reason, "gateway up: back in its routes");
+        }
+    }
+
+    /// The gauges of one reconcile: routes, problems, gateways' state; its duration.
+    pub(super) fn record_reconcile(
+        &self,
+        desired: &DesiredState,
+        outcome: &Outcome,
+        took: Duration,
+    ) {
+        let metrics = &self.cfg.metrics;
+        metrics.reconciles.inc();
+        metrics.reconcile_duration.observe(took.as_secs_f64());
+        metrics.kernel_changes.inc_by(outcome.changes as u64);
+        metrics
+            .destinations_installed
+            .set(outcome.installed.len() as i64);
+        metrics.route_applied.clear();
+        for name in &desired.selected {
+            let failed = outcome.problems.iter().any(|p| &p.route == name);
+            metrics
+                .route_applied
+                .get_or_create(&RouteLabels {
+                    route: name.clone(),
+                })
+                .set(i64::from(!failed));
+        }
+        metrics.problems.clear();
+        for p in &outcome.problems {
+            metrics
+                .problems
+                .get_or_create(&ReasonLabels {
+                    reason: report::reason(&p.kind).into(),
+                })
+                .inc();
+        }
+        metrics.gateway_up.clear();
+        metrics.gateway_penalty.clear();
+        for (gw, h) in self.health.iter() {
+            let l = Metrics::gateway(*gw);
+            metrics.gateway_up.get_or_create(&l).set(i64::from(!h.down));
+            metrics
+                .gateway_penalty
+                .get_or_create(&l)
+                .set(i64::from(h.penalty));
+        }
+    }
+
+    fn gateway_status(&self) -> Vec<serde_json::Value> {
+        let now = Instant::now();
+        let programs = self.programs.as_ref();
+        self.health
+            .iter()
+            .map(|(gw, h)| {
+                serde_json::json!({
+                    "address": gw.to_string(),
+                    "slot": programs.and_then(|p| p.slot(*gw)),
+                    "mac": self.watch.macs.get(gw).map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
+                    "state": if h.down { "down" } else { "up" },
+                    "reason": h.reason,
+                    "sinceSeconds": now.saturating_duration_since(h.since).as_secs(),
+                    "penalty": h.penalty,
+                    "restoreInSeconds": h.restore_after.map(|t| t.saturating_duration_since(now).as_secs_f64()),
+                    "lastProbeAnswered": h.last_probe_ok,
+                    "failureStreak": h.streak(),
+                    "counters": &h.counters,
+                })
+            })
+            .collect()
+    }
+
+    /// Hands this node's status to the publisher when it changed (with the Events the
+    /// change is worth). Never waits: when the publisher is busy, the next reconcile
+    /// reports again.
+    pub(super) fn send_report(&mut self, desired: &DesiredState, outcome: &Outcome) {
+        let (Some(tx), Some(routes)) = (&self.cfg.publisher, &self.routes) else {
+            return;
+        };
+        let gateways: BTreeMap<IpAddr, GatewayState> = self
+            .health
+            .iter()
+            .map(|(g, h)| {
+                (
+                    *g,
+                    GatewayState {
+                        down: h.down,
+                        reason: h.reason.clone(),
+                    },
+                )
+            })
+            .collect();
+        let status = report::node_routes(
+            routes,
+            desired,
+            &outcome.installed,
+            &outcome.problems,
+            &gateways,
+            self.reported.as_ref(),
+            &publish::now(),
+        );
+        if self
+            .reported
+            .as_ref()
+            .is_some_and(|s| report::same(s, &status))
+        {
+            return;
+        }
+        let notes = report::notes(
+            &self.cfg.node.name,
+            self.reported.as_ref(),
+            &status,
+            &report::gateway_routes(desired),
+        );
+        let r = publish::Report {
+            status: status.clone(),
+            notes,
+            refs: publish::refs(routes),
+        };
+        match tx.try_send(r) {
+            Ok(()) => self.reported = Some(status),
+            Err(e) => {
+                warn!(error = %e, "the status publisher is busy; reporting again at the next reconcile")
+            }
+        }
+    }
+
+    /// Writes the status file when its content changed.
+    pub(super) fn emit_status(&mut self) {
+        let (Some(path), Some((desired, outcome))) = (&self.cfg.status_file, &self.last) else {
+            return;
+        };
+        let attached = self
+            .programs
+            .as_ref()
+            .map(|p| p.attached())
+            .unwrap_or_default();
+        let gateways = self.gateway_status();
+        let doc = status_doc(
+            &self.cfg.node.name,
+            desired,
+            outcome,
+            &attached,
+            &gateways,
+            self.reconciles,
+        );
+        if self.last_doc.as_ref() == Some(&doc) {
+            return;
+        }
+        let write = || -> std::io::Result<()> {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&doc)?)?;
+            std::fs::rename(tmp, path)
+        };
+        match write() {
+            Ok(()) => self.last_doc = Some(doc),
+            Err(e) => warn!(path = %path.display(), error = %e, "cannot write the status file"),
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! Event sequences driven through [`Agent`] with a fake kernel and fake TC programs: what
+//! each event makes the agent ask of the kernel, with no kernel involved.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use routing_agent_common::{GW_DOWN, GatewayInfo, GatewayStats};
+
+use super::*;
+use crate::logic::crd::RouteSpec;
+use crate::logic::default_route::{NodeFacts, Symmetric};
+use crate::logic::desired::Problem;
+use crate::node::dataplane::{neigh::Neighbour, nexthop::NlError};
+use crate::node::ebpf::HealthRecord;
+
+const A: &str = "10.114.0.3";
+const B: &str = "10.114.0.4";
+const DST: &str = "198.51.100.0/24";
+const OIF: u32 = 7;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+/// Every gateway is on interface `OIF` unless listed unreachable; every reconcile's plan
+/// is kept for the test to read.
+#[derive(Default)]
+struct FakeKernel {
+    plans: Vec<DesiredState>,
+    unreachable: BTreeSet<IpAddr>,
+    neighbours: BTreeMap<IpAddr, Neighbour>,
+}
+
+impl FakeKernel {
+    fn last_plan(&self) -> &DesiredState {
+        self.plans.last().expect("reconciled at least once")
+    }
+}
+
+impl Kernel for FakeKernel {
+    async fn reconcile(&mut self, desired: &DesiredState) -> anyhow::Result<Outcome> {
+        self.plans.push(desired.clone());
+        let mut out = Outcome {
+            problems: desired.problems.clone(),
+            ..Outcome::default()
+        };
+        for (dst, r) in &desired.routes {
+            for gw in r.gateways.iter().chain(&r.withdrawn) {
+                if self.unreachable.contains(gw) {
+                    out.problems.push(Problem {
+                        route: r.owner.clone(),
+                        kind: ProblemKind::GatewayUnreachable { gateway: *gw },
+                        message: format!("gateway {gw} unreachable"),
+                    });
+                } else {
+                    out.gateway_oifs.insert(*gw, OIF);
+                }
+            }
+            let usable: Vec<IpAddr> = r
+                .gateways
+                .iter()
+                .filter(|g| !self.unreachable.contains(g))
+                .copied()
+                .collect();
+            if !usable.is_empty() {
+                out.installed.insert(*dst, usable);
+                out.interfaces.insert(OIF);
+            }
+        }
+        out.problems.sort();
+        out.problems.dedup();
+        Ok(out)
+    }
+
+    async fn facts(&self, _symmetric: Option<&Symmetric>) -> Result<NodeFacts, NlError> {
+        Ok(NodeFacts::default())
+    }
+
+    async fn neighbours(
+        &self,
+        gateways: &BTreeMap<IpAddr, u32>,
+    ) -> Result<BTreeMap<IpAddr, Neighbour>, NlError> {
+        Ok(self
+            .neighbours
+            .iter()
+            .filter(|(g, _)| gateways.contains_key(g))
+            .map(|(g, n)| (*g, *n))
+            .collect())
+    }
+}
+
+/// Counters the test sets; records and attachments kept as the real maps would.
+#[derive(Default)]
+struct FakePrograms {
+    gateways: BTreeSet<IpAddr>,
+    stats: BTreeMap<IpAddr, GatewayStats>,
+    records: BTreeMap<IpAddr, HealthRecord>,
+    attached: BTreeSet<u32>,
+    /// What an earlier agent left in the slots.
+    pinned: Vec<(IpAddr, GatewayInfo)>,
+}
+
+impl TcPrograms for FakePrograms {
+    fn set_gateways(&mut self, gateways: &BTreeSet<IpAddr>) {
+        self.gateways = gateways.clone();
+    }
+    fn sync(&mut self, ifindexes: &BTreeSet<u32>) {
+        self.attached = ifindexes.clone();
+    }
+    fn covers(&self, ifindexes: &BTreeSet<u32>) -> bool {
+        ifindexes.is_subset(&self.attached)
+    }
+    fn attached(&self) -> Vec<String> {
+        self.attached.iter().map(|i| format!("if{i}")).collect()
+    }
+    fn set_neighbours(&mut self, _want: &BTreeMap<(u32, [u8; 6]), IpAddr>) -> usize {
+        0
+    }
+    fn read_stats(&self) -> BTreeMap<IpAddr, GatewayStats> {
+        self.stats.clone()
+    }
+    fn record_health(&mut self, gw: IpAddr, h: HealthRecord) {
+        self.records.insert(gw, h);
+    }
+    fn recorded(&self) -> Vec<(IpAddr, GatewayInfo)> {
+        self.pinned.clone()
+    }
+    fn slot(&self, gw: IpAddr) -> Option<u32> {
+        self.gateways
+            .iter()
+            .position(|g| *g == gw)
+            .map(|i| i as u32)
+    }
+}
+
+fn config() -> AgentConfig {
+    AgentConfig {
+        node: NodeInfo::new("node-a", &[("pool", "a")]),
+        resync: Duration::from_secs(30),
+        retry_min: Duration::from_secs(1),
+        retry_max: Duration::from_secs(30),
+        status_file: None,
+        health: health::Config {
+            window: Duration::from_secs(10),
+            min_failures: 2,
+            probe_interval: Duration::from_secs(1),
+            flap_window: Duration::from_secs(60),
+            max_restore_delay: Duration::from_secs(8),
+            pending_grace: Duration::from_millis(500),
+        },
+        health_tick: Duration::from_millis(200),
+        publisher: None,
+        probes: crate::ops::http::Probes::new(Duration::from_secs(60)),
+        protect: ProtectConfig::default(),
+        metrics: Arc::new(crate::ops::metrics::Metrics::new()),
+    }
+}
+
+fn route(name: &str, dst: &[&str], gws: &[&str]) -> Route {
+    Route::new(
+        name,
+        RouteSpec {
+            destinations: dst.iter().map(|s| s.to_string()).collect(),
+            gateways: gws.iter().map(|s| s.to_string()).collect(),
+            node_selector: None,
+        },
+    )
+}
+
+fn snapshot(routes: Vec<Route>) -> Snapshot {
+    Snapshot {
+        routes,
+        ..Snapshot::default()
+    }
+}
+
+fn agent(programs: FakePrograms) -> Agent<FakeKernel, FakePrograms> {
+    Agent::new(config(), FakeKernel::default(), Some(programs))
+}
+
+/// `sent` connection attempts, `failed` of them failed, `ok` answered.
+fn sent(sent: u64, failed: u64, ok: u64) -> GatewayStats {
+    GatewayStats {
+        syn_sent: sent,
+        failed,
+        established: ok,
+        ..Default::default()
+    }
+}
+
+fn gateways_of(plan: &DesiredState, dst: &str) -> (Vec<IpAddr>, Vec<IpAddr>) {
+    let r = &plan.routes[&net(dst)];
+    (r.gateways.clone(), r.withdrawn.clone())
+}
+
+/// One health tick at `t0 + ms` with these counters.
+async fn tick(
+    a: &mut Agent<FakeKernel, FakePrograms>,
+    t0: Instant,
+    ms: u64,
+    stats: &[(&str, GatewayStats)],
+) -> Next {
+    let p = a.programs_mut().unwrap();
+    for (g, s) in stats {
+        p.stats.insert(ip(g), *s);
+    }
+    a.on_health_tick(t0 + Duration::from_millis(ms)).await
+}
+
+#[tokio::test]
+async fn nothing_reaches_the_kernel_before_the_first_snapshot() {
+    let mut a = agent(FakePrograms::default());
+    let t0 = Instant::now();
+    for next in [
+        a.on_resync().await,
+        a.on_netlink().await,
+        a.on_retry().await,
+        a.on_health_tick(t0).await,
+    ] {
+        assert_eq!(next, Next::default());
+    }
+    assert!(
+        a.kernel().plans.is_empty(),
+        "a restart must not touch the kernel"
+    );
+    assert!(a.last().is_none());
+}
+
+#[tokio::test]
+async fn a_snapshot_is_planned_and_reconciled() {
+    let mut a = agent(FakePrograms::default());
+    a.on_snapshot(snapshot(vec![route("r", &[DST], &[B, A])]))
+        .await;
+    assert_eq!(a.kernel().plans.len(), 1);
+    let plan = a.kernel().last_plan();
+    assert_eq!(gateways_of(plan, DST), (vec![ip(A), ip(B)], vec![]));
+    assert_eq!(plan.selected, vec!["r".to_string()]);
+    let (_, outcome) = a.last().unwrap();
+    assert_eq!(outcome.installed[&net(DST)], vec![ip(A), ip(B)]);
+    // The TC programs follow the gateways and sit on their interface.
+    let p = a.programs_mut().unwrap();
+    assert_eq!(p.gateways, [ip(A), ip(B)].into());
+    assert_eq!(p.attached, [OIF].into());
+    assert_eq!(a.retry_at(), None);
+}
+
+#[tokio::test]
+async fn a_lost_api_server_removes_nothing() {
+    // The Kubernetes source sends nothing while the API server is gone: every other
+    // event re-plans the last complete view, which keeps the routes.
+    let mut a = agent(FakePrograms::default());
+    a.on_snapshot(snapshot(vec![route("r", &[DST], &[A, B])]))
+        .await;
+    for _ in 0..3 {
+        a.on_resync().await;
+        a.on_netlink().await;
+    }
+    assert_eq!(a.kernel().plans.len(), 7);
+    assert!(
+        a.kernel()
+            .plans
+            .iter()
+            .all(|p| p.routes.contains_key(&net(DST))),
+        "no plan without the route"
+    );
+    // An empty snapshot is a real deletion, and is followed.
+    a.on_snapshot(snapshot(vec![])).await;
+    assert!(a.kernel().last_plan().routes.is_empty());
+}
+
+#[tokio::test]
+async fn a_black_holing_gateway_is_withdrawn_probed_and_restored() {
+    let mut a = agent(FakePrograms::default());
+    a.on_snapshot(snapshot(vec![route("r", &[DST], &[A, B])]))
+        .await;
+    let t0 = Instant::now();
+    // First sight of the counters: the baseline.
+    tick(&mut a, t0, 0, &[(A, sent(0, 0, 0)), (B, sent(0, 0, 0))]).await;
+    // Two attempts through A, none answered; B keeps succeeding.
+    tick(&mut a, t0, 200, &[(A, sent(2, 0, 0)), (B, sent(3, 0, 3))]).await;
+    assert_eq!(a.kernel().plans.len(), 1, "no state change, no reconcile");
+    // A's first SYN is retransmitted while the second waited ≥ 500 ms: A is withdrawn.
+    let next = tick(&mut a, t0, 1200, &[(A, sent(2, 1, 0)), (B, sent(6, 0, 6))]).await;
+    assert_eq!(a.kernel().plans.len(), 2, "the withdrawal reconciles");
+    assert_eq!(
+        gateways_of(a.kernel().last_plan(), DST),
+        (vec![ip(B)], vec![ip(A)])
+    );
+    assert!(a.health().get(&ip(A)).unwrap().down);
+    assert!(next.probe.is_empty(), "the first probe waits one interval");
+    let rec = a.programs_mut().unwrap().records[&ip(A)];
+    assert_eq!(rec.state, GW_DOWN, "the verdict is recorded in its slot");
+
+    // One interval later the probe is due.
+    let next = tick(&mut a, t0, 2200, &[(A, sent(2, 1, 0)), (B, sent(8, 0, 8))]).await;
+    assert_eq!(next.probe, vec![ip(A)]);
+    // Unanswered: nothing changes.
+    let n = a.kernel().plans.len();
+    a.on_probe_result(ip(A), false, t0 + Duration::from_millis(2300))
+        .await;
+    assert_eq!(a.kernel().plans.len(), n);
+    // Answered: A is back in the route.
+    let next = tick(&mut a, t0, 3200, &[(A, sent(2, 1, 0)), (B, sent(9, 0, 9))]).await;
+    assert_eq!(next.probe, vec![ip(A)]);
+    a.on_probe_result(ip(A), true, t0 + Duration::from_millis(3300))
+        .await;
+    assert_eq!(a.kernel().plans.len(), n + 1);
+    assert_eq!(
+        gateways_of(a.kernel().last_plan(), DST),
+        (vec![ip(A), ip(B)], vec![])
+    );
+    assert!(!a.health().get(&ip(A)).unwrap().down);
+}
+
+#[tokio::test]
+async fn a_routes_last_gateway_is_kept_when_it_goes_down() {
+    let mut a = agent(FakePrograms::default());
+    a.on_snapshot(snapshot(vec![
+        route("ecmp", &[DST], &[A, B]),
+        route("single", &["203.0.113.0/24"], &[A]),
+    ]))
+    .await;
+    let t0 = Instant::now();
+    tick(&mut a, t0, 0, &[(A, sent(0, 0, 0)), (B, sent(0, 0, 0))]).await;
+    tick(&mut a, t0, 200, &[(A, sent(2, 0, 0)), (B, sent(3, 0, 3))]).await;
+    tick(&mut a, t0, 1200, &[(A, sent(2, 1, 0)), (B, sent(6, 0, 6))]).await;
+    let plan = a.kernel().last_plan();
+    assert_eq!(gateways_of(plan, DST), (vec![ip(B)], vec![ip(A)]));
+    assert_eq!(
+        gateways_of(plan, "203.0.113.0/24"),
+        (vec![ip(A)], vec![]),
+        "never falls back to the node's default route"
+    );
+}
+
+#[tokio::test]
+async fn unresolved_gateways_are_warmed_up_every_few_seconds() {
+    let mut a = agent(FakePrograms::default());
+    a.on_snapshot(snapshot(vec![route("r", &[DST], &[A, B])]))
+        .await;
+    a.kernel.neighbours.insert(
+        ip(B),
+        Neighbour {
+            ifindex: OIF,
+            mac: Some([2, 0, 0, 0, 0, 4]),
+            failed: false,
+        },
+    );
+    let t0 = Instant::now();
+    assert_eq!(tick(&mut a, t0, 0, &[]).await.warm_up, vec![ip(A)]);
+    assert!(tick(&mut a, t0, 200, &[]).await.warm_up.is_empty());
+    assert_eq!(tick(&mut a, t0, 5200, &[]).await.warm_up, vec![ip(A)]);
+}
+
+#[tokio::test]
+async fn an_unreachable_gateway_is_retried_with_back_off() {
+    let mut a = agent(FakePrograms::default());
+    a.kernel.unreachable.insert(ip(A));
+    let before = Instant::now();
+    a.on_snapshot(snapshot(vec![route("r", &[DST], &[A])]))
+        .await;
+    let first = a.retry_at().expect("a retry is scheduled");
+    assert!(first >= before + Duration::from_secs(1));
+    let (_, outcome) = a.last().unwrap();
+    assert!(matches!(
+        outcome.problems[0].kind,
+        ProblemKind::GatewayUnreachable { .. }
+    ));
+    a.on_retry().await;
+    let second = a.retry_at().expect("still unreachable");
+    assert!(
+        second >= first + Duration::from_secs(1),
+        "the back-off grows"
+    );
+    // Reachable again: installed, nothing pending.
+    a.kernel.unreachable.clear();
+    a.on_retry().await;
+    assert_eq!(a.retry_at(), None);
+    assert_eq!(a.last().unwrap().1.installed[&net(DST)], vec![ip(A)]);
+}
+
+#[tokio::test]
+async fn a_node_relabelled_by_the_source_is_replanned() {
+    let mut sel = route("pool-b", &[DST], &[A]);
+    sel.spec.node_selector = Some(
+        serde_json::from_value(serde_json::json!({"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["b"]}]}]}))
+        .unwrap(),
+    );
+    let mut a = agent(FakePrograms::default());
+    a.on_snapshot(snapshot(vec![sel.clone()])).await;
+    assert!(a.kernel().last_plan().routes.is_empty());
+    a.on_snapshot(Snapshot {
+        routes: vec![sel],
+        node_labels: Some([("pool".to_string(), "b".to_string())].into()),
+        control_plane: None,
+    })
+    .await;
+    assert!(a.kernel().last_plan().routes.contains_key(&net(DST)));
+}
+
+#[tokio::test]
+async fn a_verdict_pinned_by_an_earlier_agent_is_kept() {
+    let mut info = GatewayInfo {
+        family: 4,
+        state: GW_DOWN,
+        penalty: 2,
+        ..GatewayInfo::default()
+    };
+    info.addr[..4].copy_from_slice(&[10, 114, 0, 3]);
+    let mut a = agent(FakePrograms {
+        pinned: vec![(ip(A), info)],
+        ..FakePrograms::default()
+    });
+    a.on_snapshot(snapshot(vec![route("r", &[DST], &[A, B])]))
+        .await;
+    assert_eq!(
+        gateways_of(a.kernel().last_plan(), DST),
+        (vec![ip(B)], vec![ip(A)]),
+        "still withdrawn after the restart"
+    );
+    assert_eq!(a.health().get(&ip(A)).unwrap().penalty, 2);
+}
+
+#[tokio::test]
+async fn without_programs_there_is_no_health_and_shutdown_stops() {
+    let mut a: Agent<FakeKernel, FakePrograms> = Agent::new(config(), FakeKernel::default(), None);
+    assert!(!a.has_programs());
+    a.on_snapshot(snapshot(vec![route("r", &[DST], &[A, B])]))
+        .await;
+    let n = a.kernel().plans.len();
+    assert_eq!(a.on_health_tick(Instant::now()).await, Next::default());
+    assert_eq!(a.kernel().plans.len(), n);
+    assert!(a.on_shutdown().stop);
+}
