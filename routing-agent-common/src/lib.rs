@@ -180,10 +180,14 @@ mod pod {
 pub mod names {
     pub const PROG_EGRESS: &str = "ra_egress";
     pub const PROG_INGRESS: &str = "ra_ingress";
+    /// The fail-closed guard on the public interface (IPv6 overrides).
+    pub const PROG_UPLINK: &str = "ra_uplink";
     pub const MAP_NEIGH: &str = "RA_NEIGH";
     pub const MAP_GW_STATS: &str = "RA_GW_STATS";
     pub const MAP_FLOWS: &str = "RA_FLOWS";
     pub const MAP_GATEWAYS: &str = "RA_GATEWAYS";
+    /// Packets the uplink guard refused (per CPU).
+    pub const MAP_UPLINK: &str = "RA_UPLINK";
     /// Every map, all pinned under the pin directory.
-    pub const MAPS: [&str; 4] = [MAP_NEIGH, MAP_GW_STATS, MAP_FLOWS, MAP_GATEWAYS];
+    pub const MAPS: [&str; 5] = [MAP_NEIGH, MAP_GW_STATS, MAP_FLOWS, MAP_GATEWAYS, MAP_UPLINK];
 }

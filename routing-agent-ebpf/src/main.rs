@@ -23,9 +23,14 @@
 #![allow(clippy::needless_borrows_for_generic_args)]
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, TC_ACT_UNSPEC},
+    EbpfContext as _,
+    bindings::{
+        BPF_FIB_LKUP_RET_BLACKHOLE, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_PROHIBIT,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LKUP_RET_UNREACHABLE, BPF_FIB_LOOKUP_DIRECT,
+        BPF_FIB_LOOKUP_OUTPUT, BPF_NOEXIST, TC_ACT_SHOT, TC_ACT_UNSPEC, bpf_fib_lookup,
+    },
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
@@ -42,6 +47,10 @@ static RA_GW_STATS: PerCpuArray<GatewayStats, { MAX_GATEWAYS as usize }> = PerCp
 
 #[btf_map]
 static RA_FLOWS: LruHashMap<FlowKey, FlowState, { MAX_FLOWS as usize }> = LruHashMap::new();
+
+/// Packets `ra_uplink` refused, per CPU (index 0).
+#[btf_map]
+static RA_UPLINK: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 /// Written by user space only (read here for flow pinning); declared here so that it is
 /// part of the object and pinned with the others.
@@ -68,6 +77,89 @@ pub fn ra_egress(ctx: TcContext) -> i32 {
 pub fn ra_ingress(ctx: TcContext) -> i32 {
     let _ = handle(&ctx, false);
     TC_ACT_UNSPEC
+}
+
+/// The fail-closed guard on the node's own uplink (egress of the public interface, while an
+/// IPv6 default-route override with symmetric routing is in force): an IPv6 packet leaving
+/// through it whose destination the **main** table refuses (an `unreachable`, `blackhole`
+/// or `prohibit` route: the agent's standby route of a destination with no usable gateway)
+/// is dropped.
+///
+/// Why it is needed: when an IPv6 connect()'s first route lookup fails, the kernel picks a
+/// source address among all of the node's and looks the route up again with it
+/// (`ip6_dst_lookup_tail`). That source is usually the public address, and the symmetric
+/// routing rule (`from <public address> lookup 135`) then sends the connection out of the
+/// uplink. No route or rule can tell such a packet from a reply to an inbound connection;
+/// the main table can, at the moment the packet leaves. IPv4 looks up once and fails.
+///
+/// A new TCP connection (a SYN without ACK) leaving here also needs the main table to
+/// route its destination through this very interface: one that took the fallback during
+/// the outage is bound to the public address, and its retransmitted SYNs would otherwise
+/// leave by the uplink once the gateways are back. (So, under an IPv6 override, a
+/// connection a process opens from the public address on purpose goes out here only to
+/// what the main table sends here: protected destinations, connected networks.) Other
+/// packets the main table routes (replies, protected destinations, connected networks)
+/// pass untouched.
+#[classifier]
+pub fn ra_uplink(ctx: TcContext) -> i32 {
+    match refused_by_main(&ctx) {
+        Ok(true) => {
+            if let Some(n) = RA_UPLINK.get_ptr_mut(0) {
+                // SAFETY: this CPU's value of a per-CPU map.
+                unsafe { *n += 1 };
+            }
+            TC_ACT_SHOT
+        }
+        _ => TC_ACT_UNSPEC,
+    }
+}
+
+#[inline(always)]
+fn refused_by_main(ctx: &TcContext) -> Result<bool, ()> {
+    let eth: [u8; ETH_LEN] = read(ctx, 0)?;
+    if u16::from_be_bytes([eth[12], eth[13]]) != ETH_P_IPV6 {
+        return Ok(false);
+    }
+    let h: [u8; 40] = read(ctx, ETH_LEN)?;
+    // Link-local and multicast destinations are never routed by the agent.
+    if h[24] == 0xff || (h[24] == 0xfe && h[25] & 0xc0 == 0x80) {
+        return Ok(false);
+    }
+    let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    // SAFETY: plain data; every field the helper reads is set or zero.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = 10; // AF_INET6
+    params.l4_protocol = h[6];
+    // SAFETY: the context pointer is valid for the program's run.
+    let here = unsafe { (*ctx.skb.skb).ifindex };
+    params.ifindex = here;
+    // A TCP SYN without ACK (no extension headers followed): a new connection.
+    let syn = h[6] == IPPROTO_TCP
+        && read::<[u8; 14]>(ctx, ETH_LEN + 40)
+            .is_ok_and(|tcp| tcp[13] & (TCP_SYN | TCP_ACK) == TCP_SYN);
+    for i in 0..4 {
+        // SAFETY: writes to plain unions of integers.
+        unsafe {
+            params.__bindgen_anon_3.ipv6_src[i] = word(&h[8 + 4 * i..]);
+            params.__bindgen_anon_4.ipv6_dst[i] = word(&h[24 + 4 * i..]);
+        }
+    }
+    // SAFETY: a valid skb context and a parameter block of the size given.
+    let ret = unsafe {
+        fib_lookup(
+            ctx.as_ptr(),
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_OUTPUT,
+        )
+    };
+    let refused = ret == BPF_FIB_LKUP_RET_UNREACHABLE as i64
+        || ret == BPF_FIB_LKUP_RET_BLACKHOLE as i64
+        || ret == BPF_FIB_LKUP_RET_PROHIBIT as i64;
+    let routed_elsewhere = (ret == BPF_FIB_LKUP_RET_SUCCESS as i64
+        || ret == BPF_FIB_LKUP_RET_NO_NEIGH as i64)
+        && params.ifindex != here;
+    Ok(refused || (syn && routed_elsewhere))
 }
 
 /// What a packet carries that matters here, addresses as (source, destination).

@@ -64,6 +64,10 @@ struct StatusArgs {
     /// JSON instead of tables.
     #[arg(long)]
     json: bool,
+    /// The running agent's HTTP port, asked why a destination refuses traffic (`none`:
+    /// the kernel and the pins only).
+    #[arg(long, default_value = "127.0.0.1:9977")]
+    agent_addr: String,
 }
 
 #[derive(Args, Clone)]
@@ -213,8 +217,12 @@ struct RunArgs {
     failure_window: Duration,
     /// A single failed attempt already counts as failing when another attempt through the
     /// same gateway has been unanswered this long, with no success since (0s: off).
-    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, default_value = "500ms", value_parser = parse_duration_or_zero)]
     pending_grace: Duration,
+    /// A gateway whose neighbour entry stays unresolved (ARP/ND unanswered) this long is
+    /// down, like one whose entry turns FAILED (0s: only FAILED counts).
+    #[arg(long, default_value = "4s", value_parser = parse_duration_or_zero)]
+    neighbour_grace: Duration,
     /// A gateway that fails again this soon after it was restored is damped: its next
     /// restore waits probe-interval × 2^n.
     #[arg(long, default_value = "10m", value_parser = parse_duration)]
@@ -225,6 +233,14 @@ struct RunArgs {
     /// How often the eBPF counters and the neighbour table are read.
     #[arg(long, default_value = "200ms", value_parser = parse_duration)]
     health_interval: Duration,
+    /// What a destination's traffic does while none of its gateways can be used (interface
+    /// down, address or connected network gone, every neighbour FAILED, every gateway down):
+    /// `closed` refuses it (an `unreachable` route of the agent's at a worse metric than
+    /// the real route stays in place), `open` lets it fall through to the node's own
+    /// routes (another egress IP; private ranges out of the default route). A Route's
+    /// `networking.doks.digitalocean.com/fail-mode` annotation overrides it.
+    #[arg(long, default_value = "closed", value_parser = parse_fail_mode)]
+    fail_mode: routing_agent::logic::desired::FailMode,
     /// Keep established TCP connections on the gateway they started on when the kernel
     /// re-routes them after a route change (as long as that gateway is up). Off: the
     /// kernel alone decides, and connections that move break on the other gateway's NAT.
@@ -252,6 +268,19 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("{s:?} must be positive"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+/// Like [`parse_duration`], and `0` / `0s` for "off".
+fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    match s.trim_end_matches(['m', 's', 'h']) {
+        "0" => Ok(Duration::ZERO),
+        _ => parse_duration(s),
+    }
+}
+
+fn parse_fail_mode(s: &str) -> Result<routing_agent::logic::desired::FailMode, String> {
+    routing_agent::logic::desired::FailMode::parse(s)
+        .ok_or_else(|| format!("{s:?}: expected `closed` or `open`"))
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {
@@ -373,6 +402,10 @@ async fn main() -> anyhow::Result<()> {
                 tables,
                 rule_priority: k.symmetric_routing.then_some(k.symmetric_rule_priority),
                 pin_dir: &k.bpf_pin_dir,
+                agent_addr: match st.agent_addr.as_str() {
+                    "none" => None,
+                    a => Some(a.parse().with_context(|| format!("--agent-addr {a}"))?),
+                },
             })
             .await?;
             if st.json {
@@ -458,11 +491,15 @@ async fn main() -> anyhow::Result<()> {
                         flap_window: a.flap_window,
                         max_restore_delay: a.max_restore_delay,
                         pending_grace: a.pending_grace,
+                        unresolved_grace: a.neighbour_grace,
                     },
                     health_tick: a.health_interval,
                     publisher,
                     probes,
                     metrics,
+                    policy: routing_agent::logic::plan::Policy {
+                        fail_mode: a.fail_mode,
+                    },
                     protect: agent::ProtectConfig {
                         fixed: protected,
                         resolv_conf: Some(a.protect.resolv_conf.clone()),
@@ -480,5 +517,51 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_and_zero_means_off_only_where_allowed() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert!(
+            parse_duration("0s").is_err(),
+            "an interval must be positive"
+        );
+        for off in ["0", "0s", "0ms", "0m"] {
+            assert_eq!(parse_duration_or_zero(off), Ok(Duration::ZERO), "{off}");
+        }
+        assert_eq!(
+            parse_duration_or_zero("500ms"),
+            Ok(Duration::from_millis(500))
+        );
+        assert!(parse_duration_or_zero("-1s").is_err());
+        assert!(parse_duration_or_zero("5x").is_err());
+        assert!(parse_fail_mode("open").is_ok() && parse_fail_mode("shut").is_err());
+    }
+
+    #[test]
+    fn the_run_command_accepts_pending_grace_zero() {
+        let cli = Cli::try_parse_from([
+            "routing-agent",
+            "run",
+            "--routes-dir",
+            "/tmp",
+            "--node-name",
+            "n",
+            "--pending-grace",
+            "0s",
+            "--fail-mode",
+            "open",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.pending_grace, Duration::ZERO);
     }
 }

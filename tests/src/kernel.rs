@@ -46,11 +46,29 @@ impl Lab {
         Ok(serde_json::from_str(&out)?)
     }
 
-    /// The node's route to `dst` in the main table, if any.
-    pub fn route(&self, node: &str, dst: &str) -> Result<Option<serde_json::Value>> {
+    /// Every route to `dst` in the node's main table (the real one and the fail-closed
+    /// standby), as `ip -j` shows them.
+    pub fn routes_to(&self, node: &str, dst: &str) -> Result<Vec<serde_json::Value>> {
         let fam = if dst.contains(':') { "-6" } else { "-4" };
         let v = self.ip_json(node, &format!("{fam} route show exact {dst}"))?;
-        Ok(v.as_array().and_then(|a| a.first().cloned()))
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    /// The node's route to `dst` in the main table that forwards (not an `unreachable`
+    /// one), if any.
+    pub fn route(&self, node: &str, dst: &str) -> Result<Option<serde_json::Value>> {
+        Ok(self
+            .routes_to(node, dst)?
+            .into_iter()
+            .find(|r| r["type"] != "unreachable"))
+    }
+
+    /// The agent's fail-closed standby route to `dst` (`unreachable`, protocol 196), if any.
+    pub fn standby(&self, node: &str, dst: &str) -> Result<Option<serde_json::Value>> {
+        Ok(self
+            .routes_to(node, dst)?
+            .into_iter()
+            .find(|r| r["type"] == "unreachable" && r["protocol"] == "196"))
     }
 
     /// Gateways of the node's route to `dst`, resolved through its nexthop group.
@@ -98,5 +116,43 @@ impl Lab {
                 (ready >= want).then_some(())
             },
         )
+    }
+}
+
+/// `ip monitor` running in a node's namespace (see [`Lab::monitor`]).
+pub struct Monitor {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl Lab {
+    /// Starts `ip monitor <what...>` in `node`'s namespace, logging to the scratch
+    /// directory; it is listening when this returns.
+    pub fn monitor(&self, node: &str, what: &[&str]) -> Result<Monitor> {
+        let log = self.scratch.join(format!("monitor-{node}.log"));
+        let child = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node_ns(node)))
+            .args(["ip", "monitor"])
+            .args(what)
+            .stdout(std::fs::File::create(&log)?)
+            .spawn()?;
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(Monitor { child, log })
+    }
+}
+
+impl Monitor {
+    /// Stops the monitor: every event it printed.
+    pub fn events(mut self) -> Result<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        Ok(fs::read_to_string(&self.log)?)
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -189,6 +189,15 @@ impl Agent {
         }
     }
 
+    /// Kills the agent with SIGKILL (no cleanup of any kind: what a crash or an OOM kill
+    /// leaves) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
         // The next status read must come from the new process.

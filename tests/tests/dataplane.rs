@@ -95,10 +95,11 @@ fn single_gateway_v4_and_v6_through_kernel_and_traffic() -> Result<()> {
     );
 
     let r = lab.route("a", DEST_V4)?.expect("v4 route installed");
+    // `ip -j` prints a protocol without a name in rt_protos as a string of its number.
     assert_eq!(
         r["protocol"]
             .as_u64()
-            .or(r["protocol"].as_str().map(|_| PROTO)),
+            .or(r["protocol"].as_str().and_then(|p| p.parse().ok())),
         Some(PROTO),
         "{r}"
     );
@@ -376,13 +377,7 @@ fn restart_adopts_without_flap() -> Result<()> {
     let nh_before = lab.ip(&lab.node_ns("a"), "nexthop show")?;
 
     // Watch every route and nexthop event across the restart.
-    let monitor_log = lab.scratch.join("monitor.log");
-    let mut monitor = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.node_ns("a")))
-        .args(["ip", "monitor", "route", "nexthop"])
-        .stdout(std::fs::File::create(&monitor_log)?)
-        .spawn()?;
-    std::thread::sleep(Duration::from_millis(200));
+    let monitor = lab.monitor("a", &["route", "nexthop"])?;
 
     agent.stop();
     assert_eq!(
@@ -399,11 +394,29 @@ fn restart_adopts_without_flap() -> Result<()> {
         "the restarted agent changed nothing: {status}"
     );
     agent.wait_settled(2)?;
+    // The same after a SIGKILL under traffic: nothing moves, nothing fails.
+    let stream = lab.stream("a", ECHO_V4.parse()?, 10);
+    std::thread::sleep(Duration::from_secs(1));
+    agent.kill();
+    agent.restart()?;
+    let status = agent.wait_status("first reconcile after the kill", |s| {
+        s["reconciles"].as_u64() >= Some(1)
+    })?;
+    assert_eq!(status["lastChanges"], 0, "after the kill: {status}");
+    agent.wait_settled(2)?;
+    std::thread::sleep(Duration::from_millis(500));
+    let attempts = stream.stop();
+    assert!(
+        attempts.iter().all(|a| a.result.is_ok()),
+        "connections failed across the kill: {:?}",
+        attempts
+            .iter()
+            .filter(|a| a.result.is_err())
+            .collect::<Vec<_>>()
+    );
     std::thread::sleep(Duration::from_millis(300));
-    let _ = monitor.kill();
-    let _ = monitor.wait();
 
-    let events = std::fs::read_to_string(&monitor_log)?;
+    let events = monitor.events()?;
     assert!(
         events.trim().is_empty(),
         "route/nexthop events during the restart:\n{events}"
@@ -538,14 +551,26 @@ fn unreachable_gateway_is_reported_then_installed_when_reachable() -> Result<()>
             .as_array()
             .is_some_and(|p| p.iter().any(|p| p["kind"] == "GatewayUnreachable"))
     })?;
-    let p = &s["problems"][0];
+    let p = s["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["kind"] == "GatewayUnreachable")
+        .unwrap();
     assert_eq!(p["route"], "far");
     assert!(p["message"].as_str().unwrap().contains("10.116.0.1"), "{p}");
     assert!(
         lab.route("a", DEST_V4)?.is_some(),
         "other routes are installed regardless"
     );
+    // Fail-closed from the start: refused, not routed out of the node's default route.
     assert!(lab.route("a", "192.0.2.0/24")?.is_none());
+    assert!(lab.standby("a", "192.0.2.0/24")?.is_some());
+    assert_eq!(
+        s["failingClosed"][0]["destination"], "192.0.2.0/24",
+        "{s:#}"
+    );
+    assert_eq!(s["failingClosed"][0]["reason"], "GatewayUnreachable");
 
     // The node gets a link into 10.116.0.0/24: the agent installs the route on its own.
     let ns = lab.node_ns("a");
@@ -673,5 +698,43 @@ fn the_sysctls_command_sets_the_ecmp_sysctls() -> Result<()> {
         "{after}"
     );
     anyhow::ensure!(read("b")? == before, "node b's namespace was touched");
+    Ok(())
+}
+
+/// `--dataplane auto` probes what the kernel accepts and says what it chose (resilient
+/// groups on every kernel the tests run on); `--dataplane groups`, what a kernel between
+/// 5.3 and 5.12 gets, spreads over hash-threshold nexthop groups.
+#[test]
+fn nexthop_group_kinds_auto_and_hash_threshold() -> Result<()> {
+    let lab = Lab::new(LabSpec::default())?;
+    let dir = lab.ecmp_routes(3)?;
+    let mut agent = Agent::start(&lab, "a", &dir, &["--pending-grace", "0s"])?;
+    agent.wait_settled(1)?;
+    assert!(
+        agent
+            .log_text()
+            .contains("dataplane: resilient nexthop groups"),
+        "{}",
+        agent.log_text()
+    );
+    let group = |lab: &Lab| -> Result<serde_json::Value> {
+        let id = lab.route("a", DEST_V4)?.unwrap()["nhid"].as_u64().unwrap();
+        Ok(lab.ip_json("a", &format!("nexthop show id {id}"))?[0].clone())
+    };
+    assert_eq!(group(&lab)?["type"], "resilient", "{}", group(&lab)?);
+    agent.stop();
+    lab.cleanup("a")?;
+
+    let mut agent = Agent::start(&lab, "a", &dir, &["--dataplane", "groups"])?;
+    agent.wait_settled(1)?;
+    assert!(agent.log_text().contains("hash-threshold nexthop groups"));
+    let g = group(&lab)?;
+    assert!(
+        g["type"] != "resilient" && g["group"].as_array().map(Vec::len) == Some(3),
+        "{g}"
+    );
+    agent.wait_resolved(3)?;
+    let seen = lab.spread("a", ECHO_V4.parse()?, 30)?;
+    assert!(seen.len() >= 2, "hash-threshold group spread: {seen:?}");
     Ok(())
 }

@@ -91,11 +91,20 @@ fn failover(face: Failure) -> Result<()> {
         },
     )?;
     let withdrawn_at = Instant::now();
-    // Fail-closed: the route whose only gateway this is keeps it.
-    assert_eq!(
-        lab.route_gateways("a", &format!("{SINGLE_V4}/32"))?,
-        vec![gateway_v4(1)]
+    // Fail-closed: the route whose only gateway this is has no gateway left; its traffic is
+    // refused by the standby route (never sent out of the node's own default route).
+    let single = format!("{SINGLE_V4}/32");
+    wait_for(
+        "the single-gateway route refusing",
+        Duration::from_secs(5),
+        || lab.route("a", &single).ok()?.is_none().then_some(()),
+    )?;
+    ensure!(
+        lab.standby("a", &single)?.is_some(),
+        "{face:?}: no standby route"
     );
+    let refused = lab.connect("a", SINGLE_V4.parse()?);
+    ensure!(refused.is_err(), "{face:?}: {refused:?}");
     let status = agent.status().unwrap();
     let ecmp = status["routes"]
         .as_array()
@@ -156,6 +165,12 @@ fn failover(face: Failure) -> Result<()> {
         Duration::from_secs(5),
         || (lab.route_gateways("a", DEST_V4).ok()?.len() == 3).then_some(()),
     )?;
+    wait_for(
+        "the single-gateway route forwarding again",
+        Duration::from_secs(5),
+        || (lab.route_gateways("a", &single).ok()? == vec![gateway_v4(1)]).then_some(()),
+    )?;
+    ensure!(lab.connect("a", SINGLE_V4.parse()?)? == public_v4(1));
     eprintln!(
         "{face:?}: detected after {detected:?}, {failed_before} attempts failed before the withdrawal, \
          {} after, {healthy}/{healthy} long-lived connections on healthy gateways survived",
@@ -379,8 +394,9 @@ fn restart_keeps_counters_and_verdicts() -> Result<()> {
         .unwrap();
     assert!(before > 0);
     agent.restart()?;
-    // Down from the start (no new detection needed), counters continue.
-    agent.wait_settled(2)?;
+    // Down from the start (no new detection needed), counters continue. The route whose
+    // only gateway it is refuses traffic: one route installed.
+    agent.wait_settled(1)?;
     let (st, _) = state(&agent, 1).expect("gateway 1 in the status");
     assert_eq!(st, "down");
     assert_eq!(
@@ -655,11 +671,11 @@ fn the_status_command_matches_the_kernel_while_running_and_after_stop() -> Resul
         );
     }
     ensure!(agent_view["routes"].as_array().map(Vec::len) == Some(2));
-    // TCX links are listed; cls_bpf filters (kernels before 6.6) are `tc filter show`'s.
+    // TCX links where the kernel has them (>= 6.6), else the cls_bpf filters.
     let want = if kernel_has_tcx() {
         serde_json::json!(["eth1 egress (tcx)", "eth1 ingress (tcx)"])
     } else {
-        serde_json::json!([])
+        serde_json::json!(["eth1 egress (cls_bpf)", "eth1 ingress (cls_bpf)"])
     };
     ensure!(st["attachments"] == want, "{st:#}");
     // A gateway goes down: the status says so, with the time.
@@ -687,23 +703,42 @@ fn the_status_command_matches_the_kernel_while_running_and_after_stop() -> Resul
         .cloned()
         .unwrap_or_default();
     ensure!(g1["lastChange"] == g1["downSince"], "{g1:#}");
-    ensure!(
-        st["routes"].as_array().into_iter().flatten().all(|r| {
-            if r["destination"] == format!("{SINGLE_V4}/32").as_str() {
-                r["state"] == "fail-closed"
-            } else {
-                r["state"] == "ok"
-            }
-        }),
-        "the single-gateway route keeps its down gateway (fail-closed): {st:#}"
-    );
-    // After the agent stopped: the same, from the kernel and the pins.
+    let st = wait_for(
+        "status shows the single-gateway route refusing",
+        Duration::from_secs(10),
+        || {
+            let st = node_status(&lab).ok()?;
+            st["routes"]
+                .as_array()?
+                .iter()
+                .all(|r| {
+                    if r["destination"] == format!("{SINGLE_V4}/32").as_str() {
+                        r["state"] == "refusing"
+                            && r["standby"] == true
+                            && r["reason"] == "AllGatewaysDown"
+                    } else {
+                        r["state"] == "ok" && r["standby"] == true
+                    }
+                })
+                .then_some(st)
+        },
+    )?;
+    // After the agent stopped: the same, from the kernel and the pins (but the reasons,
+    // which only the running agent knows).
     agent.stop();
     let after = node_status(&lab)?;
-    ensure!(after["routes"] == st["routes"], "{after:#}");
+    let without_reasons = |v: &serde_json::Value| {
+        let mut v = v["routes"].clone();
+        for r in v.as_array_mut().into_iter().flatten() {
+            r.as_object_mut().map(|o| o.remove("reason"));
+        }
+        v
+    };
+    ensure!(without_reasons(&after) == without_reasons(&st), "{after:#}");
+    ensure!(after["agentAnswered"] == false && st["agentAnswered"] == true);
     ensure!(
         after["attachments"] == serde_json::json!([]),
-        "TCX links go with the agent"
+        "the attachments go with the agent"
     );
     ensure!(
         after["gateways"].as_array().map(Vec::len) == Some(3),
@@ -718,8 +753,65 @@ fn the_status_command_matches_the_kernel_while_running_and_after_stop() -> Resul
         ),
     )?;
     ensure!(
-        table.contains("ROUTES") && table.contains(DEST_V4) && table.contains("down"),
+        table.contains("ROUTES")
+            && table.contains(DEST_V4)
+            && table.contains("down")
+            && table.contains("refusing"),
         "{table}"
     );
+    Ok(())
+}
+
+/// A killed agent (SIGKILL: no detach, no cleanup) leaves its cls_bpf filters behind (they
+/// outlive the process, unlike TCX links); a new agent adopts the kernel state: no route
+/// event, exactly one filter per direction, the verdicts kept. `cleanup` afterwards removes
+/// the filters too. Netlink attach on every kernel (what 6.1 always uses).
+#[test]
+fn a_killed_agent_is_adopted_without_flap_or_duplicate_filters() -> Result<()> {
+    let (lab, dir) = lab_with_routes()?;
+    // The kernel's own IPv6 link-local routes first (they would show in the monitor).
+    lab.wait_ipv6_settled("a")?;
+    let mut agent = start(&lab, &dir, &["--tc-attach", "netlink"])?;
+    assert_eq!(filters(&lab, "eth1", "ra_egress")?, 1);
+    let routes_before = lab.ip(&lab.node_ns("a"), "route show proto 196")?;
+    let monitor = lab.monitor("a", &["route", "nexthop"])?;
+    let stream = lab.stream("a", ECHO_V4.parse()?, 10);
+    std::thread::sleep(Duration::from_secs(1));
+    agent.kill();
+    ensure!(
+        filters(&lab, "eth1", "ra_egress")? == 1 && filters(&lab, "eth1", "ra_ingress")? == 1,
+        "the killed agent's filters are still there"
+    );
+    agent.restart()?;
+    agent.wait_settled(2)?;
+    ensure!(
+        filters(&lab, "eth1", "ra_egress")? == 1 && filters(&lab, "eth1", "ra_ingress")? == 1,
+        "no duplicate filter after the restart:\n{}",
+        tc_programs(&lab, "eth1")?
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let attempts = stream.stop();
+    let events = monitor.events()?;
+    ensure!(
+        events.trim().is_empty(),
+        "route/nexthop events across the kill and restart:\n{events}"
+    );
+    ensure!(lab.ip(&lab.node_ns("a"), "route show proto 196")? == routes_before);
+    let failed = attempts.iter().filter(|a| a.result.is_err()).count();
+    ensure!(
+        failed == 0,
+        "{failed} of {} connections failed across the kill",
+        attempts.len()
+    );
+    // cleanup after a kill: routes, nexthops, filters, pins.
+    agent.kill();
+    lab.cleanup("a")?;
+    ensure!(filters(&lab, "eth1", "ra_egress")? == 0 && filters(&lab, "eth1", "ra_ingress")? == 0);
+    ensure!(
+        lab.ip(&lab.node_ns("a"), "route show proto 196")?
+            .trim()
+            .is_empty()
+    );
+    ensure!(!lab.pin_dir("a").exists());
     Ok(())
 }

@@ -559,12 +559,34 @@ fn status_printer_columns_and_events_show_the_truth() -> Result<()> {
         &["172.31.255.1"],
         None,
     ))?;
+    // Its destination fails closed (refused on the node, never routed out of its own
+    // uplink); the message names the gateway.
     let st = wait_route_status(&cp, "far", "far failed", |s| s["failed"] == 2)?;
     ensure!(
-        st["failures"][0]["reason"] == "GatewayUnreachable",
+        st["failures"][0]["reason"] == "FailingClosed"
+            && st["failures"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("172.31.255.1")),
         "{st:#}"
     );
-    wait_event(&cp, "far", "GatewayUnreachable", "172.31.255.1")?;
+    wait_event(
+        &cp,
+        "far",
+        "FailingClosed",
+        "192.0.2.128/25 (GatewayUnreachable)",
+    )?;
+    let nrs = get_json(&cp, &["noderoutestatuses", "node-a"])?;
+    ensure!(
+        nrs["status"]["failingClosed"] == 1
+            && nrs["status"]["routes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| r["name"] == "far"
+                    && r["failingClosed"]
+                        == serde_json::json!([{"destination": "192.0.2.128/25", "reason": "GatewayUnreachable"}])),
+        "{nrs:#}"
+    );
 
     // Through all this, the valid Route stayed as it was.
     let st = get_json(&cp, &["route", "egress"])?["status"].clone();

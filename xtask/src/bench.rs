@@ -12,6 +12,8 @@ use routing_agent_tests::*;
 pub enum Which {
     Dataplane,
     Failover,
+    /// Fail-closed egress across link flaps of the gateways' interface.
+    LinkFlap,
     TcCost,
 }
 
@@ -129,6 +131,7 @@ pub fn run(which: Which, trials: usize, baseline_trials: usize) -> Result<()> {
     match which {
         Which::Dataplane => dataplane(),
         Which::Failover => crate::failover::run(trials, baseline_trials),
+        Which::LinkFlap => crate::failover::link_flaps(trials),
         Which::TcCost => crate::tccost::run(),
     }
 }

@@ -296,3 +296,65 @@ pub fn run(n: usize, baseline_trials: usize) -> Result<()> {
     println!();
     Ok(())
 }
+
+/// `cargo xtask bench link-flap`: `n` flaps of the node's interface towards the gateways
+/// (down 2 s, then up) under 10 new connections/s, in a lab with the node's public side:
+/// connections answered with the node's own public address (left by its uplink, the leak
+/// fail-closed prevents), connections refused, and the time from the link coming up to the
+/// route carrying its three gateways again. The same with `--fail-mode open`, the control.
+pub fn link_flaps(n: usize) -> Result<()> {
+    let mut rows = Vec::new();
+    for mode in ["closed", "open"] {
+        let lab = Lab::new(LabSpec {
+            public: true,
+            ..LabSpec::default()
+        })?;
+        let dir = lab.ecmp_routes(3)?;
+        let mut agent = Agent::start(&lab, "a", &dir, &["--fail-mode", mode])?;
+        agent.wait_settled(1)?;
+        agent.wait_resolved(3)?;
+        let ns = lab.node_ns("a");
+        let public: IpAddr = node_public_v4(2).parse()?;
+        let echo: IpAddr = ECHO_V4.parse()?;
+        let (mut leaked, mut refused, mut total) = (0, 0, 0);
+        let mut restore = Vec::new();
+        eprintln!("fail-mode {mode}: {n} link flaps");
+        for _ in 0..n {
+            let stream = lab.stream("a", echo, 10);
+            std::thread::sleep(Duration::from_secs(1));
+            lab.ip(&ns, "link set dev eth1 down")?;
+            std::thread::sleep(Duration::from_secs(2));
+            lab.ip(&ns, "link set dev eth1 up")?;
+            let up = Instant::now();
+            let back = wait_gateways(&lab, |g| g.len() == 3, Duration::from_secs(30))
+                .ok_or_else(|| anyhow::anyhow!("the route did not come back"))?;
+            restore.push((back - up).as_secs_f64());
+            std::thread::sleep(Duration::from_secs(1));
+            let attempts = stream.stop();
+            total += attempts.len();
+            leaked += attempts
+                .iter()
+                .filter(|a| a.result.as_ref().is_ok_and(|v| *v == public))
+                .count();
+            refused += attempts.iter().filter(|a| a.result.is_err()).count();
+            eprint!(".");
+        }
+        eprintln!();
+        agent.check_alive()?;
+        rows.push((mode, n, total, leaked, refused, restore));
+    }
+    println!();
+    println!(
+        "| `--fail-mode` | link flaps (down 2 s) | connections (10/s) | answered from the node's own public address | refused or failed | link up → route back with its 3 gateways p50 / max |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (mode, n, total, leaked, refused, restore) in rows {
+        println!(
+            "| {mode} | {n} | {total} | {leaked} | {refused} | {:.2} / {:.2} s |",
+            pct(&restore, 0.5),
+            pct(&restore, 1.0)
+        );
+    }
+    println!();
+    Ok(())
+}

@@ -51,7 +51,7 @@ enum Cmd {
         #[arg(long = "kernel", value_enum, default_values_t = [vm::Kernel::Debian61, vm::Kernel::Debian612])]
         kernels: Vec<vm::Kernel>,
         /// Test binaries (tests/tests/*.rs) to run.
-        #[arg(long = "test", default_values_t = ["dataplane".to_string(), "health".to_string(), "default_route".to_string()])]
+        #[arg(long = "test", default_values_t = ["dataplane".to_string(), "health".to_string(), "default_route".to_string(), "fail_closed".to_string()])]
         tests: Vec<String>,
         /// A test-name filter passed to every test binary.
         #[arg(long, default_value = "")]

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use crate::cluster::publish;
 use crate::logic::default_route;
 use crate::logic::health;
+use crate::logic::plan;
 use crate::logic::selector::NodeInfo;
 use crate::ops::{http, metrics::Metrics};
 
@@ -31,6 +32,8 @@ pub struct AgentConfig {
     /// What a default-route override must not cut off.
     pub protect: ProtectConfig,
     pub metrics: Arc<Metrics>,
+    /// Planner settings that are not in the Routes (the default fail mode).
+    pub policy: plan::Policy,
 }
 
 /// Protected destinations and symmetric routing, as configured.

@@ -81,8 +81,8 @@ struct Watch {
     oifs: BTreeMap<IpAddr, u32>,
     /// Gateway → gateways it shares a route with.
     peers: BTreeMap<IpAddr, BTreeSet<IpAddr>>,
-    /// Route destinations whose gateways are all down, kept (fail-closed).
-    kept_down: BTreeMap<IpNet, Vec<IpAddr>>,
+    /// Route destinations whose gateways are all down by health.
+    all_down: BTreeMap<IpNet, Vec<IpAddr>>,
     /// Gateways' MAC addresses as last read from the neighbour table.
     macs: BTreeMap<IpAddr, [u8; 6]>,
     /// When an unresolved gateway was last pinged to make the kernel resolve it.
@@ -287,7 +287,7 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
         let Some(routes) = &self.routes else {
             return Next::default();
         };
-        let mut desired = plan::plan(routes, &self.node);
+        let mut desired = plan::plan_with(routes, &self.node, &self.cfg.policy);
         // Default-route overrides: what must stay reachable through the node's own uplink.
         // Without the facts, nothing changes (an override without its protection could cut
         // the node off). Read only while an override is planned: the kernel dumps and
@@ -327,20 +327,36 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
         if let Some(p) = &mut self.programs {
             p.set_gateways(&all_gateways);
         }
-        let kept_down = plan::withdraw(&mut desired, &self.health.down());
-        for (dst, gws) in &kept_down {
-            if self.watch.kept_down.get(dst) != Some(gws) {
-                warn!(destination = %dst, gateways = ?gws,
-                    "every gateway of the route is down; keeping them (fail-closed: never falling back to the node's default route)");
+        let all_down = plan::withdraw(&mut desired, &self.health.down());
+        for (dst, gws) in &all_down {
+            if self.watch.all_down.get(dst) != Some(gws) {
+                let mode = desired
+                    .routes
+                    .get(dst)
+                    .map(|r| r.fail_mode)
+                    .unwrap_or_default();
+                warn!(destination = %dst, gateways = ?gws, fail_mode = %mode,
+                    "every gateway of the destination is down");
             }
         }
-        self.watch.kept_down = kept_down;
+        self.watch.all_down = all_down;
         let started = Instant::now();
         match self.kernel.reconcile(&desired).await {
             Ok(outcome) => {
                 self.reconciles += 1;
                 if let Some(p) = &mut self.programs {
                     p.sync(&outcome.interfaces);
+                    // The IPv6 fallback-source leak exists only with symmetric rules for
+                    // IPv6 (see `ra_uplink` in the eBPF crate).
+                    let v6_rules = desired.overrides.rules.iter().any(|r| r.source.is_ipv6());
+                    p.guard_uplink(
+                        desired
+                            .overrides
+                            .public_interface
+                            .get(&crate::logic::route::Family::V6)
+                            .copied()
+                            .filter(|_| v6_rules),
+                    );
                 }
                 // Ready: a full reconcile done and the TC programs on every interface
                 // that faces a gateway.
@@ -367,6 +383,29 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
                     self.retry_at = None;
                 }
                 status::log_reconcile(&desired, &outcome, self.last.as_ref(), took);
+                if self
+                    .last
+                    .as_ref()
+                    .is_none_or(|(_, o)| o.no_gateway != outcome.no_gateway)
+                {
+                    let doc = status::no_gateway_doc(&desired, &outcome);
+                    self.cfg.probes.set_status(doc.to_string());
+                    for (dst, (why, mode)) in &outcome.no_gateway {
+                        let was = self.last.as_ref().and_then(|(_, o)| o.no_gateway.get(dst));
+                        if was != Some(&(why.clone(), *mode)) {
+                            warn!(destination = %dst, reason = why.reason(), fail_mode = %mode,
+                                "no usable gateway: {}", why.describe());
+                        }
+                    }
+                    for dst in self
+                        .last
+                        .iter()
+                        .flat_map(|(_, o)| o.no_gateway.keys())
+                        .filter(|d| !outcome.no_gateway.contains_key(d))
+                    {
+                        info!(destination = %dst, "a gateway can be used again");
+                    }
+                }
                 self.send_report(&desired, &outcome);
                 self.last = Some((desired, outcome));
                 self.emit_status();
@@ -419,14 +458,23 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
             self.watch.warmed.insert(*gw, now);
             next.warm_up.push(*gw);
         }
+        self.cfg
+            .metrics
+            .uplink_refused
+            .set(programs.uplink_refused() as i64);
         let stats = programs.read_stats();
         for (gw, s) in &stats {
             self.cfg.metrics.observe_stats(*gw, s);
         }
         for gw in self.watch.oifs.keys() {
             let s = stats.get(gw).copied().unwrap_or_default();
-            let failed = neighbours.get(gw).is_some_and(|n| n.failed);
-            self.health.observe(*gw, &s, failed, now);
+            let n = match neighbours.get(gw) {
+                None => health::Neighbour::Unknown,
+                Some(n) if n.failed => health::Neighbour::Failed,
+                Some(n) if n.unresolved => health::Neighbour::Unresolved,
+                Some(_) => health::Neighbour::Resolved,
+            };
+            self.health.observe(*gw, &s, n, now);
         }
         let changes = self.health.evaluate(&self.watch.peers, now);
         for t in &changes {

@@ -62,6 +62,10 @@ pub trait TcPrograms {
     /// The verdicts an earlier agent recorded.
     fn recorded(&self) -> Vec<(IpAddr, GatewayInfo)>;
     fn slot(&self, gw: IpAddr) -> Option<u32>;
+    /// Puts the uplink guard on exactly this interface, or nowhere.
+    fn guard_uplink(&mut self, ifindex: Option<u32>);
+    /// Packets the uplink guard refused so far.
+    fn uplink_refused(&self) -> u64;
 }
 
 impl TcPrograms for Programs {
@@ -91,5 +95,11 @@ impl TcPrograms for Programs {
     }
     fn slot(&self, gw: IpAddr) -> Option<u32> {
         Programs::slot(self, gw)
+    }
+    fn guard_uplink(&mut self, ifindex: Option<u32>) {
+        Programs::guard_uplink(self, ifindex)
+    }
+    fn uplink_refused(&self) -> u64 {
+        Programs::uplink_refused(self)
     }
 }

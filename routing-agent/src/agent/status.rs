@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use super::{Agent, Kernel, TcPrograms};
 use crate::cluster::publish;
-use crate::logic::desired::DesiredState;
+use crate::logic::desired::{DesiredState, FailMode};
 use crate::logic::health::{GatewayHealth, Transition};
 use crate::logic::report::{self, GatewayState};
 use crate::node::dataplane::Outcome;
@@ -87,6 +87,30 @@ pub(super) fn log_reconcile(
     }
 }
 
+/// Destinations with no usable gateway (`failingClosed` / `fallingThrough`), each with
+/// its Route, reason and sentence: what `/status` answers and the status file carries.
+pub(super) fn no_gateway_doc(desired: &DesiredState, outcome: &Outcome) -> serde_json::Value {
+    let list = |want: FailMode| -> Vec<serde_json::Value> {
+        outcome
+            .no_gateway
+            .iter()
+            .filter(|(_, (_, mode))| *mode == want)
+            .map(|(dst, (why, _))| {
+                serde_json::json!({
+                    "destination": dst.to_string(),
+                    "owner": desired.routes.get(dst).map(|r| r.owner.clone()),
+                    "reason": why.reason(),
+                    "message": why.describe(),
+                })
+            })
+            .collect()
+    };
+    serde_json::json!({
+        "failingClosed": list(FailMode::Closed),
+        "fallingThrough": list(FailMode::Open),
+    })
+}
+
 fn status_doc(
     node: &str,
     desired: &DesiredState,
@@ -107,6 +131,7 @@ fn status_doc(
             })
         })
         .collect();
+    let no_gateway = no_gateway_doc(desired, outcome);
     let problems: Vec<_> = outcome
         .problems
         .iter()
@@ -121,6 +146,8 @@ fn status_doc(
         "lastChanges": outcome.changes,
         "selected": desired.selected,
         "routes": routes,
+        "failingClosed": no_gateway["failingClosed"],
+        "fallingThrough": no_gateway["fallingThrough"],
         "problems": problems,
         "warnings": desired.warnings,
         "attached": attached,
@@ -196,6 +223,17 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
                     reason: report::reason(&p.kind).into(),
                 })
                 .inc();
+        }
+        metrics.failing_closed.clear();
+        for (why, mode) in outcome.no_gateway.values() {
+            if *mode == FailMode::Closed {
+                metrics
+                    .failing_closed
+                    .get_or_create(&ReasonLabels {
+                        reason: why.reason().into(),
+                    })
+                    .inc();
+            }
         }
         metrics.gateway_up.clear();
         metrics.gateway_penalty.clear();

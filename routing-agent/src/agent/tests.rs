@@ -104,6 +104,7 @@ struct FakePrograms {
     attached: BTreeSet<u32>,
     /// What an earlier agent left in the slots.
     pinned: Vec<(IpAddr, GatewayInfo)>,
+    uplink: Option<u32>,
 }
 
 impl TcPrograms for FakePrograms {
@@ -131,6 +132,12 @@ impl TcPrograms for FakePrograms {
     fn recorded(&self) -> Vec<(IpAddr, GatewayInfo)> {
         self.pinned.clone()
     }
+    fn guard_uplink(&mut self, ifindex: Option<u32>) {
+        self.uplink = ifindex;
+    }
+    fn uplink_refused(&self) -> u64 {
+        0
+    }
     fn slot(&self, gw: IpAddr) -> Option<u32> {
         self.gateways
             .iter()
@@ -153,12 +160,14 @@ fn config() -> AgentConfig {
             flap_window: Duration::from_secs(60),
             max_restore_delay: Duration::from_secs(8),
             pending_grace: Duration::from_millis(500),
+            unresolved_grace: Duration::from_secs(3),
         },
         health_tick: Duration::from_millis(200),
         publisher: None,
         probes: crate::ops::http::Probes::new(Duration::from_secs(60)),
         protect: ProtectConfig::default(),
         metrics: Arc::new(crate::ops::metrics::Metrics::new()),
+        policy: plan::Policy::default(),
     }
 }
 
@@ -319,7 +328,7 @@ async fn a_black_holing_gateway_is_withdrawn_probed_and_restored() {
 }
 
 #[tokio::test]
-async fn a_routes_last_gateway_is_kept_when_it_goes_down() {
+async fn a_destination_whose_gateways_are_all_down_has_none_left() {
     let mut a = agent(FakePrograms::default());
     a.on_snapshot(snapshot(vec![
         route("ecmp", &[DST], &[A, B]),
@@ -332,11 +341,14 @@ async fn a_routes_last_gateway_is_kept_when_it_goes_down() {
     tick(&mut a, t0, 1200, &[(A, sent(2, 1, 0)), (B, sent(6, 0, 6))]).await;
     let plan = a.kernel().last_plan();
     assert_eq!(gateways_of(plan, DST), (vec![ip(B)], vec![ip(A)]));
-    assert_eq!(
-        gateways_of(plan, "203.0.113.0/24"),
-        (vec![ip(A)], vec![]),
-        "never falls back to the node's default route"
-    );
+    // No gateway left: the plan keeps the destination (the kernel keeps refusing its
+    // traffic) and says why.
+    assert_eq!(gateways_of(plan, "203.0.113.0/24"), (vec![], vec![ip(A)]),);
+    assert!(plan.problems.iter().any(|p| matches!(
+        &p.kind,
+        ProblemKind::NoGateway { destination, why: crate::logic::desired::NoGateway::AllDown, .. }
+            if *destination == net("203.0.113.0/24")
+    )));
 }
 
 #[tokio::test]
@@ -350,6 +362,7 @@ async fn unresolved_gateways_are_warmed_up_every_few_seconds() {
             ifindex: OIF,
             mac: Some([2, 0, 0, 0, 0, 4]),
             failed: false,
+            unresolved: false,
         },
     );
     let t0 = Instant::now();

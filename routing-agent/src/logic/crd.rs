@@ -166,6 +166,7 @@ pub struct Condition {
     printcolumn = r#"{"name":"Applied","type":"integer","jsonPath":".status.applied"}"#,
     printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.failed"}"#,
     printcolumn = r#"{"name":"Gateways-Down","type":"integer","jsonPath":".status.gatewaysDown"}"#,
+    printcolumn = r#"{"name":"Failing-Closed","type":"integer","jsonPath":".status.failingClosed","description":"Destinations whose traffic is refused: no gateway can be used"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -187,6 +188,10 @@ pub struct NodeRoutes {
     /// Gateways withdrawn from their routes on this node.
     #[serde(default)]
     pub gateways_down: u32,
+    /// Destinations whose traffic is refused on this node because no gateway of theirs
+    /// can be used (fail-closed).
+    #[serde(default)]
+    pub failing_closed: u32,
     /// Every Route that selects this node, and every invalid Route; sorted by name.
     #[serde(default)]
     pub routes: Vec<NodeRoute>,
@@ -225,7 +230,9 @@ pub struct NodeRoute {
     pub generation: Option<i64>,
     /// `Applied` or `Failed`.
     pub state: String,
-    /// Failed: `Invalid`, `Conflict`, `GatewayUnreachable` or `KernelRefused`.
+    /// Failed: `Invalid`, `Conflict`, `FailingClosed`, `FallingThrough`,
+    /// `GatewayUnreachable`, `KernelRefused`, `SymmetricRoutingConflict`, `UnknownUplink`
+    /// or `NotInstalled`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -233,6 +240,25 @@ pub struct NodeRoute {
     /// Destinations of this Route in this node's kernel.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub destinations: Vec<String>,
+    /// Destinations with no usable gateway whose traffic is refused (fail-closed: an
+    /// `unreachable` route of the agent's answers it), with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failing_closed: Vec<NodeNoGateway>,
+    /// Destinations with no usable gateway whose traffic falls through to the node's own
+    /// routes (the Route fails open), with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub falling_through: Vec<NodeNoGateway>,
+}
+
+/// A destination with no usable gateway.
+#[derive(
+    Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeNoGateway {
+    pub destination: String,
+    /// `AllGatewaysDown`, `InterfaceDown` or `GatewayUnreachable`.
+    pub reason: String,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -144,6 +144,7 @@ fn plan_overrides(state: &mut DesiredState, facts: &NodeFacts, cfg: &Protection)
                 continue;
             }
             let iface = sym.interface.unwrap_or(original.oif);
+            out.public_interface.insert(fam, iface);
             for a in facts.addresses.get(&iface).into_iter().flatten() {
                 if Family::of(a) == fam {
                     out.rules.insert(SourceRule {

@@ -40,6 +40,23 @@ pub struct Config {
     /// An attempt unanswered for this long corroborates a single failure (zero: off, only
     /// `min_failures` counts).
     pub pending_grace: Duration,
+    /// A neighbour entry unresolved (INCOMPLETE or FAILED) this long is as good as FAILED.
+    /// Under steady traffic the kernel cycles FAILED → INCOMPLETE at once (every new packet
+    /// starts resolving again), so a reader sampling the table rarely sees FAILED itself;
+    /// a healthy gateway resolves within the kernel's own 3 probes of 1 s.
+    pub unresolved_grace: Duration,
+}
+
+/// A gateway's neighbour entry, as the health tick read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Neighbour {
+    /// No entry (nothing was sent to it lately), or the table could not be read.
+    Unknown,
+    Resolved,
+    /// INCOMPLETE: being resolved.
+    Unresolved,
+    /// FAILED: the kernel gave up.
+    Failed,
 }
 
 impl Default for Config {
@@ -51,6 +68,7 @@ impl Default for Config {
             flap_window: Duration::from_secs(600),
             max_restore_delay: Duration::from_secs(960),
             pending_grace: Duration::from_millis(500),
+            unresolved_grace: Duration::from_secs(4),
         }
     }
 }
@@ -82,8 +100,12 @@ pub struct GatewayHealth {
     sent_log: VecDeque<(Instant, u64)>,
     restored_at: Option<Instant>,
     neigh_failed: bool,
-    /// The neighbour entry turned FAILED since the last `evaluate`.
-    neigh_edge: bool,
+    /// The neighbour entry turned FAILED (or stayed unresolved too long) since the last
+    /// `evaluate`, and how it is said.
+    neigh_edge: Option<&'static str>,
+    /// Since when the neighbour entry has been unresolved, and whether that was acted on.
+    unresolved_since: Option<Instant>,
+    unresolved_reported: bool,
 }
 
 impl GatewayHealth {
@@ -104,7 +126,9 @@ impl GatewayHealth {
             sent_log: VecDeque::new(),
             restored_at: None,
             neigh_failed: false,
-            neigh_edge: false,
+            neigh_edge: None,
+            unresolved_since: None,
+            unresolved_reported: false,
         }
     }
 
@@ -201,10 +225,27 @@ impl Health {
     }
 
     /// Feeds the latest counters and neighbour state of `gw`.
-    pub fn observe(&mut self, gw: IpAddr, stats: &GatewayStats, neigh_failed: bool, now: Instant) {
+    pub fn observe(&mut self, gw: IpAddr, stats: &GatewayStats, neigh: Neighbour, now: Instant) {
+        let grace = self.cfg.unresolved_grace;
         let Some(h) = self.gateways.get_mut(&gw) else {
             return;
         };
+        let neigh_failed = neigh == Neighbour::Failed;
+        if matches!(neigh, Neighbour::Unresolved | Neighbour::Failed) {
+            let since = *h.unresolved_since.get_or_insert(now);
+            if !grace.is_zero()
+                && !h.unresolved_reported
+                && now.saturating_duration_since(since) >= grace
+            {
+                h.unresolved_reported = true;
+                h.neigh_edge.get_or_insert(
+                    "its neighbour entry stayed unresolved (ARP/ND unanswered) past the grace",
+                );
+            }
+        } else {
+            h.unresolved_since = None;
+            h.unresolved_reported = false;
+        }
         h.counters = *stats;
         let (base, first) = match h.prev {
             Some(b) if b.failed <= stats.failed && successes(&b) <= successes(stats) => (b, false),
@@ -243,7 +284,9 @@ impl Health {
             h.failures.pop_front();
         }
         // Edge: a neighbour entry that *turns* FAILED.
-        h.neigh_edge |= neigh_failed && !h.neigh_failed;
+        if neigh_failed && !h.neigh_failed {
+            h.neigh_edge = Some("its neighbour entry turned FAILED (ARP/ND unanswered)");
+        }
         h.neigh_failed = neigh_failed;
     }
 
@@ -266,12 +309,11 @@ impl Health {
         }
         let mut going_down: Vec<(IpAddr, String)> = Vec::new();
         for (gw, h) in self.gateways.iter_mut() {
-            let edge = std::mem::take(&mut h.neigh_edge);
-            if !h.down && edge {
-                going_down.push((
-                    *gw,
-                    "its neighbour entry turned FAILED (ARP/ND unanswered)".into(),
-                ));
+            let edge = h.neigh_edge.take();
+            if !h.down
+                && let Some(why) = edge
+            {
+                going_down.push((*gw, why.into()));
             }
         }
         for (gw, h) in &self.gateways {
@@ -369,8 +411,11 @@ impl Health {
         h.next_probe = None;
         h.last_probe_ok = None;
         h.failures.clear();
-        // The entry may still read FAILED until the next dump: only a new FAILED counts.
+        // The entry may still read FAILED until the next dump: only a new FAILED counts,
+        // and an unresolved stretch starts again.
         h.neigh_failed = true;
+        h.unresolved_since = None;
+        h.unresolved_reported = false;
         h.reason = format!("answered an ICMP echo probe (penalty {})", h.penalty);
         Some(Transition {
             gateway: gw,
@@ -448,7 +493,7 @@ mod tests {
             let all = gws.iter().flatten().copied().collect();
             h.set_gateways(&all, t0);
             for g in &all {
-                h.observe(*g, &GatewayStats::default(), false, t0);
+                h.observe(*g, &GatewayStats::default(), Neighbour::Resolved, t0);
             }
             let peers = peers(gws.iter().map(|v| v.as_slice()));
             World { h, t0, peers }
@@ -459,7 +504,12 @@ mod tests {
         fn step(&mut self, ms: u64, obs: &[(&str, GatewayStats, bool)]) -> Vec<Transition> {
             let now = self.at(ms);
             for (g, s, n) in obs {
-                self.h.observe(ip(g), s, *n, now);
+                let n = if *n {
+                    Neighbour::Failed
+                } else {
+                    Neighbour::Resolved
+                };
+                self.h.observe(ip(g), s, n, now);
             }
             self.h.evaluate(&self.peers, now)
         }
@@ -473,6 +523,7 @@ mod tests {
             flap_window: Duration::from_secs(60),
             max_restore_delay: Duration::from_secs(8),
             pending_grace: Duration::from_millis(500),
+            unresolved_grace: Duration::from_secs(3),
         }
     }
 
@@ -568,11 +619,11 @@ mod tests {
         let mut h = Health::new(cfg());
         h.set_gateways(&[ip(A), ip(B)].into(), t0);
         let peers = peers([[ip(A), ip(B)].as_slice()]);
-        h.observe(ip(A), &sent(100, 0, 90), false, t0);
-        h.observe(ip(B), &sent(100, 0, 100), false, t0);
+        h.observe(ip(A), &sent(100, 0, 90), Neighbour::Resolved, t0);
+        h.observe(ip(B), &sent(100, 0, 100), Neighbour::Resolved, t0);
         let later = t0 + Duration::from_millis(1500);
-        h.observe(ip(A), &sent(100, 1, 90), false, later);
-        h.observe(ip(B), &sent(103, 0, 103), false, later);
+        h.observe(ip(A), &sent(100, 1, 90), Neighbour::Resolved, later);
+        h.observe(ip(B), &sent(103, 0, 103), Neighbour::Resolved, later);
         assert!(h.evaluate(&peers, later).is_empty());
     }
 
@@ -766,5 +817,43 @@ mod tests {
         assert_eq!(p[&ip(A)], [ip(B)].into());
         assert_eq!(p[&ip(B)], [ip(A), ip(C)].into());
         assert_eq!(p[&ip(C)], [ip(B)].into());
+    }
+
+    #[test]
+    fn a_neighbour_unresolved_past_the_grace_takes_it_down_once() {
+        // FAILED and INCOMPLETE alternate under traffic (every packet restarts resolving):
+        // a reader rarely sees FAILED, but the entry stays unresolved.
+        let mut w = World::new(cfg(), &[&[A, B]]);
+        let mut seen = Vec::new();
+        for ms in [100, 1600, 2900, 3200, 3400, 6000] {
+            let t = w.at(ms);
+            w.h.observe(ip(A), &GatewayStats::default(), Neighbour::Unresolved, t);
+            seen.push((ms, w.h.evaluate(&w.peers, t)));
+        }
+        let downs: Vec<u64> = seen
+            .iter()
+            .filter(|(_, t)| !t.is_empty())
+            .map(|(ms, _)| *ms)
+            .collect();
+        assert_eq!(downs, vec![3200], "once, 3 s after it became unresolved");
+        assert!(
+            seen[3].1[0].reason.contains("unresolved"),
+            "{:?}",
+            seen[3].1
+        );
+        // Resolving within the grace is no failure, and a new stretch starts afresh.
+        let mut w = World::new(cfg(), &[&[A, B]]);
+        for (ms, n) in [
+            (100, Neighbour::Unresolved),
+            (2500, Neighbour::Unresolved),
+            (2700, Neighbour::Resolved),
+            (3500, Neighbour::Unresolved),
+            (5000, Neighbour::Unresolved),
+            (6000, Neighbour::Unknown),
+        ] {
+            let t = w.at(ms);
+            w.h.observe(ip(A), &GatewayStats::default(), n, t);
+            assert!(w.h.evaluate(&w.peers, t).is_empty(), "at {ms} ms");
+        }
     }
 }

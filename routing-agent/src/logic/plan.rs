@@ -12,12 +12,50 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::logic::crd::Route;
-pub use crate::logic::desired::{DesiredRoute, DesiredState, Problem, ProblemKind};
+pub use crate::logic::desired::{
+    DesiredRoute, DesiredState, FailMode, NoGateway, Problem, ProblemKind,
+};
 use crate::logic::route;
 use crate::logic::selector::{self, NodeInfo};
 
-/// Plans the routes for `node`. The result does not depend on the order of `routes`.
+/// The annotation that chooses a Route's [`FailMode`] (`closed` or `open`), over
+/// `--fail-mode`.
+pub const FAIL_MODE_ANNOTATION: &str = "networking.doks.digitalocean.com/fail-mode";
+
+/// Settings of the planner that are not in the Routes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// The fail mode of a Route without the annotation (`--fail-mode`).
+    pub fail_mode: FailMode,
+}
+
+/// A Route's fail mode: its annotation, else the policy's. An annotation that is neither
+/// `closed` nor `open` is warned about and means `closed` (the safe side).
+fn fail_mode(r: &Route, name: &str, policy: &Policy, warnings: &mut Vec<String>) -> FailMode {
+    let Some(v) = r
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(FAIL_MODE_ANNOTATION))
+    else {
+        return policy.fail_mode;
+    };
+    FailMode::parse(v.trim()).unwrap_or_else(|| {
+        warnings.push(format!(
+            "Route {name}: metadata.annotations[\"{FAIL_MODE_ANNOTATION}\"]: {v:?} is neither \
+             \"closed\" nor \"open\"; failing closed"
+        ));
+        FailMode::Closed
+    })
+}
+
+/// Plans the routes for `node` with the default [`Policy`].
 pub fn plan(routes: &[Route], node: &NodeInfo) -> DesiredState {
+    plan_with(routes, node, &Policy::default())
+}
+
+/// Plans the routes for `node`. The result does not depend on the order of `routes`.
+pub fn plan_with(routes: &[Route], node: &NodeInfo, policy: &Policy) -> DesiredState {
     let mut ordered: Vec<&Route> = routes.iter().collect();
     ordered.sort_by_key(|r| precedence(r));
 
@@ -56,6 +94,7 @@ pub fn plan(routes: &[Route], node: &NodeInfo) -> DesiredState {
             .warnings
             .extend(valid.warnings.iter().map(|w| format!("Route {name}: {w}")));
         state.selected.push(name.clone());
+        let mode = fail_mode(r, &name, policy, &mut state.warnings);
         let mut gateways = valid.gateways.clone();
         gateways.sort();
         for (asked, dst) in valid.destinations.iter().flat_map(|d| {
@@ -86,6 +125,7 @@ pub fn plan(routes: &[Route], node: &NodeInfo) -> DesiredState {
                     withdrawn: Vec::new(),
                     owner: name.clone(),
                     from_default: asked.prefix_len() == 0,
+                    fail_mode: mode,
                 },
             );
         }
@@ -96,18 +136,17 @@ pub fn plan(routes: &[Route], node: &NodeInfo) -> DesiredState {
     state
 }
 
-/// Takes the gateways in `down` out of every route, except that a route never loses its
-/// last gateway (fail-closed): withdrawing it would send the destination out through the
-/// node's own default route, with another egress IP. When every gateway of a route is
-/// down, the route keeps all of them (none is better than another, and the first to come
-/// back carries traffic at once). Returns the gateways that are down but kept, per route.
+/// Takes the gateways in `down` out of every route. A route whose every gateway is down
+/// keeps none: it has no usable gateway, which is reported as a [`ProblemKind::NoGateway`]
+/// (its traffic is refused when it fails closed, the dataplane's standby route does that;
+/// it falls through when it fails open). Returns those destinations with their gateways.
 pub fn withdraw(
     state: &mut DesiredState,
     down: &std::collections::BTreeSet<IpAddr>,
 ) -> BTreeMap<IpNet, Vec<IpAddr>> {
-    let mut kept_down = BTreeMap::new();
+    let mut all_down = BTreeMap::new();
     if down.is_empty() {
-        return kept_down;
+        return all_down;
     }
     for (dst, r) in state.routes.iter_mut() {
         let (bad, good): (Vec<IpAddr>, Vec<IpAddr>) =
@@ -116,13 +155,47 @@ pub fn withdraw(
             continue;
         }
         if good.is_empty() {
-            kept_down.insert(*dst, bad);
-            continue;
+            all_down.insert(*dst, bad.clone());
+            state.problems.push(no_gateway(r, NoGateway::AllDown));
         }
         r.gateways = good;
         r.withdrawn = bad;
     }
-    kept_down
+    state.problems.sort();
+    all_down
+}
+
+/// The problem of `r` having no usable gateway, `why`.
+pub fn no_gateway(r: &DesiredRoute, why: NoGateway) -> Problem {
+    let what = match r.fail_mode {
+        FailMode::Closed => {
+            "its traffic is refused (fail-closed) rather than sent out of the node's own \
+             default route"
+        }
+        FailMode::Open => "its traffic falls through to the node's own routes (fail-open)",
+    };
+    let mut gateways: Vec<String> = r
+        .gateways
+        .iter()
+        .chain(&r.withdrawn)
+        .map(|g| g.to_string())
+        .collect();
+    gateways.sort();
+    Problem {
+        route: r.owner.clone(),
+        message: format!(
+            "Route {}: destination {}: no usable gateway ({}): {}; {what}",
+            r.owner,
+            r.destination,
+            gateways.join(", "),
+            why.describe()
+        ),
+        kind: ProblemKind::NoGateway {
+            destination: r.destination,
+            why,
+            mode: r.fail_mode,
+        },
+    }
 }
 
 /// Sort key: older first (no timestamp = newest), then name.
@@ -193,7 +266,7 @@ mod tests {
     }
 
     #[test]
-    fn withdraw_removes_down_gateways_but_never_the_last() {
+    fn withdraw_removes_down_gateways_and_a_route_with_none_left_has_no_gateway() {
         let mut s = plan(
             &[
                 route(
@@ -208,24 +281,43 @@ mod tests {
             &node(),
         );
         let down = ips(&["10.0.0.1", "10.0.0.2"]).into_iter().collect();
-        let kept = withdraw(&mut s, &down);
+        let all_down = withdraw(&mut s, &down);
         // ECMP: both down gateways go, the healthy one stays.
         assert_eq!(s.routes[&net("1.0.0.0/8")].gateways, ips(&["10.0.0.3"]));
         assert_eq!(
             s.routes[&net("1.0.0.0/8")].withdrawn,
             ips(&["10.0.0.1", "10.0.0.2"])
         );
-        // A single gateway that is down is kept and reported.
-        assert_eq!(s.routes[&net("2.0.0.0/8")].gateways, ips(&["10.0.0.1"]));
-        assert!(s.routes[&net("2.0.0.0/8")].withdrawn.is_empty());
-        // All gateways down: all kept.
+        // A single gateway that is down: no usable gateway, the destination stays planned
+        // (its standby route refuses the traffic) and is reported.
+        assert!(s.routes[&net("2.0.0.0/8")].gateways.is_empty());
+        assert_eq!(s.routes[&net("2.0.0.0/8")].withdrawn, ips(&["10.0.0.1"]));
+        // All gateways down: none left.
+        assert!(s.routes[&net("3.0.0.0/8")].gateways.is_empty());
         assert_eq!(
-            s.routes[&net("3.0.0.0/8")].gateways,
-            ips(&["10.0.0.1", "10.0.0.2"])
-        );
-        assert_eq!(
-            kept.keys().copied().collect::<Vec<_>>(),
+            all_down.keys().copied().collect::<Vec<_>>(),
             vec![net("2.0.0.0/8"), net("3.0.0.0/8")]
+        );
+        let reported: Vec<(&str, IpNet)> = s
+            .problems
+            .iter()
+            .filter_map(|p| match &p.kind {
+                ProblemKind::NoGateway {
+                    destination,
+                    why: NoGateway::AllDown,
+                    mode: FailMode::Closed,
+                } => Some((p.route.as_str(), *destination)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            reported,
+            vec![("pair", net("3.0.0.0/8")), ("single", net("2.0.0.0/8"))]
+        );
+        assert!(
+            s.problems[0].message.contains("refused (fail-closed)"),
+            "{}",
+            s.problems[0].message
         );
         // Untouched.
         assert_eq!(s.routes[&net("4.0.0.0/8")].gateways, ips(&["10.0.0.3"]));
@@ -234,6 +326,45 @@ mod tests {
         let before = t.clone();
         assert!(withdraw(&mut t, &Default::default()).is_empty());
         assert_eq!(t, before);
+    }
+
+    #[test]
+    fn fail_mode_comes_from_the_annotation_else_the_policy() {
+        let mut open = route("open", &["1.0.0.0/8"], &["10.0.0.1"]);
+        open.metadata.annotations =
+            Some([(FAIL_MODE_ANNOTATION.to_string(), "open".to_string())].into());
+        let mut typo = route("typo", &["2.0.0.0/8"], &["10.0.0.1"]);
+        typo.metadata.annotations =
+            Some([(FAIL_MODE_ANNOTATION.to_string(), "opne".to_string())].into());
+        let plain = route("plain", &["3.0.0.0/8"], &["10.0.0.1"]);
+        let routes = [open, typo, plain];
+        let s = plan(&routes, &node());
+        assert_eq!(s.routes[&net("1.0.0.0/8")].fail_mode, FailMode::Open);
+        assert_eq!(s.routes[&net("2.0.0.0/8")].fail_mode, FailMode::Closed);
+        assert_eq!(s.routes[&net("3.0.0.0/8")].fail_mode, FailMode::Closed);
+        assert_eq!(s.warnings.len(), 1);
+        assert!(
+            s.warnings[0].contains(
+                "Route typo: metadata.annotations[\"networking.doks.digitalocean.com/fail-mode\"]"
+            ),
+            "{:?}",
+            s.warnings
+        );
+        // --fail-mode open changes only the Routes without the annotation.
+        let s = plan_with(
+            &routes,
+            &node(),
+            &Policy {
+                fail_mode: FailMode::Open,
+            },
+        );
+        assert_eq!(s.routes[&net("2.0.0.0/8")].fail_mode, FailMode::Closed);
+        assert_eq!(s.routes[&net("3.0.0.0/8")].fail_mode, FailMode::Open);
+        // Falling through is reported as such.
+        let mut s = s;
+        withdraw(&mut s, &ips(&["10.0.0.1"]).into_iter().collect());
+        let p = s.problems.iter().find(|p| p.route == "plain").unwrap();
+        assert!(p.message.contains("falls through"), "{}", p.message);
     }
 
     #[test]

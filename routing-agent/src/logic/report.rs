@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 
-use crate::logic::crd::{APPLIED, DOWN, FAILED, NodeGateway, NodeRoute, NodeRoutes, Route, UP};
+use crate::logic::crd::{
+    APPLIED, DOWN, FAILED, NodeGateway, NodeNoGateway, NodeRoute, NodeRoutes, Route, UP,
+};
+use crate::logic::desired::FailMode;
 use crate::logic::plan::{DesiredState, Problem, ProblemKind};
 
 /// A gateway's state as the health side sees it.
@@ -25,12 +28,23 @@ pub fn reason(kind: &ProblemKind) -> &'static str {
     match kind {
         ProblemKind::Invalid => "Invalid",
         ProblemKind::Conflict { .. } => "Conflict",
+        ProblemKind::NoGateway {
+            mode: FailMode::Closed,
+            ..
+        } => FAILING_CLOSED,
+        ProblemKind::NoGateway {
+            mode: FailMode::Open,
+            ..
+        } => "FallingThrough",
         ProblemKind::GatewayUnreachable { .. } => "GatewayUnreachable",
         ProblemKind::Kernel { .. } => "KernelRefused",
         ProblemKind::SymmetricRouting => "SymmetricRoutingConflict",
         ProblemKind::UnknownUplink => "UnknownUplink",
     }
 }
+
+/// The reason of a Route some of whose destinations refuse traffic on this node.
+pub const FAILING_CLOSED: &str = "FailingClosed";
 
 /// Messages longer than this are cut (a status entry stays small).
 const MAX_MESSAGE: usize = 1024;
@@ -102,6 +116,24 @@ pub fn node_routes(
             destinations: in_kernel,
             ..Default::default()
         };
+        for p in by_route.get(name).into_iter().flatten() {
+            if let ProblemKind::NoGateway {
+                destination,
+                why,
+                mode,
+            } = &p.kind
+            {
+                let d = NodeNoGateway {
+                    destination: destination.to_string(),
+                    reason: why.reason().into(),
+                };
+                match mode {
+                    FailMode::Closed => entry.failing_closed.push(d),
+                    FailMode::Open => entry.falling_through.push(d),
+                }
+            }
+        }
+        out.failing_closed += entry.failing_closed.len() as u32;
         if let Some(ps) = by_route.get(name) {
             // Problems are sorted: the most fundamental kind comes first.
             entry.state = FAILED.into();
@@ -237,7 +269,11 @@ pub fn notes(
     let find_route = |n: &NodeRoutes, name: &str| n.routes.iter().find(|r| r.name == name).cloned();
     for r in &next.routes {
         let before = prev.and_then(|p| find_route(p, &r.name));
-        if r.state == FAILED && r.reason != "Invalid" {
+        out.extend(fail_closed_notes(node, r, before.as_ref()));
+        let was_failing_closed = before.as_ref().is_some_and(|b| b.reason == FAILING_CLOSED);
+        if r.reason == FAILING_CLOSED {
+            // Told per destination, when it starts and when it ends (above).
+        } else if r.state == FAILED && r.reason != "Invalid" {
             let same = before.as_ref().is_some_and(|b| {
                 b.state == r.state && b.reason == r.reason && b.message == r.message
             });
@@ -251,6 +287,7 @@ pub fn notes(
                 });
             }
         } else if r.state == APPLIED
+            && !was_failing_closed
             && let Some(b) = before.filter(|b| b.state == FAILED)
         {
             out.push(Note {
@@ -300,6 +337,47 @@ pub fn notes(
                 key: format!("{route}/{reason}/{}", g.address),
             });
         }
+    }
+    out
+}
+
+/// The Events of a Route's destinations starting and ending to fail closed.
+fn fail_closed_notes(node: &str, r: &NodeRoute, before: Option<&NodeRoute>) -> Vec<Note> {
+    let old: BTreeSet<&NodeNoGateway> = before.iter().flat_map(|b| &b.failing_closed).collect();
+    let new: BTreeSet<&NodeNoGateway> = r.failing_closed.iter().collect();
+    let old_dst: BTreeSet<&str> = old.iter().map(|d| d.destination.as_str()).collect();
+    let new_dst: BTreeSet<&str> = new.iter().map(|d| d.destination.as_str()).collect();
+    let mut out = Vec::new();
+    let started: Vec<String> = new
+        .iter()
+        .filter(|d| !old.contains(*d))
+        .map(|d| format!("{} ({})", d.destination, d.reason))
+        .collect();
+    if !started.is_empty() {
+        out.push(Note {
+            route: r.name.clone(),
+            warning: true,
+            reason: FAILING_CLOSED.into(),
+            note: cut(format!(
+                "node {node}: no usable gateway for {}: its traffic is refused (fail-closed) \
+                 rather than sent out of the node's own default route",
+                started.join(", ")
+            )),
+            key: format!("{}/{FAILING_CLOSED}", r.name),
+        });
+    }
+    let ended: Vec<&str> = old_dst.difference(&new_dst).copied().collect();
+    if !ended.is_empty() {
+        out.push(Note {
+            route: r.name.clone(),
+            warning: false,
+            reason: "FailClosedEnded".into(),
+            note: cut(format!(
+                "node {node}: {} forward through their gateways again",
+                ended.join(", ")
+            )),
+            key: format!("{}/FailClosedEnded", r.name),
+        });
     }
     out
 }
@@ -398,9 +476,11 @@ mod tests {
         NodeInfo::new("node-a", &[])
     }
 
+    /// What the dataplane installs of `d`: every destination with a gateway left.
     fn everything_installed(d: &DesiredState) -> BTreeMap<IpNet, Vec<IpAddr>> {
         d.routes
             .iter()
+            .filter(|(_, r)| !r.gateways.is_empty())
             .map(|(k, r)| (*k, r.gateways.clone()))
             .collect()
     }
@@ -631,5 +711,67 @@ mod tests {
             Some(2),
             "a's two repeats are counted"
         );
+    }
+
+    #[test]
+    fn destinations_failing_closed_are_listed_counted_and_told_when_they_start_and_end() {
+        let routes = [
+            route("a", &["1.0.0.0/8", "2.0.0.0/8"], &["10.0.0.1"], 1),
+            route("b", &["3.0.0.0/8"], &["10.0.0.2"], 1),
+        ];
+        let (d, n0) = build(&routes, &[], None, "T0");
+        let gr = gateway_routes(&d);
+        // 10.0.0.1 down by health: a's two destinations have no gateway left.
+        let mut d1 = plan::plan(&routes, &node());
+        plan::withdraw(&mut d1, &[ip("10.0.0.1")].into());
+        let n1 = node_routes(
+            &routes,
+            &d1,
+            &everything_installed(&d1),
+            &d1.problems,
+            &BTreeMap::new(),
+            Some(&n0),
+            "T1",
+        );
+        let a = &n1.routes[0];
+        assert_eq!(
+            (a.state.as_str(), a.reason.as_str()),
+            (FAILED, FAILING_CLOSED)
+        );
+        assert_eq!(
+            a.failing_closed,
+            vec![
+                NodeNoGateway {
+                    destination: "1.0.0.0/8".into(),
+                    reason: "AllGatewaysDown".into()
+                },
+                NodeNoGateway {
+                    destination: "2.0.0.0/8".into(),
+                    reason: "AllGatewaysDown".into()
+                },
+            ]
+        );
+        assert!(a.destinations.is_empty(), "no real route in the kernel");
+        assert_eq!(n1.failing_closed, 2);
+        assert_eq!(n1.routes[1].state, APPLIED);
+        let start = notes("node-a", Some(&n0), &n1, &gr);
+        let start: Vec<&Note> = start.iter().filter(|n| n.route == "a").collect();
+        assert_eq!(start.len(), 1, "one Event for the Route: {start:?}");
+        assert!(start[0].warning && start[0].reason == FAILING_CLOSED);
+        assert!(
+            start[0].note.contains("1.0.0.0/8 (AllGatewaysDown)"),
+            "{}",
+            start[0].note
+        );
+        // Back: one Event saying so, no generic "Applied".
+        let (_, n2) = build(&routes, &[], Some(&n1), "T2");
+        let end = notes("node-a", Some(&n1), &n2, &gr);
+        let end: Vec<&Note> = end.iter().filter(|n| n.route == "a").collect();
+        assert_eq!(end.len(), 1, "{end:?}");
+        assert_eq!(
+            (end[0].reason.as_str(), end[0].warning),
+            ("FailClosedEnded", false)
+        );
+        assert_eq!(n2.failing_closed, 0);
     }
 }

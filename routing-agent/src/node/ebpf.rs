@@ -48,6 +48,9 @@ pub struct Programs {
     bpf: aya::Ebpf,
     tcx: bool,
     attached: BTreeMap<u32, Attached>,
+    /// The uplink guard (`ra_uplink`, egress only) and the interface it is on.
+    uplink: Option<(u32, String, SchedClassifierLinkId)>,
+    uplink_refused: PerCpuArray<MapData, u64>,
     neigh: HashMap<MapData, NeighKey, GatewaySlot>,
     stats: PerCpuArray<MapData, GatewayStats>,
     gateways: Array<MapData, GatewayInfo>,
@@ -88,6 +91,7 @@ fn layout(name: &str) -> (usize, usize, u32) {
         names::MAP_GW_STATS => (4, size_of::<GatewayStats>(), MAX_GATEWAYS),
         names::MAP_FLOWS => (size_of::<FlowKey>(), size_of::<FlowState>(), MAX_FLOWS),
         names::MAP_GATEWAYS => (4, size_of::<GatewayInfo>(), MAX_GATEWAYS),
+        names::MAP_UPLINK => (4, size_of::<u64>(), 1),
         _ => unreachable!("unknown map {name}"),
     }
 }
@@ -146,6 +150,7 @@ pub fn detach_netlink_filters() -> usize {
         for (t, prog) in [
             (TcAttachType::Egress, names::PROG_EGRESS),
             (TcAttachType::Ingress, names::PROG_INGRESS),
+            (TcAttachType::Egress, names::PROG_UPLINK),
         ] {
             any |= tc::qdisc_detach_program(&name, t, prog).is_ok();
         }
@@ -162,12 +167,55 @@ pub fn tcx_attachments() -> Vec<(String, &'static str)> {
         for (t, dir, prog) in [
             (TcAttachType::Egress, "egress", names::PROG_EGRESS),
             (TcAttachType::Ingress, "ingress", names::PROG_INGRESS),
+            (
+                TcAttachType::Egress,
+                "egress uplink-guard",
+                names::PROG_UPLINK,
+            ),
         ] {
             let Ok((_, progs)) = aya::programs::SchedClassifier::query_tcx(&name, t) else {
                 continue;
             };
             if progs.iter().any(|p| p.name_as_str() == Some(prog)) {
                 out.push((name.clone(), dir));
+            }
+        }
+    }
+    out
+}
+
+/// The agent's cls_bpf filters (the netlink attach mode: kernels before 6.6, or
+/// `--tc-attach netlink`) in this network namespace: (interface, direction, how many of
+/// ours are there). Found by dumping each interface's clsact filters.
+pub async fn netlink_attachments(handle: &rtnetlink::Handle) -> Vec<(String, &'static str, usize)> {
+    use futures::TryStreamExt as _;
+    use netlink_packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
+    let mut out = Vec::new();
+    for (index, name) in interfaces() {
+        for (dir, prog) in [
+            ("egress", names::PROG_EGRESS),
+            ("ingress", names::PROG_INGRESS),
+            ("egress uplink-guard", names::PROG_UPLINK),
+        ] {
+            let mut h = handle.traffic_filter(index as i32);
+            let req = match dir {
+                "ingress" => h.get().ingress(),
+                _ => h.get().egress(),
+            };
+            let mut stream = req.execute();
+            let mut n = 0;
+            while let Ok(Some(m)) = stream.try_next().await {
+                let ours = m.attributes.iter().any(|a| match a {
+                    TcAttribute::Options(opts) => opts.iter().any(|o| {
+                        matches!(o, TcOption::Bpf(TcFilterBpfOption::ProgName(p))
+                            if p.split(':').next() == Some(prog))
+                    }),
+                    _ => false,
+                });
+                n += usize::from(ours);
+            }
+            if n > 0 {
+                out.push((name.clone(), dir, n));
             }
         }
     }
@@ -237,7 +285,7 @@ impl Programs {
             loader.map_pin_path(name, path);
         }
         let mut bpf = loader.load(OBJECT).context("loading the eBPF object")?;
-        for name in [names::PROG_EGRESS, names::PROG_INGRESS] {
+        for name in [names::PROG_EGRESS, names::PROG_INGRESS, names::PROG_UPLINK] {
             let prog: &mut SchedClassifier = bpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
@@ -253,6 +301,7 @@ impl Programs {
         let stats = PerCpuArray::try_from(take(&mut bpf, names::MAP_GW_STATS)?)?;
         let gateways: Array<MapData, GatewayInfo> =
             Array::try_from(take(&mut bpf, names::MAP_GATEWAYS)?)?;
+        let uplink_refused = PerCpuArray::try_from(take(&mut bpf, names::MAP_UPLINK)?)?;
         // What an earlier agent left in the pinned maps, read once.
         let mut slots = BTreeMap::new();
         for index in 0..MAX_GATEWAYS {
@@ -291,6 +340,8 @@ impl Programs {
             bpf,
             tcx,
             attached: BTreeMap::new(),
+            uplink: None,
+            uplink_refused,
             neigh,
             stats,
             gateways,
@@ -384,6 +435,58 @@ impl Programs {
     /// Whether every interface of `ifindexes` has both programs attached.
     pub fn covers(&self, ifindexes: &BTreeSet<u32>) -> bool {
         ifindexes.iter().all(|i| self.attached.contains_key(i))
+    }
+
+    /// Puts the uplink guard on exactly `ifindex` (egress), or nowhere.
+    pub fn guard_uplink(&mut self, ifindex: Option<u32>) {
+        if self.uplink.as_ref().map(|u| u.0) == ifindex {
+            return;
+        }
+        if let Some((_, name, link)) = self.uplink.take() {
+            let _ = self.prog(names::PROG_UPLINK).detach(link);
+            info!(interface = %name, "uplink guard detached");
+        }
+        let Some(i) = ifindex else { return };
+        let Some(name) = ifname(i) else { return };
+        let forwarding =
+            std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{name}/forwarding"));
+        if forwarding.is_ok_and(|f| f.trim() == "0") {
+            warn!(interface = %name,
+                "IPv6 forwarding is off on the public interface: the uplink guard cannot look routes up there and lets everything pass");
+        }
+        let options = if self.tcx {
+            TcAttachOptions::TcxOrder(LinkOrder::default())
+        } else {
+            if let Err(e) = tc::qdisc_add_clsact(&name) {
+                let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST))
+                    || e.to_string().contains("exists");
+                if !exists {
+                    warn!(interface = %name, error = %e, "adding the clsact qdisc for the uplink guard failed");
+                    return;
+                }
+            }
+            TcAttachOptions::Netlink(NlOptions::default())
+        };
+        match self.prog(names::PROG_UPLINK).attach_with_options(
+            &name,
+            TcAttachType::Egress,
+            options,
+        ) {
+            Ok(link) => {
+                info!(interface = %name, tcx = self.tcx,
+                    "uplink guard attached (egress): IPv6 packets the main table refuses never leave here");
+                self.uplink = Some((i, name, link));
+            }
+            Err(e) => warn!(interface = %name, error = %e, "attaching the uplink guard failed"),
+        }
+    }
+
+    /// Packets the uplink guard refused so far (summed over the CPUs).
+    pub fn uplink_refused(&self) -> u64 {
+        self.uplink_refused
+            .get(&0, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
     }
 
     pub fn attached(&self) -> Vec<String> {

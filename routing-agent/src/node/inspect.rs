@@ -23,9 +23,17 @@ pub struct RouteView {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nexthop_id: Option<u32>,
     pub table: u32,
-    /// `ok`, or `fail-closed` when a gateway it still uses is down (its last ones are kept
-    /// rather than falling back to the node's own default route).
+    /// `ok`; `refusing` when only its fail-closed standby route is left (no gateway can be
+    /// used: its traffic is refused rather than sent out of the node's default route);
+    /// `gateway-down` when it still uses a gateway that is down (for a moment, until the
+    /// agent withdraws it).
     pub state: String,
+    /// It has its fail-closed standby route (`unreachable`, at a worse metric).
+    pub standby: bool,
+    /// Why it refuses traffic, as the running agent says (`AllGatewaysDown`,
+    /// `InterfaceDown`, `GatewayUnreachable`); absent when the agent does not answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -55,9 +63,11 @@ pub struct GatewayView {
 pub struct NodeView {
     pub routes: Vec<RouteView>,
     pub rules: Vec<String>,
-    /// TC programs attached (TCX links; `tc filter show` lists the cls_bpf ones of the
-    /// netlink attach mode).
+    /// TC programs attached: TCX links, and cls_bpf filters of the netlink attach mode
+    /// (with a count when an interface carries more than one of a kind).
     pub attachments: Vec<String>,
+    /// Whether the running agent answered on its HTTP port (the reasons come from it).
+    pub agent_answered: bool,
     pub gateways: Vec<GatewayView>,
     /// Why the gateways could not be read (no pins: the agent never ran with eBPF here).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -71,6 +81,23 @@ pub struct Scope<'a> {
     pub tables: Vec<u32>,
     pub rule_priority: Option<u32>,
     pub pin_dir: &'a Path,
+    /// The agent's HTTP port, asked for the reasons behind refusing destinations.
+    pub agent_addr: Option<std::net::SocketAddr>,
+}
+
+/// `GET /status` from the running agent (a plain HTTP/1.0 exchange: one small JSON).
+fn agent_status(addr: std::net::SocketAddr) -> Option<serde_json::Value> {
+    use std::io::{Read as _, Write as _};
+    let timeout = std::time::Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.write_all(b"GET /status HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    (head.split_whitespace().nth(1) == Some("200")).then_some(())?;
+    serde_json::from_str(body).ok()
 }
 
 fn ifname(index: u32) -> String {
@@ -110,27 +137,52 @@ pub async fn read(scope: &Scope<'_>) -> anyhow::Result<NodeView> {
             _ => vec![],
         }
     };
-    let mut routes: Vec<RouteView> = routes::dump_all(&handle)
+    let mut by_dst: BTreeMap<(u32, ipnet::IpNet), RouteView> = BTreeMap::new();
+    let dumped = routes::dump_all(&handle)
         .await
-        .map_err(|e| anyhow::anyhow!("reading the routes: {e}"))?
+        .map_err(|e| anyhow::anyhow!("reading the routes: {e}"))?;
+    for d in dumped
         .into_iter()
         .filter(|d| d.protocol == scope.protocol && scope.tables.contains(&d.table))
-        .map(|d| {
-            let (gws, id) = match &d.target {
-                Target::Nhid(id) => (gateways_of(*id), Some(*id)),
-                Target::Hops(h) => (h.iter().map(|(g, _)| *g).collect(), None),
-            };
-            let mut gateways: Vec<String> = gws.iter().map(|g| g.to_string()).collect();
-            gateways.sort();
-            RouteView {
-                destination: d.dst.to_string(),
-                gateways,
-                nexthop_id: id,
-                table: d.table,
-                state: "ok".into(),
+    {
+        let v = by_dst.entry((d.table, d.dst)).or_insert_with(|| RouteView {
+            destination: d.dst.to_string(),
+            gateways: vec![],
+            nexthop_id: None,
+            table: d.table,
+            state: "refusing".into(),
+            standby: false,
+            reason: None,
+        });
+        if d.unreachable {
+            v.standby = true;
+            continue;
+        }
+        let (gws, id) = match &d.target {
+            Target::Nhid(id) => (gateways_of(*id), Some(*id)),
+            Target::Hops(h) => (h.iter().map(|(g, _)| *g).collect(), None),
+        };
+        let mut gateways: Vec<String> = gws.iter().map(|g| g.to_string()).collect();
+        gateways.sort();
+        v.gateways = gateways;
+        v.nexthop_id = id;
+        v.state = "ok".into();
+    }
+    let status = scope.agent_addr.and_then(agent_status);
+    if let Some(s) = &status {
+        for key in ["failingClosed", "fallingThrough"] {
+            for d in s[key].as_array().into_iter().flatten() {
+                let (Some(dst), Some(reason)) = (d["destination"].as_str(), d["reason"].as_str())
+                else {
+                    continue;
+                };
+                for v in by_dst.values_mut().filter(|v| v.destination == dst) {
+                    v.reason = Some(reason.to_string());
+                }
             }
-        })
-        .collect();
+        }
+    }
+    let mut routes: Vec<RouteView> = by_dst.into_values().collect();
     routes.sort_by(|a, b| (a.table, &a.destination).cmp(&(b.table, &b.destination)));
     let rules = match scope.rule_priority {
         Some(prio) => rules::dump(&handle)
@@ -153,18 +205,28 @@ pub async fn read(scope: &Scope<'_>) -> anyhow::Result<NodeView> {
         .map(|g| g.address.as_str())
         .collect();
     for r in routes.iter_mut() {
-        if r.gateways.iter().any(|g| down.contains(&g.as_str())) {
-            r.state = "fail-closed".into();
+        if r.state == "ok" && r.gateways.iter().any(|g| down.contains(&g.as_str())) {
+            r.state = "gateway-down".into();
         }
     }
-    let attachments = crate::node::ebpf::tcx_attachments()
+    let mut attachments: Vec<String> = crate::node::ebpf::tcx_attachments()
         .into_iter()
         .map(|(i, d)| format!("{i} {d} (tcx)"))
         .collect();
+    attachments.extend(
+        crate::node::ebpf::netlink_attachments(&handle)
+            .await
+            .into_iter()
+            .map(|(i, d, n)| match n {
+                1 => format!("{i} {d} (cls_bpf)"),
+                n => format!("{i} {d} (cls_bpf x{n})"),
+            }),
+    );
     Ok(NodeView {
         routes,
         rules,
         attachments,
+        agent_answered: status.is_some(),
         gateways,
         gateways_unavailable,
     })
@@ -239,17 +301,25 @@ pub fn render(v: &NodeView) -> String {
     let mut out = String::new();
     out.push_str("ROUTES\n");
     out.push_str(&format!(
-        "  {:<22} {:<6} {:<10} {:<12} GATEWAYS\n",
-        "DESTINATION", "TABLE", "NEXTHOP", "STATE"
+        "  {:<22} {:<6} {:<10} {:<12} {:<8} GATEWAYS / REASON\n",
+        "DESTINATION", "TABLE", "NEXTHOP", "STATE", "STANDBY"
     ));
     for r in &v.routes {
+        let what = if r.state == "refusing" {
+            r.reason
+                .clone()
+                .unwrap_or_else(|| "(no usable gateway; the agent did not say why)".into())
+        } else {
+            r.gateways.join(",")
+        };
         out.push_str(&format!(
-            "  {:<22} {:<6} {:<10} {:<12} {}\n",
+            "  {:<22} {:<6} {:<10} {:<12} {:<8} {}\n",
             r.destination,
             r.table,
             r.nexthop_id.map(|i| i.to_string()).unwrap_or("-".into()),
             r.state,
-            r.gateways.join(",")
+            if r.standby { "yes" } else { "no" },
+            what
         ));
     }
     if !v.rules.is_empty() {
@@ -260,7 +330,7 @@ pub fn render(v: &NodeView) -> String {
     }
     out.push_str("ATTACHMENTS\n");
     if v.attachments.is_empty() {
-        out.push_str("  (no TCX attachment: the agent is not running, or attaches through netlink: tc filter show dev IF egress)\n");
+        out.push_str("  (none)\n");
     }
     for a in &v.attachments {
         out.push_str(&format!("  {a}\n"));

@@ -21,6 +21,8 @@ pub struct Probes {
     ready: AtomicBool,
     /// Live while the last heartbeat is at most this old.
     stale_after: Duration,
+    /// `/status`: the agent's last summary (JSON), when it has one.
+    status: std::sync::Mutex<Option<String>>,
 }
 
 impl Probes {
@@ -30,6 +32,7 @@ impl Probes {
             beat_ms: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             stale_after,
+            status: std::sync::Mutex::new(None),
         })
     }
 
@@ -37,6 +40,18 @@ impl Probes {
     pub fn beat(&self) {
         self.beat_ms
             .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// What `/status` answers from now on.
+    pub fn set_status(&self, json: String) {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner()) = Some(json);
+    }
+
+    fn status(&self) -> Option<String> {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn set_ready(&self) {
@@ -100,6 +115,23 @@ pub async fn spawn(
             get(|State(p): State<Arc<Probes>>| async move { answer(p.ready()) }),
         )
         .route(
+            "/status",
+            get(|State(p): State<Arc<Probes>>| async move {
+                match p.status() {
+                    Some(s) => (
+                        StatusCode::OK,
+                        [(axum::http::header::CONTENT_TYPE, "application/json")],
+                        s,
+                    ),
+                    None => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain")],
+                        "no reconcile yet\n".to_string(),
+                    ),
+                }
+            }),
+        )
+        .route(
             "/metrics",
             get(|State(s): State<AppState>| async move {
                 match &s.metrics {
@@ -121,7 +153,7 @@ pub async fn spawn(
         )
         .with_state(AppState { probes, metrics });
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    info!(%addr, "HTTP endpoints listening (/healthz, /readyz, /metrics)");
+    info!(%addr, "HTTP endpoints listening (/healthz, /readyz, /status, /metrics)");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "health endpoint stopped");

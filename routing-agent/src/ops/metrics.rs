@@ -90,6 +90,10 @@ pub struct Metrics {
     pub route_applied: Family<RouteLabels, Gauge>,
     pub destinations_installed: Gauge,
     pub problems: Family<ReasonLabels, Gauge>,
+    /// Destinations refusing traffic because no gateway can be used, by reason.
+    pub failing_closed: Family<ReasonLabels, Gauge>,
+    /// Packets the uplink guard refused (since its map was created).
+    pub uplink_refused: Gauge,
     pub reconcile_duration: Histogram,
     pub reconciles: Counter,
     pub reconcile_errors: Counter,
@@ -118,6 +122,8 @@ impl Metrics {
             route_applied: Family::default(),
             destinations_installed: Gauge::default(),
             problems: Family::default(),
+            failing_closed: Family::default(),
+            uplink_refused: Gauge::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             reconciles: Counter::default(),
             reconcile_errors: Counter::default(),
@@ -203,6 +209,16 @@ impl Metrics {
             "route_problems",
             "Problems with the Routes on this node, by reason",
             m.problems.clone(),
+        );
+        r.register(
+            "destinations_failing_closed",
+            "Destinations whose traffic is refused because none of their gateways can be used (AllGatewaysDown, InterfaceDown, GatewayUnreachable)",
+            m.failing_closed.clone(),
+        );
+        r.register(
+            "uplink_guard_refused_packets",
+            "IPv6 packets dropped on the public interface because the main table refuses their destination (fail-closed under an IPv6 default-route override with symmetric routing)",
+            m.uplink_refused.clone(),
         );
         r.register_with_unit(
             "reconcile_duration",

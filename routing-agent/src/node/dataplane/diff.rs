@@ -23,8 +23,9 @@ pub enum Target {
 /// How routes are expressed in the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
-    /// Nexthop objects and one resilient group per distinct gateway set.
-    Nexthop(Resilient),
+    /// Nexthop objects and one group per distinct gateway set: resilient (Linux ≥ 5.13)
+    /// when given, else hash-threshold.
+    Nexthop(Option<Resilient>),
     /// `RTA_MULTIPATH` routes (kernels without nexthop objects).
     Multipath,
 }
@@ -47,8 +48,21 @@ impl IdRange {
 pub struct KernelState {
     /// Every nexthop object of the namespace (foreign ones too: their ids are taken).
     pub nexthops: Vec<Nexthop>,
-    /// The agent's routes (its protocol, its table) by destination.
+    /// The agent's routes (its protocol, its table, its metric) by destination.
     pub routes: BTreeMap<IpNet, Target>,
+    /// The agent's fail-closed standby routes (`unreachable`, at the standby metric).
+    pub standby: BTreeSet<IpNet>,
+    /// Other routes with the agent's marks (another metric or type: an earlier agent's
+    /// settings): garbage.
+    pub stale: Vec<Stale>,
+}
+
+/// An agent-owned route that is neither a real route nor a standby route of this agent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stale {
+    pub dst: IpNet,
+    pub metric: u32,
+    pub unreachable: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,15 +73,23 @@ pub enum Op {
     ReplaceRoute(IpNet, Target),
     DelRoute(IpNet),
     DelNexthop(u32),
+    /// The fail-closed standby route of a destination (added before its real route,
+    /// deleted after it).
+    AddStandby(IpNet),
+    DelStandby(IpNet),
+    DelStale(Stale),
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("the agent's nexthop id range {base}..{end} is exhausted", end = .0.base + .0.span, base = .0.base)]
 pub struct RangeExhausted(pub IdRange);
 
-/// Diffs `kernel` against `desired` (destination → next hops, non-empty).
+/// Diffs `kernel` against `desired` (destination → next hops, non-empty) and `standby`
+/// (the destinations that fail closed: each has its standby route whether or not it has
+/// a real one).
 pub fn diff(
     desired: &BTreeMap<IpNet, Vec<Hop>>,
+    standby: &BTreeSet<IpNet>,
     kernel: &KernelState,
     mode: Mode,
     range: IdRange,
@@ -87,6 +109,11 @@ pub fn diff(
         Mode::Nexthop(res) => nexthop_targets(desired, kernel, res, range, protocol, &mut ops)?,
     };
 
+    ops.extend(
+        standby
+            .difference(&kernel.standby)
+            .map(|d| Op::AddStandby(*d)),
+    );
     let mut route_ops = Vec::new();
     for (dst, target) in &targets {
         match kernel.routes.get(dst) {
@@ -101,6 +128,13 @@ pub fn diff(
         }
     }
     ops.extend(route_ops);
+    ops.extend(
+        kernel
+            .standby
+            .difference(standby)
+            .map(|d| Op::DelStandby(*d)),
+    );
+    ops.extend(kernel.stale.iter().cloned().map(Op::DelStale));
 
     // Garbage: owned nexthops no desired route reaches any more; groups before members.
     let mut known: BTreeMap<u32, &Nexthop> =
@@ -143,7 +177,7 @@ fn owned(kernel: &KernelState, range: IdRange, protocol: u8) -> impl Iterator<It
 fn nexthop_targets(
     desired: &BTreeMap<IpNet, Vec<Hop>>,
     kernel: &KernelState,
-    res: Resilient,
+    res: Option<Resilient>,
     range: IdRange,
     protocol: u8,
     ops: &mut Vec<Op>,
@@ -189,7 +223,7 @@ fn nexthop_targets(
     let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     for nh in owned(kernel, range, protocol) {
         if let NexthopKind::Group { members, resilient } = &nh.kind
-            && resilient.map(|r| r.buckets) == Some(res.buckets)
+            && resilient.map(|r| r.buckets) == res.map(|r| r.buckets)
         {
             let mut ids: Vec<u32> = members.iter().map(|m| m.0).collect();
             ids.sort();
@@ -230,7 +264,7 @@ fn nexthop_targets(
                         protocol,
                         kind: NexthopKind::Group {
                             members: ids.iter().map(|i| (*i, 1)).collect(),
-                            resilient: Some(res),
+                            resilient: res,
                         },
                     }));
                 }
@@ -256,7 +290,7 @@ fn nexthop_targets(
                     protocol,
                     kind: NexthopKind::Group {
                         members: ids.iter().map(|i| (*i, 1)).collect(),
-                        resilient: Some(res),
+                        resilient: res,
                     },
                 }));
                 groups.insert(g, ids.clone());
@@ -320,15 +354,22 @@ mod tests {
                     assert!(!in_use, "deleting nexthop {id} still used by a route");
                     kernel.nexthops.retain(|k| k.id != *id)
                 }
+                Op::AddStandby(d) => assert!(kernel.standby.insert(*d)),
+                Op::DelStandby(d) => assert!(kernel.standby.remove(d)),
+                Op::DelStale(s) => {
+                    let before = kernel.stale.len();
+                    kernel.stale.retain(|k| k != s);
+                    assert_eq!(kernel.stale.len(), before - 1);
+                }
             }
         }
     }
 
     fn converge(kernel: &mut KernelState, want: &BTreeMap<IpNet, Vec<Hop>>, mode: Mode) -> Vec<Op> {
-        let ops = diff(want, kernel, mode, RANGE, P).unwrap();
+        let ops = diff(want, &BTreeSet::new(), kernel, mode, RANGE, P).unwrap();
         apply(kernel, &ops);
         assert_eq!(
-            diff(want, kernel, mode, RANGE, P).unwrap(),
+            diff(want, &BTreeSet::new(), kernel, mode, RANGE, P).unwrap(),
             vec![],
             "second diff must be empty"
         );
@@ -342,7 +383,7 @@ mod tests {
             ("198.51.100.0/24", &["10.0.0.3", "10.0.0.4"]),
             ("192.0.2.0/24", &["10.0.0.4", "10.0.0.3"]),
         ]);
-        let ops = converge(&mut k, &want, Mode::Nexthop(RES));
+        let ops = converge(&mut k, &want, Mode::Nexthop(Some(RES)));
         assert!(matches!(
             ops[0],
             Op::AddNexthop(Nexthop {
@@ -379,10 +420,18 @@ mod tests {
     fn restart_adopts_without_any_op() {
         let mut k = KernelState::default();
         let want = desired(&[("198.51.100.0/24", &["10.0.0.3", "10.0.0.4", "10.0.0.5"])]);
-        converge(&mut k, &want, Mode::Nexthop(RES));
+        converge(&mut k, &want, Mode::Nexthop(Some(RES)));
         // Same kernel, fresh agent: nothing to do.
         assert_eq!(
-            diff(&want, &k, Mode::Nexthop(RES), RANGE, P).unwrap(),
+            diff(
+                &want,
+                &BTreeSet::new(),
+                &k,
+                Mode::Nexthop(Some(RES)),
+                RANGE,
+                P
+            )
+            .unwrap(),
             vec![]
         );
     }
@@ -393,13 +442,13 @@ mod tests {
         converge(
             &mut k,
             &desired(&[("198.51.100.0/24", &["10.0.0.3", "10.0.0.4"])]),
-            Mode::Nexthop(RES),
+            Mode::Nexthop(Some(RES)),
         );
         let group = k.routes[&net("198.51.100.0/24")].clone();
         let ops = converge(
             &mut k,
             &desired(&[("198.51.100.0/24", &["10.0.0.4", "10.0.0.5"])]),
-            Mode::Nexthop(RES),
+            Mode::Nexthop(Some(RES)),
         );
         // The route keeps its group (flows on 10.0.0.4 keep their buckets); only the
         // group's members change.
@@ -429,7 +478,7 @@ mod tests {
         converge(
             &mut k,
             &desired(&[("198.51.100.0/24", both), ("203.0.113.0/24", both)]),
-            Mode::Nexthop(RES),
+            Mode::Nexthop(Some(RES)),
         );
         let g = k.routes[&net("198.51.100.0/24")].clone();
         assert_eq!(k.routes[&net("203.0.113.0/24")], g, "one group for one set");
@@ -438,7 +487,7 @@ mod tests {
         let ops = converge(
             &mut k,
             &desired(&[("198.51.100.0/24", less), ("203.0.113.0/24", less)]),
-            Mode::Nexthop(RES),
+            Mode::Nexthop(Some(RES)),
         );
         assert_eq!(
             ops.len(),
@@ -456,7 +505,7 @@ mod tests {
                 ("198.51.100.0/24", less),
                 ("203.0.113.0/24", &["10.0.0.5", "10.0.0.6"]),
             ]),
-            Mode::Nexthop(RES),
+            Mode::Nexthop(Some(RES)),
         );
         assert_eq!(k.routes[&net("198.51.100.0/24")], g);
         assert_ne!(k.routes[&net("203.0.113.0/24")], g);
@@ -466,8 +515,9 @@ mod tests {
                     ("198.51.100.0/24", less),
                     ("203.0.113.0/24", &["10.0.0.5", "10.0.0.6"]),
                 ]),
+                &BTreeSet::new(),
                 &k,
-                Mode::Nexthop(RES),
+                Mode::Nexthop(Some(RES)),
                 RANGE,
                 P
             )
@@ -493,13 +543,13 @@ mod tests {
         converge(
             &mut k,
             &desired(&[("198.51.100.0/24", &["10.0.0.3"])]),
-            Mode::Nexthop(RES),
+            Mode::Nexthop(Some(RES)),
         );
         assert!(
             k.nexthops.iter().all(|n| n.id != 1000 || n.protocol == 4),
             "foreign id 1000 skipped"
         );
-        converge(&mut k, &BTreeMap::new(), Mode::Nexthop(RES));
+        converge(&mut k, &BTreeMap::new(), Mode::Nexthop(Some(RES)));
         assert_eq!(k.routes.len(), 0);
         let left: Vec<u32> = k.nexthops.iter().map(|n| n.id).collect();
         assert_eq!(
@@ -534,11 +584,110 @@ mod tests {
         let k = KernelState::default();
         let r = diff(
             &desired(&[("198.51.100.0/24", &["10.0.0.3", "10.0.0.4"])]),
+            &BTreeSet::new(),
             &k,
-            Mode::Nexthop(RES),
+            Mode::Nexthop(Some(RES)),
             IdRange { base: 1, span: 2 },
             P,
         );
         assert_eq!(r, Err(RangeExhausted(IdRange { base: 1, span: 2 })));
+    }
+
+    #[test]
+    fn standby_routes_come_before_their_real_route_and_go_after_it() {
+        let mut k = KernelState::default();
+        let both = desired(&[
+            ("198.51.100.0/24", &["10.0.0.3"]),
+            ("203.0.113.0/24", &["10.0.0.3"]),
+        ]);
+        let standby: BTreeSet<IpNet> = both.keys().copied().collect();
+        let ops = diff(&both, &standby, &k, Mode::Nexthop(Some(RES)), RANGE, P).unwrap();
+        apply(&mut k, &ops);
+        let pos = |want: &Op| ops.iter().position(|o| o == want).unwrap();
+        let add = |d: &str| {
+            ops.iter()
+                .position(|o| matches!(o, Op::AddRoute(x, _) if *x == net(d)))
+                .unwrap()
+        };
+        for d in ["198.51.100.0/24", "203.0.113.0/24"] {
+            assert!(pos(&Op::AddStandby(net(d))) < add(d), "{ops:?}");
+        }
+        assert_eq!(k.standby, standby);
+        assert!(
+            diff(&both, &standby, &k, Mode::Nexthop(Some(RES)), RANGE, P)
+                .unwrap()
+                .is_empty()
+        );
+
+        // No usable gateway for one destination: its real route goes, its standby stays.
+        let one = desired(&[("203.0.113.0/24", &["10.0.0.3"])]);
+        let ops = diff(&one, &standby, &k, Mode::Nexthop(Some(RES)), RANGE, P).unwrap();
+        assert_eq!(ops, vec![Op::DelRoute(net("198.51.100.0/24"))]);
+        apply(&mut k, &ops);
+
+        // Not wanted at all any more: the real route first, then the standby.
+        let ops = diff(
+            &BTreeMap::new(),
+            &BTreeSet::new(),
+            &k,
+            Mode::Nexthop(Some(RES)),
+            RANGE,
+            P,
+        )
+        .unwrap();
+        let del = ops
+            .iter()
+            .position(|o| *o == Op::DelRoute(net("203.0.113.0/24")))
+            .unwrap();
+        assert!(del < pos_in(&ops, &Op::DelStandby(net("203.0.113.0/24"))));
+        assert!(ops.contains(&Op::DelStandby(net("198.51.100.0/24"))));
+        apply(&mut k, &ops);
+        assert!(k.standby.is_empty() && k.routes.is_empty() && k.nexthops.is_empty());
+    }
+
+    fn pos_in(ops: &[Op], want: &Op) -> usize {
+        ops.iter().position(|o| o == want).unwrap()
+    }
+
+    #[test]
+    fn routes_with_the_agents_marks_at_another_metric_are_garbage() {
+        let mut k = KernelState::default();
+        let s = Stale {
+            dst: net("198.51.100.0/24"),
+            metric: 50,
+            unreachable: false,
+        };
+        k.stale.push(s.clone());
+        let ops = diff(
+            &BTreeMap::new(),
+            &BTreeSet::new(),
+            &k,
+            Mode::Multipath,
+            RANGE,
+            P,
+        )
+        .unwrap();
+        assert_eq!(ops, vec![Op::DelStale(s)]);
+    }
+
+    #[test]
+    fn hash_threshold_groups_where_resilient_ones_are_missing() {
+        let mut k = KernelState::default();
+        let want = desired(&[("198.51.100.0/24", &["10.0.0.3", "10.0.0.4"])]);
+        converge(&mut k, &want, Mode::Nexthop(None));
+        let group = k
+            .nexthops
+            .iter()
+            .find(|n| matches!(n.kind, NexthopKind::Group { .. }))
+            .unwrap();
+        assert!(
+            matches!(&group.kind, NexthopKind::Group { resilient: None, members } if members.len() == 2)
+        );
+        // The group is adopted, not replaced, by an agent in the same mode.
+        assert!(
+            diff(&want, &BTreeSet::new(), &k, Mode::Nexthop(None), RANGE, P)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

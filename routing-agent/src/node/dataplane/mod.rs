@@ -19,17 +19,22 @@ use futures::StreamExt;
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
-use crate::logic::plan::{DesiredState, Problem, ProblemKind};
-use diff::{Hop, IdRange, KernelState, Mode, Op};
-use nexthop::{NexthopSocket, NlError, Resilient};
+use crate::logic::desired::{FailMode, NoGateway};
+use crate::logic::plan::{self, DesiredState, Problem, ProblemKind};
+use diff::{Hop, IdRange, KernelState, Mode, Op, Stale};
+use nexthop::{Nexthop, NexthopSocket, NlError, Resilient};
 use routes::RouteKey;
 
 /// How routes are expressed in the kernel, as chosen on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ModeChoice {
-    /// Nexthop objects when the kernel has them, `RTA_MULTIPATH` otherwise.
+    /// The best the kernel accepts, probed at start: resilient nexthop groups (Linux ≥
+    /// 5.13), else hash-threshold nexthop groups (≥ 5.3), else `RTA_MULTIPATH` routes.
     Auto,
+    /// Resilient nexthop groups (fails on a kernel without them).
     Nexthop,
+    /// Nexthop objects with hash-threshold groups.
+    Groups,
     Multipath,
 }
 
@@ -60,6 +65,8 @@ pub struct Outcome {
     pub gateway_oifs: BTreeMap<IpAddr, u32>,
     /// Kernel operations applied (0: the kernel already matched).
     pub changes: usize,
+    /// Destinations with no usable gateway, and what their traffic does meanwhile.
+    pub no_gateway: BTreeMap<IpNet, (NoGateway, FailMode)>,
 }
 
 pub struct Dataplane {
@@ -71,6 +78,86 @@ pub struct Dataplane {
     /// until an override wants some, there is nothing to read back (saves two kernel
     /// dumps per reconcile).
     symmetric_clean: bool,
+    /// The interface each gateway was last reached through: when it stops resolving, the
+    /// state of that interface says why.
+    last_oif: BTreeMap<IpAddr, u32>,
+}
+
+/// What the kernel accepts, best first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    /// Resilient nexthop groups (Linux ≥ 5.13).
+    Resilient,
+    /// Nexthop objects and hash-threshold groups only (Linux 5.3 – 5.12).
+    Groups,
+    /// No nexthop objects: `RTA_MULTIPATH` routes.
+    NoNexthops,
+}
+
+/// Asks the kernel, by trying: a blackhole nexthop and a one-member resilient group of it
+/// (else a hash-threshold group), with two free ids of the agent's range, deleted at once.
+/// Skipped when a resilient group is already there.
+fn probe_kernel(nh: &mut NexthopSocket, ids: IdRange, protocol: u8, res: Resilient) -> Kernel {
+    let Ok(existing) = nh.dump() else {
+        return Kernel::NoNexthops;
+    };
+    // A resilient group already there (an earlier agent's) answers the question without
+    // creating anything: a restart changes nothing in the kernel.
+    if existing.iter().any(|n| {
+        matches!(
+            n.kind,
+            nexthop::NexthopKind::Group {
+                resilient: Some(_),
+                ..
+            }
+        )
+    }) {
+        return Kernel::Resilient;
+    }
+    let taken: BTreeSet<u32> = existing.iter().map(|n| n.id).collect();
+    let mut free = (ids.base..ids.base.saturating_add(ids.span))
+        .rev()
+        .filter(|i| !taken.contains(i));
+    let (Some(member), Some(group)) = (free.next(), free.next()) else {
+        // No room to try: assume the best and let the first reconcile say otherwise.
+        return Kernel::Resilient;
+    };
+    let blackhole = Nexthop {
+        id: member,
+        protocol,
+        kind: nexthop::NexthopKind::Blackhole,
+    };
+    if nh.add(&blackhole, false).is_err() {
+        return Kernel::NoNexthops;
+    }
+    let try_group = |nh: &mut NexthopSocket, resilient: Option<Resilient>| {
+        let g = Nexthop {
+            id: group,
+            protocol,
+            kind: nexthop::NexthopKind::Group {
+                members: vec![(member, 1)],
+                resilient,
+            },
+        };
+        let ok = nh.add(&g, false).is_ok();
+        if ok {
+            let _ = nh.del(group);
+        }
+        ok
+    };
+    let probe = Resilient {
+        buckets: res.buckets.max(1),
+        ..res
+    };
+    let kernel = if try_group(nh, Some(probe)) {
+        Kernel::Resilient
+    } else if try_group(nh, None) {
+        Kernel::Groups
+    } else {
+        Kernel::NoNexthops
+    };
+    let _ = nh.del(member);
+    kernel
 }
 
 impl Dataplane {
@@ -79,23 +166,37 @@ impl Dataplane {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(conn);
         let mut nh = NexthopSocket::new()?;
-        let has_nexthops = nh.dump().is_ok();
-        let mode = match (cfg.mode, has_nexthops) {
-            (ModeChoice::Multipath, _) | (ModeChoice::Auto, false) => Mode::Multipath,
-            (ModeChoice::Nexthop, false) => {
+        let kernel = probe_kernel(&mut nh, cfg.ids, cfg.protocol, cfg.resilient);
+        let mode = match (cfg.mode, kernel) {
+            (ModeChoice::Multipath, _) | (ModeChoice::Auto, Kernel::NoNexthops) => Mode::Multipath,
+            (ModeChoice::Nexthop, Kernel::NoNexthops | Kernel::Groups) => {
                 anyhow::bail!(
-                    "--dataplane nexthop: this kernel has no nexthop objects (Linux >= 5.13 needed)"
+                    "--dataplane nexthop: this kernel has no resilient nexthop groups (Linux >= 5.13 needed)"
                 )
             }
-            (_, true) => Mode::Nexthop(cfg.resilient),
+            (ModeChoice::Groups, Kernel::NoNexthops) => {
+                anyhow::bail!(
+                    "--dataplane groups: this kernel has no nexthop objects (Linux >= 5.3 needed)"
+                )
+            }
+            (ModeChoice::Groups, _) | (ModeChoice::Auto, Kernel::Groups) => Mode::Nexthop(None),
+            (_, Kernel::Resilient) => Mode::Nexthop(Some(cfg.resilient)),
         };
-        info!(?mode, kernel_has_nexthops = has_nexthops, "dataplane mode");
+        let chosen = match mode {
+            Mode::Nexthop(Some(_)) => "resilient nexthop groups",
+            Mode::Nexthop(None) => {
+                "hash-threshold nexthop groups (this kernel has no resilient groups: Linux >= 5.13)"
+            }
+            Mode::Multipath => "RTA_MULTIPATH routes",
+        };
+        info!(?mode, ?kernel, "dataplane: {chosen}");
         Ok(Dataplane {
             handle,
             nh: matches!(mode, Mode::Nexthop(_)).then_some(nh),
             mode,
             cfg,
             symmetric_clean: false,
+            last_oif: BTreeMap::new(),
         })
     }
 
@@ -112,11 +213,59 @@ impl Dataplane {
             Some(s) => s.dump()?,
             None => vec![],
         };
-        let routes = routes::dump_owned(&self.handle, self.key())
-            .await?
-            .into_iter()
-            .collect();
-        Ok(KernelState { nexthops, routes })
+        let key = self.key();
+        let mut state = KernelState {
+            nexthops,
+            ..KernelState::default()
+        };
+        for d in routes::dump_owned(&self.handle, key).await? {
+            if d.unicast && d.metric == key.metric_of(&d.dst) {
+                state.routes.insert(d.dst, d.target);
+            } else if d.unreachable && d.metric == key.standby_metric_of(&d.dst) {
+                state.standby.insert(d.dst);
+            } else {
+                state.stale.push(Stale {
+                    dst: d.dst,
+                    metric: d.metric,
+                    unreachable: d.unreachable,
+                });
+            }
+        }
+        Ok(state)
+    }
+
+    /// Why none of `gateways` resolves: the interface they were last reached through is
+    /// down or gone, or they are simply not on a connected network.
+    async fn why_unreachable(&self, gateways: &[IpAddr]) -> NoGateway {
+        use futures::TryStreamExt as _;
+        use netlink_packet_route::link::{LinkAttribute, LinkFlags};
+        for oif in gateways.iter().filter_map(|g| self.last_oif.get(g)) {
+            let mut links = self.handle.link().get().match_index(*oif).execute();
+            match links.try_next().await {
+                Ok(Some(link)) => {
+                    let up = link.header.flags.contains(LinkFlags::Up)
+                        && link.header.flags.contains(LinkFlags::LowerUp);
+                    if !up {
+                        let interface = link
+                            .attributes
+                            .iter()
+                            .find_map(|a| match a {
+                                LinkAttribute::IfName(n) => Some(n.clone()),
+                                _ => None,
+                            })
+                            .unwrap_or_else(|| format!("if{oif}"));
+                        return NoGateway::InterfaceDown { interface };
+                    }
+                }
+                // Gone.
+                _ => {
+                    return NoGateway::InterfaceDown {
+                        interface: format!("if{oif} (gone)"),
+                    };
+                }
+            }
+        }
+        NoGateway::Unreachable
     }
 
     /// Level-based reconcile: read what the agent owns, diff, apply the difference.
@@ -139,9 +288,15 @@ impl Dataplane {
             .iter()
             .filter_map(|(g, r)| Some((*g, *r.as_ref().ok()?)))
             .collect();
+        self.last_oif.extend(&gateway_oifs);
         let mut want: BTreeMap<IpNet, Vec<Hop>> = BTreeMap::new();
+        let mut standby: BTreeSet<IpNet> = BTreeSet::new();
+        let mut no_gateway = BTreeMap::new();
         let mut reported: BTreeSet<(String, IpAddr)> = BTreeSet::new();
         for (dst, r) in &desired.routes {
+            if r.fail_mode == FailMode::Closed {
+                standby.insert(*dst);
+            }
             let mut hops = Vec::new();
             for gw in &r.gateways {
                 match &reach[gw] {
@@ -162,6 +317,13 @@ impl Dataplane {
             }
             if !hops.is_empty() {
                 want.insert(*dst, hops);
+            } else if r.gateways.is_empty() {
+                // Every gateway down by health: the planner reported it.
+                no_gateway.insert(*dst, (NoGateway::AllDown, r.fail_mode));
+            } else {
+                let why = self.why_unreachable(&r.gateways).await;
+                no_gateway.insert(*dst, (why.clone(), r.fail_mode));
+                problems.push(plan::no_gateway(r, why));
             }
         }
 
@@ -173,17 +335,29 @@ impl Dataplane {
         }
 
         let kernel = self.snapshot().await?;
-        let ops = diff::diff(&want, &kernel, self.mode, self.cfg.ids, self.cfg.protocol)?;
+        let ops = diff::diff(
+            &want,
+            &standby,
+            &kernel,
+            self.mode,
+            self.cfg.ids,
+            self.cfg.protocol,
+        )?;
         let failed = self.apply(&ops).await;
         let mut changes = ops.len();
-        for (dst, err) in &failed {
+        for (dst, err, is_standby) in &failed {
             changes -= 1;
             let owner = desired
                 .routes
                 .get(dst)
                 .map(|r| r.owner.clone())
                 .unwrap_or_default();
-            let message = if err.errno == libc::EEXIST {
+            let message = if *is_standby {
+                format!(
+                    "Route {owner}: destination {dst}: the kernel refused its fail-closed \
+                     standby route: {err}"
+                )
+            } else if err.errno == libc::EEXIST {
                 format!(
                     "Route {owner}: destination {dst}: a route the agent does not own already exists \
                      in table {}; leaving it alone",
@@ -202,7 +376,11 @@ impl Dataplane {
 
         changes += self.sync_symmetric(desired, &mut problems).await;
 
-        let failed_dsts: BTreeSet<IpNet> = failed.iter().map(|(d, _)| *d).collect();
+        let failed_dsts: BTreeSet<IpNet> = failed
+            .iter()
+            .filter(|(_, _, is_standby)| !is_standby)
+            .map(|(d, _, _)| *d)
+            .collect();
         let mut installed = BTreeMap::new();
         let mut interfaces = BTreeSet::new();
         for (dst, hops) in &want {
@@ -221,6 +399,7 @@ impl Dataplane {
             interfaces,
             gateway_oifs,
             changes,
+            no_gateway,
         })
     }
 
@@ -278,6 +457,8 @@ impl Dataplane {
                         )
                     })
                     .collect();
+                let have: Vec<(IpNet, diff::Target)> =
+                    have.into_iter().map(|d| (d.dst, d.target)).collect();
                 for (dst, _) in have.iter().filter(|(d, _)| !want.contains_key(d)) {
                     match routes::del(&self.handle, key, *dst).await {
                         Ok(()) => changes += 1,
@@ -328,10 +509,10 @@ impl Dataplane {
     }
 
     /// Applies ops phase by phase (nexthops, routes, garbage); routes within a phase go
-    /// out concurrently. Returns the destinations whose route operation failed.
-    async fn apply(&mut self, ops: &[Op]) -> Vec<(IpNet, NlError)> {
+    /// out concurrently. Returns the destinations whose route operation failed, and
+    /// whether it was of their standby route.
+    async fn apply(&mut self, ops: &[Op]) -> Vec<(IpNet, NlError, bool)> {
         let mut failed = Vec::new();
-        let key = self.key();
         // Nexthops first (members, then groups: the diff orders them).
         for op in ops {
             if let Op::AddNexthop(n) | Op::ReplaceNexthop(n) = op {
@@ -343,36 +524,19 @@ impl Dataplane {
                 }
             }
         }
-        let handle = self.handle.clone();
-        let results: Vec<Option<(IpNet, NlError)>> =
-            futures::stream::iter(ops.iter().filter_map(|op| match op {
-                Op::AddRoute(d, t) => Some((*d, Some(t.clone()), false)),
-                Op::ReplaceRoute(d, t) => Some((*d, Some(t.clone()), true)),
-                Op::DelRoute(d) => Some((*d, None, false)),
-                _ => None,
-            }))
-            .map(|(dst, target, replace)| {
-                let handle = handle.clone();
-                async move {
-                    let r = match &target {
-                        Some(t) => routes::add(&handle, key, dst, t, replace).await,
-                        None => routes::del(&handle, key, dst).await,
-                    };
-                    match r {
-                        Ok(()) => {
-                            debug!(%dst, ?target, replace, "route applied");
-                            None
-                        }
-                        // Already gone: the goal is reached.
-                        Err(e) if target.is_none() && e.errno == libc::ESRCH => None,
-                        Err(e) => Some((dst, e)),
-                    }
-                }
-            })
-            .buffer_unordered(64)
-            .collect()
-            .await;
-        failed.extend(results.into_iter().flatten());
+        // Standby routes before the real routes they stand behind, then the real routes,
+        // then the standby and stale routes that go: a destination that is wanted is never
+        // left with neither.
+        let adds = ops.iter().filter(|o| matches!(o, Op::AddStandby(_)));
+        failed.extend(self.routes_phase(adds).await);
+        let real = ops
+            .iter()
+            .filter(|o| matches!(o, Op::AddRoute(..) | Op::ReplaceRoute(..) | Op::DelRoute(_)));
+        failed.extend(self.routes_phase(real).await);
+        let dels = ops
+            .iter()
+            .filter(|o| matches!(o, Op::DelStandby(_) | Op::DelStale(_)));
+        failed.extend(self.routes_phase(dels).await);
         for op in ops {
             if let Op::DelNexthop(id) = op
                 && let Some(s) = &mut self.nh
@@ -383,6 +547,53 @@ impl Dataplane {
             }
         }
         failed
+    }
+
+    /// Applies route ops concurrently (64 in flight). Returns the destinations whose
+    /// operation failed; deleting what is already gone is no failure.
+    async fn routes_phase<'a>(
+        &self,
+        ops: impl Iterator<Item = &'a Op>,
+    ) -> Vec<(IpNet, NlError, bool)> {
+        let key = self.key();
+        let results: Vec<Option<(IpNet, NlError, bool)>> = futures::stream::iter(ops)
+            .map(|op| {
+                let handle = self.handle.clone();
+                async move {
+                    let h = &handle;
+                    let (dst, deleting, r) = match op {
+                        Op::AddRoute(d, t) => (*d, false, routes::add(h, key, *d, t, false).await),
+                        Op::ReplaceRoute(d, t) => {
+                            (*d, false, routes::add(h, key, *d, t, true).await)
+                        }
+                        Op::DelRoute(d) => (*d, true, routes::del(h, key, *d).await),
+                        Op::AddStandby(d) => (*d, false, routes::add_standby(h, key, *d).await),
+                        Op::DelStandby(d) => {
+                            let metric = key.standby_metric_of(d);
+                            (*d, true, routes::del_at(h, key, *d, metric, true).await)
+                        }
+                        Op::DelStale(s) => {
+                            let r = routes::del_at(h, key, s.dst, s.metric, s.unreachable).await;
+                            (s.dst, true, r)
+                        }
+                        _ => return None,
+                    };
+                    let is_standby = matches!(op, Op::AddStandby(_) | Op::DelStandby(_));
+                    match r {
+                        Ok(()) => {
+                            debug!(?op, "route applied");
+                            None
+                        }
+                        // Already gone: the goal is reached.
+                        Err(e) if deleting && e.errno == libc::ESRCH => None,
+                        Err(e) => Some((dst, e, is_standby)),
+                    }
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        results.into_iter().flatten().collect()
     }
 
     /// The neighbour entries of `gateways` (gateway → interface it is reached through).

@@ -16,6 +16,8 @@ pub struct Neighbour {
     /// None while unresolved (INCOMPLETE, FAILED).
     pub mac: Option<[u8; 6]>,
     pub failed: bool,
+    /// INCOMPLETE or FAILED: the kernel is (or gave up) resolving it.
+    pub unresolved: bool,
 }
 
 /// Dumps the neighbour table and keeps the entries of `gateways` (gateway → interface).
@@ -57,6 +59,10 @@ pub async fn gateways(
                 ifindex: m.header.ifindex,
                 mac: if resolved { mac } else { None },
                 failed,
+                unresolved: matches!(
+                    m.header.state,
+                    NeighbourState::Incomplete | NeighbourState::Failed
+                ),
             },
         );
     }

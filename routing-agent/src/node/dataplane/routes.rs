@@ -24,6 +24,28 @@ pub struct RouteKey {
     pub metric: u32,
 }
 
+/// IPv6 routes added with metric 0 get this one (`IP6_RT_PRIO_USER`).
+const IP6_DEFAULT_METRIC: u32 = 1024;
+
+impl RouteKey {
+    /// The metric the kernel gives the agent's real route to `dst`: the configured one,
+    /// or 1024 for an IPv6 route configured with 0. Always given explicitly: an IPv6
+    /// delete without a metric would remove whichever of the agent's routes comes first.
+    pub fn metric_of(&self, dst: &IpNet) -> u32 {
+        match dst {
+            IpNet::V6(_) if self.metric == 0 => IP6_DEFAULT_METRIC,
+            _ => self.metric,
+        }
+    }
+
+    /// The metric of the fail-closed standby route to `dst`: just worse than the real one,
+    /// so that it carries nothing while the real route is there and refuses the traffic
+    /// the moment the kernel drops it.
+    pub fn standby_metric_of(&self, dst: &IpNet) -> u32 {
+        self.metric_of(dst).saturating_add(1)
+    }
+}
+
 pub fn nl_error(e: rtnetlink::Error) -> NlError {
     match e {
         rtnetlink::Error::NetlinkError(m) => NlError {
@@ -62,20 +84,24 @@ fn table_of(m: &RouteMessage) -> u32 {
 }
 
 fn base_message(key: RouteKey, dst: IpNet) -> RouteMessage {
+    message_at(key, dst, key.metric_of(&dst), RouteType::Unicast)
+}
+
+fn message_at(key: RouteKey, dst: IpNet, metric: u32, kind: RouteType) -> RouteMessage {
     let mut m = RouteMessage::default();
     m.header.address_family = family(&dst.addr());
     m.header.destination_prefix_length = dst.prefix_len();
     m.header.table = u8::try_from(key.table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
     m.header.protocol = RouteProtocol::from(key.protocol);
     m.header.scope = RouteScope::Universe;
-    m.header.kind = RouteType::Unicast;
+    m.header.kind = kind;
     if dst.prefix_len() > 0 {
         m.attributes
             .push(RouteAttribute::Destination(addr(dst.addr())));
     }
     m.attributes.push(RouteAttribute::Table(key.table));
-    if key.metric != 0 {
-        m.attributes.push(RouteAttribute::Priority(key.metric));
+    if metric != 0 {
+        m.attributes.push(RouteAttribute::Priority(metric));
     }
     m
 }
@@ -120,6 +146,8 @@ pub struct Dumped {
     pub target: Target,
     pub metric: u32,
     pub unicast: bool,
+    /// An `unreachable` route (the agent's fail-closed standby routes are).
+    pub unreachable: bool,
 }
 
 fn parse(m: &RouteMessage) -> Option<Dumped> {
@@ -182,6 +210,7 @@ fn parse(m: &RouteMessage) -> Option<Dumped> {
         target,
         metric,
         unicast: m.header.kind == RouteType::Unicast,
+        unreachable: m.header.kind == RouteType::Unreachable,
     })
 }
 
@@ -205,12 +234,11 @@ pub async fn dump_all(handle: &Handle) -> Result<Vec<Dumped>, NlError> {
 }
 
 /// The agent's routes (both families) in its table, marked with its protocol.
-pub async fn dump_owned(handle: &Handle, key: RouteKey) -> Result<Vec<(IpNet, Target)>, NlError> {
+pub async fn dump_owned(handle: &Handle, key: RouteKey) -> Result<Vec<Dumped>, NlError> {
     Ok(dump_all(handle)
         .await?
         .into_iter()
         .filter(|d| d.protocol == key.protocol && d.table == key.table)
-        .map(|d| (d.dst, d.target))
         .collect())
 }
 
@@ -232,6 +260,42 @@ pub async fn del(handle: &Handle, key: RouteKey, dst: IpNet) -> Result<(), NlErr
     handle
         .route()
         .del(base_message(key, dst))
+        .execute()
+        .await
+        .map_err(nl_error)
+}
+
+/// Adds the fail-closed standby route to `dst`: `unreachable`, at the standby metric.
+pub async fn add_standby(handle: &Handle, key: RouteKey, dst: IpNet) -> Result<(), NlError> {
+    handle
+        .route()
+        .add(message_at(
+            key,
+            dst,
+            key.standby_metric_of(&dst),
+            RouteType::Unreachable,
+        ))
+        .execute()
+        .await
+        .map_err(nl_error)
+}
+
+/// Deletes the agent's route to `dst` at `metric`, of type unreachable or unicast.
+pub async fn del_at(
+    handle: &Handle,
+    key: RouteKey,
+    dst: IpNet,
+    metric: u32,
+    unreachable: bool,
+) -> Result<(), NlError> {
+    let kind = if unreachable {
+        RouteType::Unreachable
+    } else {
+        RouteType::Unicast
+    };
+    handle
+        .route()
+        .del(message_at(key, dst, metric, kind))
         .execute()
         .await
         .map_err(nl_error)
