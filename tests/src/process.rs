@@ -52,6 +52,26 @@ pub fn route_yaml(
     y
 }
 
+/// The `k`-th prefix of the scale tests and benchmarks (`100.64.0.0/24` onwards, one /24
+/// each).
+pub fn scale_prefix(k: usize) -> String {
+    format!("100.{}.{}.0/24", 64 + k / 256, k % 256)
+}
+
+/// `routes` Route manifests of 5 destinations each (`scale_prefix(first..)`), named
+/// `{name}{index}`, over `gateways`, as one multi-document file: a VPN's prefix list.
+pub fn scale_routes_yaml(name: &str, routes: usize, first: usize, gateways: &[String]) -> String {
+    let g: Vec<&str> = gateways.iter().map(String::as_str).collect();
+    (0..routes)
+        .map(|r| {
+            let d: Vec<String> = (0..5).map(|j| scale_prefix(first + r * 5 + j)).collect();
+            let d: Vec<&str> = d.iter().map(String::as_str).collect();
+            route_yaml(&format!("{name}{r:05}"), &d, &g, None)
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
 /// Writes a file atomically (rename), as editors and config management do.
 pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_file_name(format!(

@@ -160,6 +160,13 @@ impl Lab {
     /// Starts `per_second` new connections per second from `node` to the echo server at
     /// `dst`, each on its own thread, until the returned stream is stopped.
     pub fn stream(&self, node: &str, dst: IpAddr, per_second: u32) -> Stream {
+        self.stream_with(node, dst, per_second, false)
+    }
+
+    /// Like [`Lab::stream`], each socket bound to an ephemeral port before it connects
+    /// (`bound`): IPv6 connections then spread over ECMP gateways on every kernel (6.1 and
+    /// 6.12 hash a kernel-chosen port as 0, so one destination takes one gateway).
+    pub fn stream_with(&self, node: &str, dst: IpAddr, per_second: u32, bound: bool) -> Stream {
         let ns = self.node_ns(node);
         let stop = Arc::new(AtomicBool::new(false));
         let log: Arc<std::sync::Mutex<Vec<Attempt>>> = Arc::default();
@@ -173,7 +180,8 @@ impl Lab {
                 let log = log2.clone();
                 let worker = spawn_in_netns(&ns, move || {
                     let started = Instant::now();
-                    let result = echo(addr).map_err(|e| e.to_string());
+                    let result = if bound { echo_bound(addr) } else { echo(addr) };
+                    let result = result.map_err(|e| e.to_string());
                     log.lock().unwrap().push(Attempt { started, result });
                 });
                 match worker {

@@ -738,3 +738,61 @@ fn nexthop_group_kinds_auto_and_hash_threshold() -> Result<()> {
     assert!(seen.len() >= 2, "hash-threshold group spread: {seen:?}");
     Ok(())
 }
+
+/// 10,000 prefixes (2,000 Routes × 5 over three gateways): a restart (SIGTERM, then
+/// SIGKILL) adopts them without one route event, and `cleanup` removes them all.
+#[test]
+fn restart_and_cleanup_at_10000_prefixes() -> Result<()> {
+    let lab = Lab::new(LabSpec::default())?;
+    lab.wait_ipv6_settled("a")?;
+    let dir = lab.routes_dir("routes")?;
+    std::fs::write(
+        dir.join("r.yaml"),
+        scale_routes_yaml("r", 2000, 0, &[v4(1), v4(2), v4(3)]),
+    )?;
+    let mut agent = Agent::start(&lab, "a", &dir, &["--no-ebpf"])?;
+    agent.wait_settled(10_000)?;
+    let count = |lab: &Lab| -> Result<usize> {
+        Ok(lab
+            .ip_json("a", "route show proto 196")?
+            .as_array()
+            .map_or(0, Vec::len))
+    };
+    ensure_eq(count(&lab)?, 20_000, "real and standby routes")?;
+    let monitor = lab.monitor("a", &["route", "nexthop"])?;
+    for kill in [false, true] {
+        if kill {
+            agent.kill();
+        }
+        agent.restart()?;
+        let st = agent.wait_status("first reconcile after the restart", |s| {
+            s["reconciles"].as_u64() >= Some(1)
+        })?;
+        ensure_eq(
+            st["lastChanges"].as_u64(),
+            Some(0),
+            "changes after the restart",
+        )?;
+        agent.wait_settled(10_000)?;
+    }
+    let events = monitor.events()?;
+    anyhow::ensure!(
+        events.trim().is_empty(),
+        "route events across the restarts: {} lines",
+        events.lines().count()
+    );
+    agent.stop();
+    lab.cleanup("a")?;
+    ensure_eq(count(&lab)?, 0, "routes left after cleanup")?;
+    anyhow::ensure!(
+        lab.ip_json("a", "nexthop show")?
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
+    Ok(())
+}
+
+fn ensure_eq<T: PartialEq + std::fmt::Debug>(got: T, want: T, what: &str) -> Result<()> {
+    anyhow::ensure!(got == want, "{what}: {got:?}, want {want:?}");
+    Ok(())
+}

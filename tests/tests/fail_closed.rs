@@ -310,8 +310,10 @@ impl World {
     /// second one): refused, never leaked; reported with its reason; back after repair.
     fn face(&mut self, face: Face) -> Result<()> {
         let echo = self.echo();
-        let main = self.lab.stream("a", echo, 10);
-        let second = self.lab.stream("a", SECOND.server(self.v6), 10);
+        // Bound sockets: the node's own IPv6 connections spread over the gateways on 6.1 and
+        // 6.12 too, so that every gateway of a face carries traffic to be judged by.
+        let main = self.lab.stream_with("a", echo, 10, true);
+        let second = self.lab.stream_with("a", SECOND.server(self.v6), 10, true);
         std::thread::sleep(Duration::from_secs(1));
         self.apply(face)?;
         let egress = self.egress.clone();

@@ -2,7 +2,7 @@
 //! `cp` namespace): the generated CRD is accepted and enforces its schema, Routes written
 //! for the DigitalOcean agent apply unchanged, and RBAC is enforced for the agent's
 //! ServiceAccount identity. Needs root and `cargo xtask setup` (builds the API server once).
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, ensure};
 use routing_agent_tests::kube::ControlPlane;
@@ -126,11 +126,19 @@ const EGRESS_SELECTOR: &str = "nodeSelectorTerms:
 
 /// Waits until node a's route to `DEST_V4` has exactly `want` gateways (empty: no route).
 fn wait_gateways(lab: &Lab, want: &[String], what: &str) -> Result<()> {
+    wait_gateways_of(lab, DEST_V4, want, what)
+}
+
+/// Waits until node a's route to `dst` has exactly `want` gateways (empty: no route).
+fn wait_gateways_of(lab: &Lab, dst: &str, want: &[String], what: &str) -> Result<()> {
     wait_for(what, Duration::from_secs(30), || {
-        let have = lab.route_gateways("a", DEST_V4).ok()?;
+        let have = lab.route_gateways("a", dst).ok()?;
         (have == want).then_some(())
     })
 }
+
+/// A second destination of the lab's.
+const DEST2_V4: &str = "192.0.2.0/25";
 
 #[test]
 fn routes_from_the_api_server_follow_edits_node_labels_and_deletes() -> Result<()> {
@@ -211,10 +219,32 @@ fn routes_stay_while_the_api_server_is_gone_and_resync_when_it_is_back() -> Resu
         "{code} {body}"
     );
 
+    // A longer outage: the watchers' back-off is capped (a few seconds), so how soon the
+    // agent is back does not grow with it.
+    for _ in 0..60 {
+        std::thread::sleep(Duration::from_millis(250));
+        ensure!(
+            lab.route_gateways("a", DEST_V4)? == want,
+            "the route changed"
+        );
+    }
     cp.start_apiserver()?;
     cp.wait_ready()?;
-    // Back: ready once the first list arrived, and a change made now reaches the kernel
-    // (the watchers relisted).
+    let back = Instant::now();
+    // Back: a Route created now reaches the kernel (the watchers relisted), and nothing
+    // was removed meanwhile.
+    cp.apply(&route_yaml("after", &[DEST2_V4], &[&g1], None))?;
+    wait_gateways_of(
+        &lab,
+        DEST2_V4,
+        std::slice::from_ref(&g1),
+        "the new Route after the outage",
+    )?;
+    eprintln!(
+        "a Route created after a 20 s outage reached the kernel {:?} after the API server was ready",
+        back.elapsed()
+    );
+    ensure!(lab.route_gateways("a", DEST_V4)? == want);
     wait_for("the agent ready", Duration::from_secs(30), || {
         (health_get(&lab, "a", "/readyz").ok()?.0 == 200).then_some(())
     })?;

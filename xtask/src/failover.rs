@@ -57,11 +57,46 @@ struct Setup {
     agent: Agent,
 }
 
-fn setup(args: &[&str]) -> Result<Setup> {
+/// Routes of 5 destinations, `prefixes` in all, over the lab's three gateways (next to the
+/// measured Route, through the same group).
+fn other_prefixes(dir: &std::path::Path, prefixes: usize) -> Result<()> {
+    if prefixes == 0 {
+        return Ok(());
+    }
+    let gws: Vec<String> = (1..=3).map(gateway_v4).collect();
+    std::fs::write(
+        dir.join("vpn.yaml"),
+        scale_routes_yaml("vpn", prefixes.div_ceil(5), 0, &gws),
+    )?;
+    Ok(())
+}
+
+fn setup(args: &[&str], prefixes: usize) -> Result<Setup> {
     let lab = Lab::new(LabSpec::default())?;
     let dir = lab.ecmp_routes(3)?;
-    let mut agent = Agent::start(&lab, "a", &dir, args)?;
-    agent.wait_settled(1)?;
+    other_prefixes(&dir, prefixes)?;
+    let mut agent = Agent::launch(&lab, "a", &dir, args, prefixes == 0)?;
+    if prefixes == 0 {
+        agent.wait_settled(1)?;
+    } else {
+        // No status file at scale (it would be most of the agent's work): the kernel says.
+        wait_for("every route installed", Duration::from_secs(120), || {
+            (lab.route(
+                "a",
+                &format!(
+                    "100.{}.{}.0/24",
+                    64 + (prefixes - 1) / 256,
+                    (prefixes - 1) % 256
+                ),
+            )
+            .ok()??
+            .is_object()
+                && lab.route("a", DEST_V4).ok()?.is_some())
+            .then_some(())
+        })?;
+        std::thread::sleep(Duration::from_secs(2));
+        return Ok(Setup { lab, agent });
+    }
     if !args.contains(&"--no-ebpf") {
         agent.wait_resolved(3)?;
     }
@@ -181,6 +216,22 @@ fn baseline(lab: &Lab, face: Failure, n: usize, window: Duration) -> Result<(f64
     Ok((failed as f64 / total.max(1) as f64, last))
 }
 
+fn print_results(results: &[(String, Trials)], prefixes: usize) {
+    println!();
+    let others = if prefixes > 0 {
+        format!(", {prefixes} other prefixes on the same group")
+    } else {
+        String::new()
+    };
+    println!(
+        "| face, dataplane (agent, 3 gateways, 10 new conn/s, 12 long-lived{others}) | trials | withdrawal after the failure p50 / p90 / max | attempts failed before it, mean | failed after it | long-lived on healthy gateways alive | back in the route after healing p50 / max (probe every 5 s) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for (name, t) in results {
+        row(name, t);
+    }
+}
+
 fn row(name: &str, t: &Trials) {
     let failed: Vec<f64> = t.failed.iter().map(|&f| f as f64).collect();
     println!(
@@ -206,7 +257,7 @@ fn row(name: &str, t: &Trials) {
     }
 }
 
-pub fn run(n: usize, baseline_trials: usize) -> Result<()> {
+pub fn run(n: usize, baseline_trials: usize, prefixes: usize) -> Result<()> {
     let faces = [
         (
             "forwarding dropped (ARP, ping answer)",
@@ -222,16 +273,21 @@ pub fn run(n: usize, baseline_trials: usize) -> Result<()> {
     let agent_args = ["--probe-interval", "5s", "--flap-window", "1s"];
     let mut results = Vec::new();
     {
-        let mut s = setup(&agent_args)?;
+        let mut s = setup(&agent_args, prefixes)?;
         for (name, face) in faces {
             eprintln!("resilient group, {name}: {n} trials");
             results.push((format!("{name}, resilient group"), trials(&mut s, face, n)?));
         }
     }
+    if prefixes > 0 {
+        // At scale: the faces with the resilient group only, no baseline.
+        print_results(&results, prefixes);
+        return Ok(());
+    }
     {
         let mut args = agent_args.to_vec();
         args.extend(["--dataplane", "multipath"]);
-        let mut s = setup(&args)?;
+        let mut s = setup(&args, 0)?;
         eprintln!("RTA_MULTIPATH, forwarding dropped: {n} trials");
         results.push((
             "forwarding dropped, `RTA_MULTIPATH`".into(),
@@ -241,7 +297,7 @@ pub fn run(n: usize, baseline_trials: usize) -> Result<()> {
     for dp in ["nexthop", "multipath"] {
         let mut args = agent_args.to_vec();
         args.extend(["--dataplane", dp, "--flow-pinning", "false"]);
-        let mut s = setup(&args)?;
+        let mut s = setup(&args, 0)?;
         eprintln!("{dp}, no flow pinning, forwarding dropped: {n} trials");
         let what = if dp == "nexthop" {
             "resilient group"
@@ -266,14 +322,7 @@ pub fn run(n: usize, baseline_trials: usize) -> Result<()> {
         }
     }
 
-    println!();
-    println!(
-        "| face, dataplane (agent, 3 gateways, 10 new conn/s, 12 long-lived) | trials | withdrawal after the failure p50 / p90 / max | attempts failed before it, mean | failed after it | long-lived on healthy gateways alive | back in the route after healing p50 / max (probe every 5 s) |"
-    );
-    println!("|---|---|---|---|---|---|---|");
-    for (name, t) in &results {
-        row(name, t);
-    }
+    print_results(&results, 0);
     println!();
     println!(
         "| kernel alone (no agent; L4 hash, `fib_multipath_use_neigh=1`), {} s after the failure | dataplane | new connections failed | last failure started after (per trial) |",

@@ -2,6 +2,7 @@
 mod bench;
 mod demo;
 mod failover;
+mod scale;
 mod setup;
 mod tccost;
 mod vm;
@@ -41,6 +42,10 @@ enum Cmd {
         /// Trials per face of the kernel-alone baseline (failover), 30 s each.
         #[arg(long, default_value_t = 2)]
         baseline_trials: usize,
+        /// Other prefixes on the same gateways (failover at scale: Routes of 5
+        /// destinations each next to the measured one).
+        #[arg(long, default_value_t = 0)]
+        prefixes: usize,
     },
     /// Regenerate deploy/crd.yaml from the Rust types.
     GenCrd,
@@ -210,7 +215,8 @@ fn main() -> Result<()> {
             which,
             trials,
             baseline_trials,
-        } => bench::run(which, trials, baseline_trials),
+            prefixes,
+        } => bench::run(which, trials, baseline_trials, prefixes),
         Cmd::GenCrd => gen_crd(),
         Cmd::VmTest {
             kernels,

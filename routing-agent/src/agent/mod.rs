@@ -36,6 +36,21 @@ use crate::logic::selector::NodeInfo;
 use crate::node::dataplane::Outcome;
 use crate::source::Snapshot;
 
+/// How much a reconcile redoes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    /// Everything: read the kernel and the node's facts again (a netlink change of
+    /// someone else's, a retry, the periodic resync).
+    Fresh,
+    /// The Routes or this node changed: plan again; diff against the kernel as the agent
+    /// left it.
+    Replan,
+    /// A gateway changed state: the last plan with the new withdrawals, diffed against the
+    /// kernel as the agent left it (a withdrawal is one group replace, whatever the number
+    /// of routes).
+    Health,
+}
+
 /// What an event asks of the runtime once the agent has handled it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Next {
@@ -89,6 +104,9 @@ struct Watch {
     warmed: BTreeMap<IpAddr, Instant>,
 }
 
+/// How soon a pass that changed the kernel is confirmed by a fresh one.
+const VERIFY_AFTER: Duration = Duration::from_millis(250);
+
 /// How often an unresolved gateway is pinged so that its MAC is known (and its traffic
 /// attributed) before the first connection through it.
 const WARM_UP_EVERY: Duration = Duration::from_secs(5);
@@ -116,8 +134,14 @@ pub struct Agent<K, P> {
     retry_at: Option<Instant>,
     /// The NodeRouteStatus last handed to the publisher.
     reported: Option<NodeRoutes>,
-    /// The status file's last content.
-    last_doc: Option<serde_json::Value>,
+    /// The status file's part that changes with a reconcile (`None`: build it again).
+    status_base: Option<serde_json::Value>,
+    /// The status file's last per-tick part (attachments, gateways).
+    last_doc: Option<(Vec<String>, serde_json::Value)>,
+    /// The last plan before withdrawals (what a health pass starts from).
+    planned: Option<DesiredState>,
+    /// The node facts of the last plan with an override (read again on a fresh pass).
+    facts: Option<default_route::NodeFacts>,
 }
 
 impl<K: Kernel, P: TcPrograms> Agent<K, P> {
@@ -152,6 +176,9 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
             retry_at: None,
             reported: None,
             last_doc: None,
+            status_base: None,
+            planned: None,
+            facts: None,
         }
     }
 
@@ -200,24 +227,24 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
             info!(labels = ?labels, "this node's labels changed");
             self.node.labels = labels;
         }
-        self.reconcile().await
+        self.reconcile(Pass::Replan).await
     }
 
     /// Routes, nexthops, links, addresses or rules changed in this namespace (a burst of
     /// notifications, coalesced by the caller).
     pub async fn on_netlink(&mut self) -> Next {
-        self.reconcile().await
+        self.reconcile(Pass::Fresh).await
     }
 
     /// The retry deadline ([`Agent::retry_at`]) passed.
     pub async fn on_retry(&mut self) -> Next {
         self.retry_at = None;
-        self.reconcile().await
+        self.reconcile(Pass::Fresh).await
     }
 
     /// The periodic resync: the same full reconcile, whether or not anything was notified.
     pub async fn on_resync(&mut self) -> Next {
-        self.reconcile().await
+        self.reconcile(Pass::Fresh).await
     }
 
     /// A health tick: neighbour table → attribution map; counters + neighbour state →
@@ -235,7 +262,7 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
             self.log_transition(t);
             self.count_transition(t);
         }
-        let after = self.reconcile().await;
+        let after = self.reconcile(Pass::Health).await;
         next.probe.extend(after.probe);
         next.warm_up.extend(after.warm_up);
         next
@@ -268,7 +295,7 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
             return Next::default();
         }
         self.record(gw);
-        self.reconcile().await
+        self.reconcile(Pass::Health).await
     }
 
     /// SIGTERM or Ctrl-C: stop; the installed routes stay.
@@ -280,53 +307,23 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
         }
     }
 
-    /// The full, level-based reconcile.
-    async fn reconcile(&mut self) -> Next {
+    /// The level-based reconcile, as much of it as `pass` needs.
+    async fn reconcile(&mut self, pass: Pass) -> Next {
         // Until the source has delivered its first complete view, the kernel stays as it
         // is: a restart never removes routes it has not yet been told to remove.
-        let Some(routes) = &self.routes else {
+        if self.routes.is_none() {
             return Next::default();
+        }
+        if pass == Pass::Fresh {
+            self.facts = None;
+        }
+        let mut desired = match (&self.planned, pass) {
+            (Some(planned), Pass::Health) => planned.clone(),
+            _ => match self.plan(pass).await {
+                Some(d) => d,
+                None => return Next::default(),
+            },
         };
-        let mut desired = plan::plan_with(routes, &self.node, &self.cfg.policy);
-        // Default-route overrides: what must stay reachable through the node's own uplink.
-        // Without the facts, nothing changes (an override without its protection could cut
-        // the node off). Read only while an override is planned: the kernel dumps and
-        // resolv.conf are not needed otherwise (no override: nothing to protect).
-        if desired.routes.values().any(|r| r.from_default) {
-            let facts = match self.cfg.protect.protection(&self.endpoints) {
-                Ok(p) => self
-                    .kernel
-                    .facts(p.symmetric.as_ref())
-                    .await
-                    .map(|f| (p, f))
-                    .map_err(|e| {
-                        format!("cannot read the node's routes, addresses and rules: {e}")
-                    }),
-                Err(e) => Err(e),
-            };
-            match facts {
-                Ok((protection, facts)) => {
-                    default_route::protect(&mut desired, &facts, &protection)
-                }
-                Err(e) => {
-                    self.cfg.metrics.reconcile_errors.inc();
-                    let wait = self.backoff.step();
-                    error!(error = %e, retry_in = ?wait, "reconcile skipped; nothing changed");
-                    self.retry_at = Some(Instant::now() + wait);
-                    return Next::default();
-                }
-            }
-        }
-        let all_gateways: BTreeSet<IpAddr> = desired
-            .routes
-            .values()
-            .flat_map(|r| r.gateways.iter().copied())
-            .collect();
-        self.watch.peers = health::peers(desired.routes.values().map(|r| r.gateways.as_slice()));
-        self.health.set_gateways(&all_gateways, Instant::now());
-        if let Some(p) = &mut self.programs {
-            p.set_gateways(&all_gateways);
-        }
         let all_down = plan::withdraw(&mut desired, &self.health.down());
         for (dst, gws) in &all_down {
             if self.watch.all_down.get(dst) != Some(gws) {
@@ -341,11 +338,17 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
         }
         self.watch.all_down = all_down;
         let started = Instant::now();
-        match self.kernel.reconcile(&desired).await {
+        match self.kernel.reconcile(&desired, pass == Pass::Fresh).await {
             Ok(outcome) => {
                 self.reconciles += 1;
                 if let Some(p) = &mut self.programs {
-                    p.sync(&outcome.interfaces);
+                    p.sync(
+                        &outcome
+                            .interfaces
+                            .union(&outcome.gateway_interfaces)
+                            .copied()
+                            .collect(),
+                    );
                     // The IPv6 fallback-source leak exists only with symmetric rules for
                     // IPv6 (see `ra_uplink` in the eBPF crate).
                     let v6_rules = desired.overrides.rules.iter().any(|r| r.source.is_ipv6());
@@ -380,7 +383,10 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
                     self.retry_at = Some(Instant::now() + self.backoff.step());
                 } else {
                     self.backoff.reset();
-                    self.retry_at = None;
+                    // A pass that changed the kernel is confirmed by a fresh one shortly
+                    // after (its own notifications no longer wake the agent): the kernel
+                    // is read back once, and the status says when nothing is left to do.
+                    self.retry_at = (outcome.changes > 0).then(|| Instant::now() + VERIFY_AFTER);
                 }
                 status::log_reconcile(&desired, &outcome, self.last.as_ref(), took);
                 if self
@@ -408,6 +414,7 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
                 }
                 self.send_report(&desired, &outcome);
                 self.last = Some((desired, outcome));
+                self.status_base = None;
                 self.emit_status();
             }
             Err(e) => {
@@ -418,6 +425,60 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
             }
         }
         Next::default()
+    }
+
+    /// Plans from the latest Routes and node, with the protection of any default-route
+    /// override (the node facts are read again on a fresh pass only), and hands the
+    /// gateways to health and the TC programs. `None`: the facts could not be read; a retry
+    /// is scheduled and nothing changes.
+    async fn plan(&mut self, pass: Pass) -> Option<DesiredState> {
+        let routes = self.routes.as_ref()?;
+        let mut desired = plan::plan_with(routes, &self.node, &self.cfg.policy);
+        // Default-route overrides: what must stay reachable through the node's own uplink.
+        // Without the facts, nothing changes (an override without its protection could cut
+        // the node off). Read only while an override is planned: the kernel dumps and
+        // resolv.conf are not needed otherwise (no override: nothing to protect).
+        if desired.routes.values().any(|r| r.from_default) {
+            let protection = self.cfg.protect.protection(&self.endpoints);
+            let facts = match (&protection, self.facts.take()) {
+                (Ok(_), Some(f)) if pass != Pass::Fresh => Ok(f),
+                (Ok(p), _) => self.kernel.facts(p.symmetric.as_ref()).await.map_err(|e| {
+                    format!("cannot read the node's routes, addresses and rules: {e}")
+                }),
+                (Err(e), _) => Err(e.clone()),
+            };
+            match (protection, facts) {
+                (Ok(protection), Ok(facts)) => {
+                    default_route::protect(&mut desired, &facts, &protection);
+                    self.facts = Some(facts);
+                }
+                (_, Err(e)) | (Err(e), _) => {
+                    self.cfg.metrics.reconcile_errors.inc();
+                    let wait = self.backoff.step();
+                    error!(error = %e, retry_in = ?wait, "reconcile skipped; nothing changed");
+                    self.retry_at = Some(Instant::now() + wait);
+                    return None;
+                }
+            }
+        }
+        let all_gateways: BTreeSet<IpAddr> = desired
+            .routes
+            .values()
+            .flat_map(|r| r.gateways.iter().copied())
+            .collect();
+        // Peers from the distinct gateway sets (thousands of destinations share a few).
+        let sets: BTreeSet<&[IpAddr]> = desired
+            .routes
+            .values()
+            .map(|r| r.gateways.as_slice())
+            .collect();
+        self.watch.peers = health::peers(sets);
+        self.health.set_gateways(&all_gateways, Instant::now());
+        if let Some(p) = &mut self.programs {
+            p.set_gateways(&all_gateways);
+        }
+        self.planned = Some(desired.clone());
+        Some(desired)
     }
 
     /// One health tick's reading and judging. Returns the transitions (already recorded

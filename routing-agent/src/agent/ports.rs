@@ -16,9 +16,10 @@ use crate::node::ebpf::{HealthRecord, Programs};
 // The agent's loop runs on the main task (`block_on`): no `Send` bound is needed.
 #[allow(async_fn_in_trait)]
 pub trait Kernel {
-    /// Level-based: makes the agent's kernel objects exactly `desired` (see
+    /// Level-based: makes the agent's kernel objects exactly `desired`; `fresh`: read the
+    /// kernel first rather than trust the view the last reconcile left (see
     /// [`Dataplane::reconcile`]).
-    async fn reconcile(&mut self, desired: &DesiredState) -> anyhow::Result<Outcome>;
+    async fn reconcile(&mut self, desired: &DesiredState, fresh: bool) -> anyhow::Result<Outcome>;
     /// The node's own default routes, addresses and rules, for default-route planning.
     async fn facts(&self, symmetric: Option<&Symmetric>) -> Result<NodeFacts, NlError>;
     /// The neighbour entries of `gateways` (gateway → interface it is reached through).
@@ -29,8 +30,8 @@ pub trait Kernel {
 }
 
 impl Kernel for Dataplane {
-    async fn reconcile(&mut self, desired: &DesiredState) -> anyhow::Result<Outcome> {
-        Dataplane::reconcile(self, desired).await
+    async fn reconcile(&mut self, desired: &DesiredState, fresh: bool) -> anyhow::Result<Outcome> {
+        Dataplane::reconcile(self, desired, fresh).await
     }
     async fn facts(&self, symmetric: Option<&Symmetric>) -> Result<NodeFacts, NlError> {
         Dataplane::facts(self, symmetric).await

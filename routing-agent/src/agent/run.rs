@@ -18,7 +18,7 @@ pub async fn run(
     mut snapshots: mpsc::Receiver<Snapshot>,
 ) -> anyhow::Result<()> {
     let (wake_tx, mut wake_rx) = mpsc::channel(1);
-    monitor::spawn(wake_tx)?;
+    monitor::spawn(wake_tx, dataplane.marks(), dataplane.echo())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut resync = tokio::time::interval(cfg.resync);
     let mut tick = tokio::time::interval(cfg.health_tick);

@@ -1,6 +1,6 @@
 //! What the agent tells about itself after an event: log lines, metrics, the status file,
 //! the NodeRouteStatus handed to the publisher, and the health records in the slots.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -56,24 +56,19 @@ pub(super) fn log_reconcile(
         Some((d, o)) => (o.problems.as_slice(), d.warnings.as_slice()),
         None => (&[][..], &[][..]),
     };
-    for p in outcome
-        .problems
-        .iter()
-        .filter(|p| !old_problems.contains(p))
-    {
+    // Sets: thousands of destinations failing alike are thousands of problems.
+    let (old_p, new_p): (BTreeSet<_>, BTreeSet<_>) = (
+        old_problems.iter().collect(),
+        outcome.problems.iter().collect(),
+    );
+    for p in new_p.difference(&old_p) {
         warn!(route = %p.route, "{}", p.message);
     }
-    for p in old_problems
-        .iter()
-        .filter(|p| !outcome.problems.contains(p))
-    {
+    for p in old_p.difference(&new_p) {
         info!(route = %p.route, "resolved: {}", p.message);
     }
-    for w in desired
-        .warnings
-        .iter()
-        .filter(|w| !old_warnings.contains(w))
-    {
+    let old_w: BTreeSet<_> = old_warnings.iter().collect();
+    for w in desired.warnings.iter().filter(|w| !old_w.contains(w)) {
         warn!("{w}");
     }
     if outcome.changes > 0 || last.is_none() {
@@ -111,12 +106,12 @@ pub(super) fn no_gateway_doc(desired: &DesiredState, outcome: &Outcome) -> serde
     })
 }
 
+/// The part of the status file that changes only with a reconcile (built once per
+/// reconcile, not once per health tick: at 10,000 routes it is most of the file).
 fn status_doc(
     node: &str,
     desired: &DesiredState,
     outcome: &Outcome,
-    attached: &[String],
-    gateways: &[serde_json::Value],
     reconciles: u64,
 ) -> serde_json::Value {
     let routes: Vec<_> = outcome
@@ -150,8 +145,6 @@ fn status_doc(
         "fallingThrough": no_gateway["fallingThrough"],
         "problems": problems,
         "warnings": desired.warnings,
-        "attached": attached,
-        "gateways": gateways,
         "defaultRoute": report::default_routes(desired),
     })
 }
@@ -335,25 +328,43 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
             .as_ref()
             .map(|p| p.attached())
             .unwrap_or_default();
-        let gateways = self.gateway_status();
-        let doc = status_doc(
-            &self.cfg.node.name,
-            desired,
-            outcome,
-            &attached,
-            &gateways,
-            self.reconciles,
-        );
-        if self.last_doc.as_ref() == Some(&doc) {
+        let gateways = serde_json::Value::Array(self.gateway_status());
+        let rebuilt = self.status_base.is_none();
+        if rebuilt {
+            self.status_base = Some(status_doc(
+                &self.cfg.node.name,
+                desired,
+                outcome,
+                self.reconciles,
+            ));
+        }
+        let tick = (attached, gateways);
+        if !rebuilt && self.last_doc.as_ref() == Some(&tick) {
             return;
         }
+        /// The file: the reconcile's part with this tick's attachments and gateways.
+        #[derive(serde::Serialize)]
+        struct Doc<'a> {
+            #[serde(flatten)]
+            base: &'a serde_json::Value,
+            attached: &'a [String],
+            gateways: &'a serde_json::Value,
+        }
+        let doc = Doc {
+            base: self.status_base.as_ref().expect("built above"),
+            attached: &tick.0,
+            gateways: &tick.1,
+        };
         let write = || -> std::io::Result<()> {
             let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec_pretty(&doc)?)?;
+            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+            serde_json::to_writer_pretty(&mut f, &doc)?;
+            std::io::Write::flush(&mut f)?;
+            drop(f);
             std::fs::rename(tmp, path)
         };
         match write() {
-            Ok(()) => self.last_doc = Some(doc),
+            Ok(()) => self.last_doc = Some(tick),
             Err(e) => warn!(path = %path.display(), error = %e, "cannot write the status file"),
         }
     }

@@ -33,6 +33,8 @@ fn net(s: &str) -> IpNet {
 #[derive(Default)]
 struct FakeKernel {
     plans: Vec<DesiredState>,
+    /// Whether each reconcile was asked to read the kernel first.
+    fresh: Vec<bool>,
     unreachable: BTreeSet<IpAddr>,
     neighbours: BTreeMap<IpAddr, Neighbour>,
 }
@@ -44,8 +46,9 @@ impl FakeKernel {
 }
 
 impl Kernel for FakeKernel {
-    async fn reconcile(&mut self, desired: &DesiredState) -> anyhow::Result<Outcome> {
+    async fn reconcile(&mut self, desired: &DesiredState, fresh: bool) -> anyhow::Result<Outcome> {
         self.plans.push(desired.clone());
+        self.fresh.push(fresh);
         let mut out = Outcome {
             problems: desired.problems.clone(),
             ..Outcome::default()
@@ -75,6 +78,9 @@ impl Kernel for FakeKernel {
         }
         out.problems.sort();
         out.problems.dedup();
+        // Something changed when the plan did (as the kernel would say).
+        let n = self.plans.len();
+        out.changes = usize::from(n < 2 || self.plans[n - 2] != self.plans[n - 1]);
         Ok(out)
     }
 
@@ -256,7 +262,12 @@ async fn a_snapshot_is_planned_and_reconciled() {
     let p = a.programs_mut().unwrap();
     assert_eq!(p.gateways, [ip(A), ip(B)].into());
     assert_eq!(p.attached, [OIF].into());
-    assert_eq!(a.retry_at(), None);
+    // The pass changed the kernel: a fresh one confirms it shortly after, then nothing.
+    let verify = a.retry_at().expect("a confirming pass is scheduled");
+    assert!(verify <= Instant::now() + VERIFY_AFTER);
+    a.on_retry().await;
+    assert_eq!(a.kernel().fresh.last(), Some(&true));
+    assert_eq!(a.retry_at(), None, "nothing changed: nothing scheduled");
 }
 
 #[tokio::test]
@@ -451,4 +462,41 @@ async fn without_programs_there_is_no_health_and_shutdown_stops() {
     assert_eq!(a.on_health_tick(Instant::now()).await, Next::default());
     assert_eq!(a.kernel().plans.len(), n);
     assert!(a.on_shutdown().stop);
+}
+
+#[tokio::test]
+async fn only_someone_elses_change_a_retry_or_the_resync_read_the_kernel() {
+    let mut a = agent(FakePrograms::default());
+    a.on_snapshot(snapshot(vec![route("r", &[DST], &[A, B])]))
+        .await;
+    a.on_snapshot(snapshot(vec![route("r", &[DST], &[A])]))
+        .await;
+    a.on_netlink().await;
+    a.on_resync().await;
+    a.on_retry().await;
+    assert_eq!(
+        a.kernel().fresh,
+        vec![false, false, true, true, true],
+        "edits diff against the kernel as the agent left it"
+    );
+}
+
+#[tokio::test]
+async fn a_withdrawal_starts_from_the_last_plan_and_reads_nothing() {
+    let mut a = agent(FakePrograms::default());
+    a.on_snapshot(snapshot(vec![route("r", &[DST], &[A, B])]))
+        .await;
+    let t0 = Instant::now();
+    tick(&mut a, t0, 0, &[(A, sent(0, 0, 0)), (B, sent(0, 0, 0))]).await;
+    tick(&mut a, t0, 200, &[(A, sent(2, 0, 0)), (B, sent(3, 0, 3))]).await;
+    // The Routes the agent holds change without a snapshot (they cannot, but if they did,
+    // a health pass must not pick them up: it is not a plan).
+    a.routes = Some(vec![]);
+    tick(&mut a, t0, 1200, &[(A, sent(2, 1, 0)), (B, sent(6, 0, 6))]).await;
+    assert_eq!(a.kernel().fresh.last(), Some(&false));
+    assert_eq!(
+        gateways_of(a.kernel().last_plan(), DST),
+        (vec![ip(B)], vec![ip(A)]),
+        "the last plan, A withdrawn"
+    );
 }

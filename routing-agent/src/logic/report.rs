@@ -96,14 +96,14 @@ pub fn node_routes(
                 .map(|p| p.route.as_str()),
         )
         .collect();
+    // Each Route's destinations, gathered once (linear in destinations).
+    let mut by_owner: BTreeMap<&str, Vec<&IpNet>> = BTreeMap::new();
+    for (d, r) in &desired.routes {
+        by_owner.entry(r.owner.as_str()).or_default().push(d);
+    }
     let mut out = NodeRoutes::default();
     for name in names {
-        let planned: Vec<&IpNet> = desired
-            .routes
-            .iter()
-            .filter(|(_, r)| r.owner == name)
-            .map(|(d, _)| d)
-            .collect();
+        let planned: Vec<&IpNet> = by_owner.remove(name).unwrap_or_default();
         let in_kernel: Vec<String> = planned
             .iter()
             .filter(|d| installed.contains_key(d))

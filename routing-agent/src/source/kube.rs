@@ -5,14 +5,15 @@
 //! node's current labels (a relabelled node re-plans at once) and the endpoint addresses
 //! (protected while the default route is overridden).
 //!
-//! A lost API server is the watchers' business: they retry with back-off and relist when
-//! it is back; nothing is sent meanwhile, so the agent keeps the kernel as it is. Before
+//! A lost API server is the watchers' business: they retry (see [`super::retry`]: capped
+//! at a few seconds, with jitter; a 410 relists at once) and relist when it is back;
+//! nothing is sent meanwhile, so the agent keeps the kernel as it is. Before
 //! the first complete list nothing is sent either (a restart while the API server is down
 //! changes nothing).
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Endpoints, Node};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::runtime::{reflector, watcher};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -62,9 +63,10 @@ pub fn spawn(
             watcher::Config::default(),
         ),
     )
-    .default_backoff()
-    .map(|e| signal(Kind::Routes, e))
     .boxed();
+    let route_events = super::retry::backoff(route_events)
+        .map(|e| signal(Kind::Routes, e))
+        .boxed();
     let node_events = reflector(
         nodes_writer,
         watcher(
@@ -72,9 +74,10 @@ pub fn spawn(
             watcher::Config::default().fields(&format!("metadata.name={node}")),
         ),
     )
-    .default_backoff()
-    .map(|e| signal(Kind::Node, e))
     .boxed();
+    let node_events = super::retry::backoff(node_events)
+        .map(|e| signal(Kind::Node, e))
+        .boxed();
     let (endpoint_events, control_plane) = control_plane_endpoints(client.clone());
     tokio::spawn(async move {
         let mut events = stream::select_all([route_events, node_events, endpoint_events]);
@@ -147,27 +150,29 @@ fn control_plane_endpoints(
             "following the control-plane endpoints"
         );
         if use_slices {
-            reflector(
+            let events = reflector(
                 slices_writer,
                 watcher(
                     Api::<EndpointSlice>::namespaced(client, "default"),
                     watcher::Config::default().labels("kubernetes.io/service-name=kubernetes"),
                 ),
             )
-            .default_backoff()
-            .map(|e| signal(Kind::Endpoints, e))
-            .boxed()
+            .boxed();
+            super::retry::backoff(events)
+                .map(|e| signal(Kind::Endpoints, e))
+                .boxed()
         } else {
-            reflector(
+            let events = reflector(
                 endpoints_writer,
                 watcher(
                     Api::<Endpoints>::namespaced(client, "default"),
                     watcher::Config::default().fields("metadata.name=kubernetes"),
                 ),
             )
-            .default_backoff()
-            .map(|e| signal(Kind::Endpoints, e))
-            .boxed()
+            .boxed();
+            super::retry::backoff(events)
+                .map(|e| signal(Kind::Endpoints, e))
+                .boxed()
         }
     })
     .flatten()
@@ -208,7 +213,7 @@ async fn serves_endpoint_slices(client: &Client) -> bool {
             Err(e) => {
                 warn!(error = %e, retry_in = ?wait, "cannot ask the API server which APIs it serves; retrying");
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(std::time::Duration::from_secs(30));
+                wait = (wait * 2).min(std::time::Duration::from_secs(2));
             }
         }
     }

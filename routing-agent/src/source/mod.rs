@@ -3,6 +3,7 @@
 //! Kubernetes source plugs into the same channel.
 pub mod dir;
 pub mod kube;
+mod retry;
 
 use crate::logic::crd::Route;
 

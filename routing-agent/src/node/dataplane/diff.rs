@@ -57,6 +57,33 @@ pub struct KernelState {
     pub stale: Vec<Stale>,
 }
 
+impl KernelState {
+    /// What the kernel holds after `op` succeeded: keeps the agent's view of its own
+    /// objects current without reading them back.
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::AddNexthop(n) | Op::ReplaceNexthop(n) => {
+                self.nexthops.retain(|k| k.id != n.id);
+                self.nexthops.push(n.clone());
+            }
+            Op::DelNexthop(id) => self.nexthops.retain(|k| k.id != *id),
+            Op::AddRoute(d, t) | Op::ReplaceRoute(d, t) => {
+                self.routes.insert(*d, t.clone());
+            }
+            Op::DelRoute(d) => {
+                self.routes.remove(d);
+            }
+            Op::AddStandby(d) => {
+                self.standby.insert(*d);
+            }
+            Op::DelStandby(d) => {
+                self.standby.remove(d);
+            }
+            Op::DelStale(s) => self.stale.retain(|k| k != s),
+        }
+    }
+}
+
 /// An agent-owned route that is neither a real route nor a standby route of this agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stale {
@@ -214,12 +241,15 @@ fn nexthop_targets(
         }
     }
 
-    // Resilient groups. A route keeps its group when it can: the group's members are
-    // replaced in place (one RTM_NEWNEXTHOP replace), so that flows on the gateways that
-    // stay keep their buckets, hence their gateway. That is what a withdrawal or an edit
-    // needs. A group is changed in place only when every route that uses it wants the same
-    // members; otherwise the route moves to a group with exactly its members (found again
-    // by its members, or new).
+    // Groups (resilient where the kernel has them). A route keeps its group when it can:
+    // the group's members are replaced in place (one RTM_NEWNEXTHOP replace), so that flows
+    // on the gateways that stay keep their buckets, hence their gateway. That is what a
+    // withdrawal or an edit needs. A group is changed in place only when every route that
+    // uses it wants the same members; otherwise each route goes to a group with exactly its
+    // members (found again by its members, or new).
+    //
+    // Linear in routes + groups: each distinct member set is worked out once (thousands of
+    // destinations share a few gateway sets), and each group's verdict once.
     let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     for nh in owned(kernel, range, protocol) {
         if let NexthopKind::Group { members, resilient } = &nh.kind
@@ -230,74 +260,102 @@ fn nexthop_targets(
             groups.insert(nh.id, ids);
         }
     }
-    let members_of = |hops: &Vec<Hop>| -> Vec<u32> {
-        let mut ids: Vec<u32> = hops.iter().map(|h| hop_ids[h]).collect();
-        ids.sort();
-        ids.dedup();
-        ids
-    };
-    let mut users: BTreeMap<u32, Vec<IpNet>> = BTreeMap::new();
+    // The distinct member sets wanted, and each destination's.
+    let mut sets: Vec<Vec<u32>> = Vec::new();
+    let mut set_index: BTreeMap<&[Hop], usize> = BTreeMap::new();
+    let mut by_members: BTreeMap<Vec<u32>, usize> = BTreeMap::new();
+    let mut wanted: BTreeMap<IpNet, usize> = BTreeMap::new();
+    for (dst, hops) in desired {
+        let s = match set_index.get(hops.as_slice()) {
+            Some(s) => *s,
+            None => {
+                let mut ids: Vec<u32> = hops.iter().map(|h| hop_ids[h]).collect();
+                ids.sort();
+                ids.dedup();
+                let s = *by_members.entry(ids.clone()).or_insert_with(|| {
+                    sets.push(ids);
+                    sets.len() - 1
+                });
+                set_index.insert(hops.as_slice(), s);
+                s
+            }
+        };
+        wanted.insert(*dst, s);
+    }
+    // What the desired users of each group want: one set, or a conflict (`None`).
+    let mut verdict: BTreeMap<u32, Option<usize>> = BTreeMap::new();
     for (dst, t) in &kernel.routes {
-        if let Target::Nhid(g) = t
+        if let (Target::Nhid(g), Some(s)) = (t, wanted.get(dst))
             && groups.contains_key(g)
         {
-            users.entry(*g).or_default().push(*dst);
+            verdict
+                .entry(*g)
+                .and_modify(|v| {
+                    if *v != Some(*s) {
+                        *v = None
+                    }
+                })
+                .or_insert(Some(*s));
         }
     }
-    // Groups whose members were decided this round.
-    let mut decided: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-    let mut targets = BTreeMap::new();
-    for (dst, hops) in desired {
-        let ids = members_of(hops);
-        if let Some(Target::Nhid(g)) = kernel.routes.get(dst)
-            && groups.contains_key(g)
-        {
-            let consistent = users[g].iter().all(|d| match desired.get(d) {
-                Some(h) => members_of(h) == ids,
-                None => true,
-            });
-            let free = decided.get(g).is_none_or(|m| *m == ids);
-            if consistent && free {
-                if groups[g] != ids && !decided.contains_key(g) {
-                    ops.push(Op::ReplaceNexthop(Nexthop {
-                        id: *g,
-                        protocol,
-                        kind: NexthopKind::Group {
-                            members: ids.iter().map(|i| (*i, 1)).collect(),
-                            resilient: res,
-                        },
-                    }));
-                }
-                decided.insert(*g, ids);
-                targets.insert(*dst, Target::Nhid(*g));
-                continue;
-            }
-        }
-        // A group that has (or will have) exactly these members and is not being
-        // repurposed, else a new one.
-        let existing = groups
-            .iter()
-            .filter(|(g, m)| decided.get(g).map_or(**m == ids, |d| *d == ids))
-            .map(|(g, _)| *g)
-            .chain(decided.iter().filter(|(_, m)| **m == ids).map(|(g, _)| *g))
-            .next();
-        let gid = match existing {
-            Some(g) => g,
-            None => {
-                let g = alloc()?;
-                ops.push(Op::AddNexthop(Nexthop {
-                    id: g,
+    // Groups whose members are decided: in place where every user agrees.
+    let mut decided: BTreeMap<u32, usize> = BTreeMap::new();
+    // A group that has (or will have) each set.
+    let mut group_of: BTreeMap<usize, u32> = BTreeMap::new();
+    for (g, v) in &verdict {
+        if let Some(s) = v {
+            if groups[g] != sets[*s] {
+                ops.push(Op::ReplaceNexthop(Nexthop {
+                    id: *g,
                     protocol,
                     kind: NexthopKind::Group {
-                        members: ids.iter().map(|i| (*i, 1)).collect(),
+                        members: sets[*s].iter().map(|i| (*i, 1)).collect(),
                         resilient: res,
                     },
                 }));
-                groups.insert(g, ids.clone());
+            }
+            decided.insert(*g, *s);
+            group_of.entry(*s).or_insert(*g);
+        }
+    }
+    // Undecided groups keep their members: found by them.
+    let mut undecided: BTreeMap<&[u32], u32> = BTreeMap::new();
+    for (g, m) in &groups {
+        if !decided.contains_key(g) {
+            undecided.entry(m.as_slice()).or_insert(*g);
+        }
+    }
+    let mut targets = BTreeMap::new();
+    for (dst, s) in &wanted {
+        if let Some(Target::Nhid(g)) = kernel.routes.get(dst)
+            && decided.get(g) == Some(s)
+        {
+            targets.insert(*dst, Target::Nhid(*g));
+            continue;
+        }
+        let gid = match group_of.get(s) {
+            Some(g) => *g,
+            None => {
+                let g = match undecided.remove(sets[*s].as_slice()) {
+                    Some(g) => g,
+                    None => {
+                        let g = alloc()?;
+                        ops.push(Op::AddNexthop(Nexthop {
+                            id: g,
+                            protocol,
+                            kind: NexthopKind::Group {
+                                members: sets[*s].iter().map(|i| (*i, 1)).collect(),
+                                resilient: res,
+                            },
+                        }));
+                        g
+                    }
+                };
+                decided.insert(g, *s);
+                group_of.insert(*s, g);
                 g
             }
         };
-        decided.insert(gid, ids);
         targets.insert(*dst, Target::Nhid(gid));
     }
     Ok(targets)
@@ -333,35 +391,25 @@ mod tests {
     /// Applies ops to a kernel model the way the kernel would.
     fn apply(kernel: &mut KernelState, ops: &[Op]) {
         for op in ops {
+            // What the kernel would refuse.
             match op {
-                Op::AddNexthop(n) => {
-                    assert!(
-                        kernel.nexthops.iter().all(|k| k.id != n.id),
-                        "id {} taken",
-                        n.id
-                    );
-                    kernel.nexthops.push(n.clone())
-                }
-                Op::ReplaceNexthop(n) => {
-                    let k = kernel.nexthops.iter_mut().find(|k| k.id == n.id).unwrap();
-                    *k = n.clone();
-                }
-                Op::AddRoute(d, t) => assert!(kernel.routes.insert(*d, t.clone()).is_none()),
-                Op::ReplaceRoute(d, t) => assert!(kernel.routes.insert(*d, t.clone()).is_some()),
-                Op::DelRoute(d) => assert!(kernel.routes.remove(d).is_some()),
-                Op::DelNexthop(id) => {
-                    let in_use = kernel.routes.values().any(|t| *t == Target::Nhid(*id));
-                    assert!(!in_use, "deleting nexthop {id} still used by a route");
-                    kernel.nexthops.retain(|k| k.id != *id)
-                }
-                Op::AddStandby(d) => assert!(kernel.standby.insert(*d)),
-                Op::DelStandby(d) => assert!(kernel.standby.remove(d)),
-                Op::DelStale(s) => {
-                    let before = kernel.stale.len();
-                    kernel.stale.retain(|k| k != s);
-                    assert_eq!(kernel.stale.len(), before - 1);
-                }
+                Op::AddNexthop(n) => assert!(
+                    kernel.nexthops.iter().all(|k| k.id != n.id),
+                    "id {} taken",
+                    n.id
+                ),
+                Op::ReplaceNexthop(n) => assert!(kernel.nexthops.iter().any(|k| k.id == n.id)),
+                Op::AddRoute(d, _) => assert!(!kernel.routes.contains_key(d)),
+                Op::ReplaceRoute(d, _) | Op::DelRoute(d) => assert!(kernel.routes.contains_key(d)),
+                Op::DelNexthop(id) => assert!(
+                    !kernel.routes.values().any(|t| *t == Target::Nhid(*id)),
+                    "deleting nexthop {id} still used by a route"
+                ),
+                Op::AddStandby(d) => assert!(!kernel.standby.contains(d)),
+                Op::DelStandby(d) => assert!(kernel.standby.contains(d)),
+                Op::DelStale(s) => assert!(kernel.stale.contains(s)),
             }
+            kernel.apply(op);
         }
     }
 
@@ -689,5 +737,116 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_withdrawal_at_10000_destinations_is_one_group_replace() {
+        let mut k = KernelState::default();
+        let gws = ["10.0.0.3", "10.0.0.4", "10.0.0.5"];
+        let all = |gws: &[&str]| -> BTreeMap<IpNet, Vec<Hop>> {
+            (0..10_000u32)
+                .map(|i| {
+                    let d: IpNet = format!("100.{}.{}.0/24", i / 256, i % 256).parse().unwrap();
+                    (d, gws.iter().map(|g| hop(g)).collect())
+                })
+                .collect()
+        };
+        let range = IdRange {
+            base: 1000,
+            span: 1000,
+        };
+        let ops = diff(
+            &all(&gws),
+            &BTreeSet::new(),
+            &k,
+            Mode::Nexthop(Some(RES)),
+            range,
+            P,
+        )
+        .unwrap();
+        assert_eq!(ops.len(), 3 + 1 + 10_000, "members, one group, the routes");
+        apply(&mut k, &ops);
+        let ops = diff(
+            &all(&gws[1..]),
+            &BTreeSet::new(),
+            &k,
+            Mode::Nexthop(Some(RES)),
+            range,
+            P,
+        )
+        .unwrap();
+        assert!(
+            matches!(ops.as_slice(), [Op::ReplaceNexthop(_), Op::DelNexthop(_)]),
+            "{:?}",
+            &ops[..ops.len().min(4)]
+        );
+    }
+
+    /// Random desired states over a few destinations and gateways, one after another:
+    /// every diff converges in one step, never reuses a taken id, and every route ends on
+    /// a group with exactly its gateways.
+    #[test]
+    fn random_sequences_converge_in_one_step() {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let gws = ["10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"];
+        let dsts: Vec<String> = (0..8).map(|i| format!("198.51.{i}.0/24")).collect();
+        for mode in [
+            Mode::Nexthop(Some(RES)),
+            Mode::Nexthop(None),
+            Mode::Multipath,
+        ] {
+            let mut k = KernelState::default();
+            for _ in 0..300 {
+                let mut want = BTreeMap::new();
+                for d in &dsts {
+                    let mask = next() % 32;
+                    if mask >= 16 {
+                        continue;
+                    }
+                    let hops: Vec<Hop> = gws
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| mask & (1 << i) != 0)
+                        .map(|(_, g)| hop(g))
+                        .collect();
+                    if !hops.is_empty() {
+                        want.insert(net(d), hops);
+                    }
+                }
+                converge(&mut k, &want, mode);
+                for (d, hops) in &want {
+                    let mut gw: Vec<IpAddr> = match &k.routes[d] {
+                        Target::Hops(h) => h.iter().map(|h| h.0).collect(),
+                        Target::Nhid(g) => {
+                            let Some(NexthopKind::Group { members, .. }) =
+                                k.nexthops.iter().find(|n| n.id == *g).map(|n| &n.kind)
+                            else {
+                                panic!("{d}: no group {g}");
+                            };
+                            members
+                                .iter()
+                                .map(|(m, _)| {
+                                    match k.nexthops.iter().find(|n| n.id == *m).map(|n| &n.kind) {
+                                        Some(NexthopKind::Gateway { gateway, .. }) => *gateway,
+                                        other => panic!("member {m}: {other:?}"),
+                                    }
+                                })
+                                .collect()
+                        }
+                    };
+                    gw.sort();
+                    let mut w: Vec<IpAddr> = hops.iter().map(|h| h.0).collect();
+                    w.sort();
+                    assert_eq!(gw, w, "{d} in {mode:?}");
+                }
+                assert_eq!(k.routes.len(), want.len());
+            }
+        }
     }
 }

@@ -14,6 +14,7 @@ pub mod rules;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use ipnet::IpNet;
@@ -67,6 +68,10 @@ pub struct Outcome {
     pub changes: usize,
     /// Destinations with no usable gateway, and what their traffic does meanwhile.
     pub no_gateway: BTreeMap<IpNet, (NoGateway, FailMode)>,
+    /// The interfaces the desired gateways were last reached through, reachable now or
+    /// not (the TC programs stay on them while a gateway is away: attaching and detaching
+    /// on every link flap toggles the kernel's static keys for nothing).
+    pub gateway_interfaces: BTreeSet<u32>,
 }
 
 pub struct Dataplane {
@@ -81,6 +86,31 @@ pub struct Dataplane {
     /// The interface each gateway was last reached through: when it stops resolving, the
     /// state of that interface says why.
     last_oif: BTreeMap<IpAddr, u32>,
+    /// A second connection with `NETLINK_GET_STRICT_CHK`: the kernel filters the dump of
+    /// the agent's routes by table and protocol (falls back to the plain one).
+    strict: rtnetlink::Handle,
+    /// The agent's objects as the kernel holds them after the last reconcile (read then,
+    /// plus what was applied since). `None`: read them at the next reconcile. A reconcile
+    /// that is not `fresh` diffs against this instead of dumping the kernel.
+    view: Option<KernelState>,
+    /// How each gateway resolved at the last fresh reconcile.
+    reach: BTreeMap<IpAddr, Result<u32, String>>,
+    /// The overrides the last reconcile synced (symmetric routing is read back only when
+    /// they change, or on a fresh reconcile).
+    synced_overrides: Option<crate::logic::desired::Overrides>,
+    /// The deletions about to be made, shared with the netlink monitor so that their
+    /// notifications do not wake the agent.
+    echo: Arc<monitor::Echo>,
+}
+
+/// How the netlink monitor names a route of the agent's.
+fn route_object(dst: &IpNet, table: u32) -> monitor::Object {
+    let (family, bytes) = match dst.addr() {
+        IpAddr::V4(a) => (libc::AF_INET as u8, a.octets().to_vec()),
+        IpAddr::V6(a) => (libc::AF_INET6 as u8, a.octets().to_vec()),
+    };
+    let bytes = if dst.prefix_len() == 0 { vec![] } else { bytes };
+    monitor::Object::Route(family, bytes, dst.prefix_len(), table)
 }
 
 /// What the kernel accepts, best first.
@@ -190,7 +220,22 @@ impl Dataplane {
             Mode::Multipath => "RTA_MULTIPATH routes",
         };
         info!(?mode, ?kernel, "dataplane: {chosen}");
+        let strict = match rtnetlink::new_connection_with_strict_check() {
+            Ok((conn, h, _)) => {
+                tokio::spawn(conn);
+                h
+            }
+            Err(e) => {
+                warn!(error = %e, "no strict netlink dumps: the agent's routes are filtered here");
+                handle.clone()
+            }
+        };
         Ok(Dataplane {
+            strict,
+            view: None,
+            reach: BTreeMap::new(),
+            synced_overrides: None,
+            echo: Arc::new(monitor::Echo::default()),
             handle,
             nh: matches!(mode, Mode::Nexthop(_)).then_some(nh),
             mode,
@@ -218,7 +263,7 @@ impl Dataplane {
             nexthops,
             ..KernelState::default()
         };
-        for d in routes::dump_owned(&self.handle, key).await? {
+        for d in routes::dump_owned(&self.strict, key).await? {
             if d.unicast && d.metric == key.metric_of(&d.dst) {
                 state.routes.insert(d.dst, d.target);
             } else if d.unreachable && d.metric == key.standby_metric_of(&d.dst) {
@@ -268,27 +313,65 @@ impl Dataplane {
         NoGateway::Unreachable
     }
 
-    /// Level-based reconcile: read what the agent owns, diff, apply the difference.
-    /// Per-destination failures become problems; only a failure to read the kernel is an
-    /// error (and then nothing was changed).
-    pub async fn reconcile(&mut self, desired: &DesiredState) -> anyhow::Result<Outcome> {
+    /// The deletions the netlink monitor should know as the agent's own.
+    pub fn echo(&self) -> Arc<monitor::Echo> {
+        self.echo.clone()
+    }
+
+    /// The marks of the agent's objects, for the netlink monitor.
+    pub fn marks(&self) -> monitor::Marks {
+        monitor::Marks {
+            protocol: self.cfg.protocol,
+        }
+    }
+
+    /// Forgets the view of the kernel: the next reconcile reads it (something changed that
+    /// the agent did not do).
+    pub fn invalidate(&mut self) {
+        self.view = None;
+    }
+
+    /// Level-based reconcile: diff what the agent owns against `desired` and apply the
+    /// difference. `fresh`: read the kernel (gateways, routes, nexthops) first; else diff
+    /// against the view the last reconcile left, when there is one (a Route edit or a
+    /// gateway verdict then costs what it changes, not what is installed). Per-destination
+    /// failures become problems; only a failure to read the kernel is an error (and then
+    /// nothing was changed).
+    pub async fn reconcile(
+        &mut self,
+        desired: &DesiredState,
+        fresh: bool,
+    ) -> anyhow::Result<Outcome> {
+        let fresh = fresh || self.view.is_none();
         let mut problems = desired.problems.clone();
 
-        // Resolve every gateway once.
+        // Resolve every gateway once (on a cached pass, only the new ones).
         let gateways: BTreeSet<IpAddr> = desired
             .routes
             .values()
             .flat_map(|r| r.gateways.iter().chain(&r.withdrawn).copied())
             .collect();
-        let mut reach: BTreeMap<IpAddr, Result<u32, String>> = BTreeMap::new();
-        for gw in gateways {
-            reach.insert(gw, routes::resolve_gateway(&self.handle, gw).await);
+        if fresh {
+            self.reach.clear();
         }
+        self.reach.retain(|g, _| gateways.contains(g));
+        for gw in gateways {
+            if !self.reach.contains_key(&gw) {
+                let r = routes::resolve_gateway(&self.handle, gw).await;
+                self.reach.insert(gw, r);
+            }
+        }
+        let reach = self.reach.clone();
         let gateway_oifs: BTreeMap<IpAddr, u32> = reach
             .iter()
             .filter_map(|(g, r)| Some((*g, *r.as_ref().ok()?)))
             .collect();
         self.last_oif.extend(&gateway_oifs);
+        let gateway_interfaces: BTreeSet<u32> = reach
+            .keys()
+            .filter_map(|g| self.last_oif.get(g).copied())
+            .collect();
+
         let mut want: BTreeMap<IpNet, Vec<Hop>> = BTreeMap::new();
         let mut standby: BTreeSet<IpNet> = BTreeSet::new();
         let mut no_gateway = BTreeMap::new();
@@ -334,7 +417,10 @@ impl Dataplane {
                 .or_insert_with(|| vec![(up.gateway, up.oif)]);
         }
 
-        let kernel = self.snapshot().await?;
+        let kernel = match (fresh, self.view.take()) {
+            (false, Some(v)) => v,
+            _ => self.snapshot().await?,
+        };
         let ops = diff::diff(
             &want,
             &standby,
@@ -343,7 +429,16 @@ impl Dataplane {
             self.cfg.ids,
             self.cfg.protocol,
         )?;
-        let failed = self.apply(&ops).await;
+        let (failed, nexthops_failed) = self.apply(&ops).await;
+        // The view of the kernel after this: what was read, plus what was applied. Any
+        // failure: read it again next time.
+        self.view = (failed.is_empty() && !nexthops_failed).then(|| {
+            let mut v = kernel.clone();
+            for op in &ops {
+                v.apply(op);
+            }
+            v
+        });
         let mut changes = ops.len();
         for (dst, err, is_standby) in &failed {
             changes -= 1;
@@ -374,7 +469,10 @@ impl Dataplane {
         }
         problems.sort();
 
-        changes += self.sync_symmetric(desired, &mut problems).await;
+        if fresh || self.synced_overrides.as_ref() != Some(&desired.overrides) {
+            changes += self.sync_symmetric(desired, &mut problems).await;
+            self.synced_overrides = Some(desired.overrides.clone());
+        }
 
         let failed_dsts: BTreeSet<IpNet> = failed
             .iter()
@@ -400,6 +498,7 @@ impl Dataplane {
             gateway_oifs,
             changes,
             no_gateway,
+            gateway_interfaces,
         })
     }
 
@@ -460,6 +559,8 @@ impl Dataplane {
                 let have: Vec<(IpNet, diff::Target)> =
                     have.into_iter().map(|d| (d.dst, d.target)).collect();
                 for (dst, _) in have.iter().filter(|(d, _)| !want.contains_key(d)) {
+                    self.echo
+                        .expect(monitor::Change::Del, route_object(dst, table));
                     match routes::del(&self.handle, key, *dst).await {
                         Ok(()) => changes += 1,
                         Err(e) => fail(format!("removing {dst} from table {table}"), e),
@@ -469,6 +570,8 @@ impl Dataplane {
                     if have.iter().any(|(d, h)| d == dst && h == t) {
                         continue;
                     }
+                    self.echo
+                        .expect(monitor::Change::New, route_object(dst, table));
                     match routes::add(&self.handle, key, *dst, t, true).await {
                         Ok(()) => changes += 1,
                         Err(e) => fail(format!("{dst} in table {table}"), e),
@@ -511,15 +614,19 @@ impl Dataplane {
     /// Applies ops phase by phase (nexthops, routes, garbage); routes within a phase go
     /// out concurrently. Returns the destinations whose route operation failed, and
     /// whether it was of their standby route.
-    async fn apply(&mut self, ops: &[Op]) -> Vec<(IpNet, NlError, bool)> {
+    async fn apply(&mut self, ops: &[Op]) -> (Vec<(IpNet, NlError, bool)>, bool) {
         let mut failed = Vec::new();
+        let mut nexthops_failed = false;
         // Nexthops first (members, then groups: the diff orders them).
         for op in ops {
             if let Op::AddNexthop(n) | Op::ReplaceNexthop(n) = op {
                 let replace = matches!(op, Op::ReplaceNexthop(_));
+                self.echo
+                    .expect(monitor::Change::New, monitor::Object::Nexthop(n.id));
                 if let Some(s) = &mut self.nh
                     && let Err(e) = s.add(n, replace)
                 {
+                    nexthops_failed = true;
                     warn!(id = n.id, kind = ?n.kind, error = %e, "nexthop add failed");
                 }
             }
@@ -540,13 +647,18 @@ impl Dataplane {
         for op in ops {
             if let Op::DelNexthop(id) = op
                 && let Some(s) = &mut self.nh
-                && let Err(e) = s.del(*id)
-                && e.errno != libc::ENOENT
             {
-                warn!(id, error = %e, "nexthop delete failed");
+                self.echo
+                    .expect(monitor::Change::Del, monitor::Object::Nexthop(*id));
+                if let Err(e) = s.del(*id)
+                    && e.errno != libc::ENOENT
+                {
+                    nexthops_failed = true;
+                    warn!(id, error = %e, "nexthop delete failed");
+                }
             }
         }
-        failed
+        (failed, nexthops_failed)
     }
 
     /// Applies route ops concurrently (64 in flight). Returns the destinations whose
@@ -559,6 +671,16 @@ impl Dataplane {
         let results: Vec<Option<(IpNet, NlError, bool)>> = futures::stream::iter(ops)
             .map(|op| {
                 let handle = self.handle.clone();
+                match op {
+                    Op::DelRoute(d) | Op::DelStandby(d) | Op::DelStale(Stale { dst: d, .. }) => {
+                        self.echo
+                            .expect(monitor::Change::Del, route_object(d, key.table))
+                    }
+                    Op::AddRoute(d, _) | Op::ReplaceRoute(d, _) | Op::AddStandby(d) => self
+                        .echo
+                        .expect(monitor::Change::New, route_object(d, key.table)),
+                    _ => {}
+                }
                 async move {
                     let h = &handle;
                     let (dst, deleting, r) = match op {
@@ -606,7 +728,7 @@ impl Dataplane {
 
     /// Removes every route and nexthop the agent owns (`routing-agent cleanup`).
     pub async fn remove_all(&mut self) -> anyhow::Result<usize> {
-        let outcome = self.reconcile(&DesiredState::default()).await?;
+        let outcome = self.reconcile(&DesiredState::default(), true).await?;
         Ok(outcome.changes)
     }
 }

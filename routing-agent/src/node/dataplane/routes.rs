@@ -233,13 +233,30 @@ pub async fn dump_all(handle: &Handle) -> Result<Vec<Dumped>, NlError> {
     Ok(out)
 }
 
-/// The agent's routes (both families) in its table, marked with its protocol.
+/// The agent's routes (both families) in its table, marked with its protocol. On a
+/// `strict` handle (`NETLINK_GET_STRICT_CHK`) the kernel filters the dump by table and
+/// protocol itself, so its cost follows the agent's routes, not the node's; the filter
+/// here makes either handle give the same answer.
 pub async fn dump_owned(handle: &Handle, key: RouteKey) -> Result<Vec<Dumped>, NlError> {
-    Ok(dump_all(handle)
-        .await?
-        .into_iter()
-        .filter(|d| d.protocol == key.protocol && d.table == key.table)
-        .collect())
+    let mut out = Vec::new();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut req = handle
+            .route()
+            .get(rtnetlink::RouteMessageBuilder::<IpAddr>::new().build());
+        let m = req.message_mut();
+        m.header.address_family = family;
+        m.header.protocol = RouteProtocol::from(key.protocol);
+        m.header.table = u8::try_from(key.table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+        // Any type (the standby routes are `unreachable`), any scope: no filter on these.
+        m.header.kind = RouteType::Unspec;
+        m.header.scope = RouteScope::Universe;
+        m.attributes.push(RouteAttribute::Table(key.table));
+        let mut stream = req.execute();
+        while let Some(m) = stream.try_next().await.map_err(nl_error)? {
+            out.extend(parse(&m).filter(|d| d.protocol == key.protocol && d.table == key.table));
+        }
+    }
+    Ok(out)
 }
 
 pub async fn add(
