@@ -18,6 +18,7 @@ mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
@@ -33,15 +34,18 @@ use crate::logic::desired::{DesiredState, ProblemKind};
 use crate::logic::health::{self, Health, Transition};
 use crate::logic::plan;
 use crate::logic::selector::NodeInfo;
-use crate::node::dataplane::Outcome;
+use crate::node::dataplane::{Outcome, Read};
 use crate::source::Snapshot;
 
 /// How much a reconcile redoes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pass {
-    /// Everything: read the kernel and the node's facts again (a netlink change of
-    /// someone else's, a retry, the periodic resync).
+    /// Everything: read the kernel and the node's facts again (a retry, the periodic
+    /// resync, the check after a change).
     Fresh,
+    /// Someone else changed something in the namespace: the node's facts and how the
+    /// gateways resolve are read again, the agent's own objects only if they were touched.
+    Notified,
     /// The Routes or this node changed: plan again; diff against the kernel as the agent
     /// left it.
     Replan,
@@ -127,7 +131,7 @@ pub struct Agent<K, P> {
     health: Health,
     watch: Watch,
     /// The last reconcile's plan and what the kernel took of it.
-    last: Option<(DesiredState, Outcome)>,
+    last: Option<(Arc<DesiredState>, Outcome)>,
     reconciles: u64,
     backoff: Backoff,
     /// When to retry what the kernel could not take (`None`: nothing pending).
@@ -139,7 +143,7 @@ pub struct Agent<K, P> {
     /// The status file's last per-tick part (attachments, gateways).
     last_doc: Option<(Vec<String>, serde_json::Value)>,
     /// The last plan before withdrawals (what a health pass starts from).
-    planned: Option<DesiredState>,
+    planned: Option<Arc<DesiredState>>,
     /// The node facts of the last plan with an override (read again on a fresh pass).
     facts: Option<default_route::NodeFacts>,
 }
@@ -193,8 +197,8 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
     }
 
     /// The last plan and what the kernel took of it.
-    pub fn last(&self) -> Option<&(DesiredState, Outcome)> {
-        self.last.as_ref()
+    pub fn last(&self) -> Option<(&DesiredState, &Outcome)> {
+        self.last.as_ref().map(|(d, o)| (&**d, o))
     }
 
     /// The kernel side (tests inspect their fake through it).
@@ -233,7 +237,7 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
     /// Routes, nexthops, links, addresses or rules changed in this namespace (a burst of
     /// notifications, coalesced by the caller).
     pub async fn on_netlink(&mut self) -> Next {
-        self.reconcile(Pass::Fresh).await
+        self.reconcile(Pass::Notified).await
     }
 
     /// The retry deadline ([`Agent::retry_at`]) passed.
@@ -314,17 +318,45 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
         if self.routes.is_none() {
             return Next::default();
         }
-        if pass == Pass::Fresh {
+        let fresh = matches!(pass, Pass::Fresh | Pass::Notified);
+        if fresh {
             self.facts = None;
         }
-        let mut desired = match (&self.planned, pass) {
-            (Some(planned), Pass::Health) => planned.clone(),
-            _ => match self.plan(pass).await {
-                Some(d) => d,
+        // A health pass starts from the last plan; so does a fresh one when nothing a read of
+        // the kernel could change is in it (no default-route override: no node facts). The
+        // plan is shared, not copied, unless gateways are withdrawn from it.
+        let reuse = match (&self.planned, pass) {
+            (Some(p), Pass::Health) => Some(p.clone()),
+            (Some(p), Pass::Fresh | Pass::Notified)
+                if !p.routes.values().any(|r| r.from_default) =>
+            {
+                Some(p.clone())
+            }
+            _ => None,
+        };
+        let planned = match reuse {
+            Some(p) => p,
+            None => match self.plan(pass).await {
+                Some(d) => {
+                    let d = Arc::new(d);
+                    self.planned = Some(d.clone());
+                    d
+                }
                 None => return Next::default(),
             },
         };
-        let all_down = plan::withdraw(&mut desired, &self.health.down());
+        let down = self.health.down();
+        let withdrawn = planned
+            .routes
+            .values()
+            .any(|r| r.gateways.iter().any(|g| down.contains(g)));
+        let (desired, all_down) = if withdrawn {
+            let mut d = (*planned).clone();
+            let all_down = plan::withdraw(&mut d, &down);
+            (Arc::new(d), all_down)
+        } else {
+            (planned, BTreeMap::new())
+        };
         for (dst, gws) in &all_down {
             if self.watch.all_down.get(dst) != Some(gws) {
                 let mode = desired
@@ -338,7 +370,12 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
         }
         self.watch.all_down = all_down;
         let started = Instant::now();
-        match self.kernel.reconcile(&desired, pass == Pass::Fresh).await {
+        let read = match pass {
+            Pass::Fresh => Read::All,
+            Pass::Notified => Read::Gateways,
+            Pass::Replan | Pass::Health => Read::View,
+        };
+        match self.kernel.reconcile(&desired, read).await {
             Ok(outcome) => {
                 self.reconciles += 1;
                 if let Some(p) = &mut self.programs {
@@ -388,7 +425,12 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
                     // is read back once, and the status says when nothing is left to do.
                     self.retry_at = (outcome.changes > 0).then(|| Instant::now() + VERIFY_AFTER);
                 }
-                status::log_reconcile(&desired, &outcome, self.last.as_ref(), took);
+                status::log_reconcile(
+                    &desired,
+                    &outcome,
+                    self.last.as_ref().map(|(d, o)| (&**d, o)),
+                    took,
+                );
                 if self
                     .last
                     .as_ref()
@@ -396,7 +438,7 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
                 {
                     let doc = status::no_gateway_doc(&desired, &outcome);
                     self.cfg.probes.set_status(doc.to_string());
-                    for (dst, (why, mode)) in &outcome.no_gateway {
+                    for (dst, (why, mode)) in outcome.no_gateway.iter() {
                         let was = self.last.as_ref().and_then(|(_, o)| o.no_gateway.get(dst));
                         if was != Some(&(why.clone(), *mode)) {
                             warn!(destination = %dst, reason = why.reason(), fail_mode = %mode,
@@ -441,7 +483,7 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
         if desired.routes.values().any(|r| r.from_default) {
             let protection = self.cfg.protect.protection(&self.endpoints);
             let facts = match (&protection, self.facts.take()) {
-                (Ok(_), Some(f)) if pass != Pass::Fresh => Ok(f),
+                (Ok(_), Some(f)) if !matches!(pass, Pass::Fresh | Pass::Notified) => Ok(f),
                 (Ok(p), _) => self.kernel.facts(p.symmetric.as_ref()).await.map_err(|e| {
                     format!("cannot read the node's routes, addresses and rules: {e}")
                 }),
@@ -477,7 +519,6 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
         if let Some(p) = &mut self.programs {
             p.set_gateways(&all_gateways);
         }
-        self.planned = Some(desired.clone());
         Some(desired)
     }
 

@@ -4,22 +4,26 @@
 //! unit tests drive an [`super::Agent`] with fakes.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use routing_agent_common::{GatewayInfo, GatewayStats};
 
 use crate::logic::default_route::{NodeFacts, Symmetric};
 use crate::logic::desired::DesiredState;
-use crate::node::dataplane::{Dataplane, Outcome, neigh::Neighbour, nexthop::NlError};
+use crate::node::dataplane::{Dataplane, Outcome, Read, neigh::Neighbour, nexthop::NlError};
 use crate::node::ebpf::{HealthRecord, Programs};
 
 /// The routing side of the kernel, as the agent uses it.
 // The agent's loop runs on the main task (`block_on`): no `Send` bound is needed.
 #[allow(async_fn_in_trait)]
 pub trait Kernel {
-    /// Level-based: makes the agent's kernel objects exactly `desired`; `fresh`: read the
-    /// kernel first rather than trust the view the last reconcile left (see
-    /// [`Dataplane::reconcile`]).
-    async fn reconcile(&mut self, desired: &DesiredState, fresh: bool) -> anyhow::Result<Outcome>;
+    /// Level-based: makes the agent's kernel objects exactly `desired`, reading as much of
+    /// the kernel first as `read` says (see [`Dataplane::reconcile`]).
+    async fn reconcile(
+        &mut self,
+        desired: &Arc<DesiredState>,
+        read: Read,
+    ) -> anyhow::Result<Outcome>;
     /// The node's own default routes, addresses and rules, for default-route planning.
     async fn facts(&self, symmetric: Option<&Symmetric>) -> Result<NodeFacts, NlError>;
     /// The neighbour entries of `gateways` (gateway → interface it is reached through).
@@ -30,8 +34,12 @@ pub trait Kernel {
 }
 
 impl Kernel for Dataplane {
-    async fn reconcile(&mut self, desired: &DesiredState, fresh: bool) -> anyhow::Result<Outcome> {
-        Dataplane::reconcile(self, desired, fresh).await
+    async fn reconcile(
+        &mut self,
+        desired: &Arc<DesiredState>,
+        read: Read,
+    ) -> anyhow::Result<Outcome> {
+        Dataplane::reconcile(self, desired, read).await
     }
     async fn facts(&self, symmetric: Option<&Symmetric>) -> Result<NodeFacts, NlError> {
         Dataplane::facts(self, symmetric).await

@@ -49,7 +49,7 @@ pub(super) fn health_record(h: &GatewayHealth) -> HealthRecord {
 pub(super) fn log_reconcile(
     desired: &DesiredState,
     outcome: &Outcome,
-    last: Option<&(DesiredState, Outcome)>,
+    last: Option<(&DesiredState, &Outcome)>,
     took: Duration,
 ) {
     let (old_problems, old_warnings) = match last {

@@ -12,7 +12,7 @@ use super::*;
 use crate::logic::crd::RouteSpec;
 use crate::logic::default_route::{NodeFacts, Symmetric};
 use crate::logic::desired::Problem;
-use crate::node::dataplane::{neigh::Neighbour, nexthop::NlError};
+use crate::node::dataplane::{Read, neigh::Neighbour, nexthop::NlError};
 use crate::node::ebpf::HealthRecord;
 
 const A: &str = "10.114.0.3";
@@ -33,8 +33,8 @@ fn net(s: &str) -> IpNet {
 #[derive(Default)]
 struct FakeKernel {
     plans: Vec<DesiredState>,
-    /// Whether each reconcile was asked to read the kernel first.
-    fresh: Vec<bool>,
+    /// How much of the kernel each reconcile was asked to read first.
+    fresh: Vec<Read>,
     unreachable: BTreeSet<IpAddr>,
     neighbours: BTreeMap<IpAddr, Neighbour>,
 }
@@ -46,9 +46,13 @@ impl FakeKernel {
 }
 
 impl Kernel for FakeKernel {
-    async fn reconcile(&mut self, desired: &DesiredState, fresh: bool) -> anyhow::Result<Outcome> {
-        self.plans.push(desired.clone());
-        self.fresh.push(fresh);
+    async fn reconcile(
+        &mut self,
+        desired: &Arc<DesiredState>,
+        read: Read,
+    ) -> anyhow::Result<Outcome> {
+        self.plans.push((**desired).clone());
+        self.fresh.push(read);
         let mut out = Outcome {
             problems: desired.problems.clone(),
             ..Outcome::default()
@@ -72,7 +76,7 @@ impl Kernel for FakeKernel {
                 .copied()
                 .collect();
             if !usable.is_empty() {
-                out.installed.insert(*dst, usable);
+                Arc::make_mut(&mut out.installed).insert(*dst, usable);
                 out.interfaces.insert(OIF);
             }
         }
@@ -266,7 +270,7 @@ async fn a_snapshot_is_planned_and_reconciled() {
     let verify = a.retry_at().expect("a confirming pass is scheduled");
     assert!(verify <= Instant::now() + VERIFY_AFTER);
     a.on_retry().await;
-    assert_eq!(a.kernel().fresh.last(), Some(&true));
+    assert_eq!(a.kernel().fresh.last(), Some(&Read::All));
     assert_eq!(a.retry_at(), None, "nothing changed: nothing scheduled");
 }
 
@@ -476,8 +480,9 @@ async fn only_someone_elses_change_a_retry_or_the_resync_read_the_kernel() {
     a.on_retry().await;
     assert_eq!(
         a.kernel().fresh,
-        vec![false, false, true, true, true],
-        "edits diff against the kernel as the agent left it"
+        vec![Read::View, Read::View, Read::Gateways, Read::All, Read::All],
+        "edits diff against the kernel as the agent left it; someone else's change re-reads \
+         the gateways; the resync and a retry read everything"
     );
 }
 
@@ -493,7 +498,7 @@ async fn a_withdrawal_starts_from_the_last_plan_and_reads_nothing() {
     // a health pass must not pick them up: it is not a plan).
     a.routes = Some(vec![]);
     tick(&mut a, t0, 1200, &[(A, sent(2, 1, 0)), (B, sent(6, 0, 6))]).await;
-    assert_eq!(a.kernel().fresh.last(), Some(&false));
+    assert_eq!(a.kernel().fresh.last(), Some(&Read::View));
     assert_eq!(
         gateways_of(a.kernel().last_plan(), DST),
         (vec![ip(B)], vec![ip(A)]),

@@ -201,7 +201,10 @@ pub fn load(dir: &Path, cache: &mut DirCache) -> (Snapshot, Vec<FileError>) {
 pub fn spawn(dir: PathBuf, tx: mpsc::Sender<Snapshot>) -> anyhow::Result<()> {
     let (ev_tx, mut ev_rx) = mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        // Reading the directory is an access event itself: reacting to those made the
+        // source re-read the directory in a loop (50 times a second, the whole snapshot
+        // cloned and compared each time). Only changes count.
+        if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
             let _ = ev_tx.try_send(());
         }
     })?;

@@ -56,7 +56,7 @@ pub struct Config {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Outcome {
     /// Destinations in the kernel now, with the gateways they use.
-    pub installed: BTreeMap<IpNet, Vec<IpAddr>>,
+    pub installed: Arc<BTreeMap<IpNet, Vec<IpAddr>>>,
     /// The planner's problems plus the dataplane's (unreachable gateways, kernel refusals).
     pub problems: Vec<Problem>,
     /// Interfaces through which at least one installed gateway is reached.
@@ -67,7 +67,7 @@ pub struct Outcome {
     /// Kernel operations applied (0: the kernel already matched).
     pub changes: usize,
     /// Destinations with no usable gateway, and what their traffic does meanwhile.
-    pub no_gateway: BTreeMap<IpNet, (NoGateway, FailMode)>,
+    pub no_gateway: Arc<BTreeMap<IpNet, (NoGateway, FailMode)>>,
     /// The interfaces the desired gateways were last reached through, reachable now or
     /// not (the TC programs stay on them while a gateway is away: attaching and detaching
     /// on every link flap toggles the kernel's static keys for nothing).
@@ -89,6 +89,8 @@ pub struct Dataplane {
     /// A second connection with `NETLINK_GET_STRICT_CHK`: the kernel filters the dump of
     /// the agent's routes by table and protocol (falls back to the plain one).
     strict: rtnetlink::Handle,
+    /// The fast dump of the agent's own routes (`None`: use `strict`).
+    dumper: Option<routes::RouteDumper>,
     /// The agent's objects as the kernel holds them after the last reconcile (read then,
     /// plus what was applied since). `None`: read them at the next reconcile. A reconcile
     /// that is not `fresh` diffs against this instead of dumping the kernel.
@@ -101,6 +103,21 @@ pub struct Dataplane {
     /// The deletions about to be made, shared with the netlink monitor so that their
     /// notifications do not wake the agent.
     echo: Arc<monitor::Echo>,
+    /// The plan of the last pass that left the kernel as planned, and its outcome.
+    last: Option<(Arc<DesiredState>, Outcome)>,
+}
+
+/// How much of the kernel a reconcile reads before it diffs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Read {
+    /// Nothing: the view the last pass left (a Route edit, a gateway verdict).
+    View,
+    /// How the gateways resolve (someone else's change: a connected network, an address,
+    /// a link); the agent's own objects only if someone else touched them.
+    Gateways,
+    /// Everything: gateways, routes, nexthops (the resync, a retry, the check after a
+    /// change).
+    All,
 }
 
 /// How the netlink monitor names a route of the agent's.
@@ -231,11 +248,13 @@ impl Dataplane {
             }
         };
         Ok(Dataplane {
+            dumper: routes::RouteDumper::new().ok(),
             strict,
             view: None,
             reach: BTreeMap::new(),
             synced_overrides: None,
             echo: Arc::new(monitor::Echo::default()),
+            last: None,
             handle,
             nh: matches!(mode, Mode::Nexthop(_)).then_some(nh),
             mode,
@@ -263,7 +282,11 @@ impl Dataplane {
             nexthops,
             ..KernelState::default()
         };
-        for d in routes::dump_owned(&self.strict, key).await? {
+        let dumped = match &mut self.dumper {
+            Some(d) => d.dump(key)?,
+            None => routes::dump_owned(&self.strict, key).await?,
+        };
+        for d in dumped {
             if d.unicast && d.metric == key.metric_of(&d.dst) {
                 state.routes.insert(d.dst, d.target);
             } else if d.unreachable && d.metric == key.standby_metric_of(&d.dst) {
@@ -325,24 +348,31 @@ impl Dataplane {
         }
     }
 
-    /// Forgets the view of the kernel: the next reconcile reads it (something changed that
-    /// the agent did not do).
-    pub fn invalidate(&mut self) {
-        self.view = None;
-    }
-
     /// Level-based reconcile: diff what the agent owns against `desired` and apply the
-    /// difference. `fresh`: read the kernel (gateways, routes, nexthops) first; else diff
-    /// against the view the last reconcile left, when there is one (a Route edit or a
-    /// gateway verdict then costs what it changes, not what is installed). Per-destination
+    /// difference, reading as much of the kernel first as `read` says (see [`Read`]); the
+    /// agent's own objects are read back anyway when someone else touched them (the
+    /// netlink monitor says so) or when the last pass failed somewhere. Per-destination
     /// failures become problems; only a failure to read the kernel is an error (and then
     /// nothing was changed).
     pub async fn reconcile(
         &mut self,
-        desired: &DesiredState,
-        fresh: bool,
+        desired: &Arc<DesiredState>,
+        read: Read,
     ) -> anyhow::Result<Outcome> {
-        let fresh = fresh || self.view.is_none();
+        if self.echo.take_dirty() {
+            self.view = None;
+        }
+        let dump = read == Read::All || self.view.is_none();
+        let fresh = read != Read::View || dump;
+        // Nothing could differ: the same plan, the agent's objects as it left them, the
+        // gateways resolving as before. The last outcome stands (this is the pass someone
+        // else's change elsewhere in the namespace costs).
+        let unchanged = |d: &Dataplane| {
+            !dump
+                && d.last
+                    .as_ref()
+                    .is_some_and(|(p, _)| Arc::ptr_eq(p, desired))
+        };
         let mut problems = desired.problems.clone();
 
         // Resolve every gateway once (on a cached pass, only the new ones).
@@ -351,15 +381,20 @@ impl Dataplane {
             .values()
             .flat_map(|r| r.gateways.iter().chain(&r.withdrawn).copied())
             .collect();
-        if fresh {
-            self.reach.clear();
-        }
-        self.reach.retain(|g, _| gateways.contains(g));
+        let before = std::mem::take(&mut self.reach);
         for gw in gateways {
-            if !self.reach.contains_key(&gw) {
-                let r = routes::resolve_gateway(&self.handle, gw).await;
-                self.reach.insert(gw, r);
-            }
+            let r = match before.get(&gw) {
+                Some(r) if !fresh => r.clone(),
+                _ => routes::resolve_gateway(&self.handle, gw).await,
+            };
+            self.reach.insert(gw, r);
+        }
+        if unchanged(self) && self.reach == before {
+            let (_, last) = self.last.as_ref().expect("checked by unchanged");
+            return Ok(Outcome {
+                changes: 0,
+                ..last.clone()
+            });
         }
         let reach = self.reach.clone();
         let gateway_oifs: BTreeMap<IpAddr, u32> = reach
@@ -417,7 +452,7 @@ impl Dataplane {
                 .or_insert_with(|| vec![(up.gateway, up.oif)]);
         }
 
-        let kernel = match (fresh, self.view.take()) {
+        let kernel = match (dump, self.view.take()) {
             (false, Some(v)) => v,
             _ => self.snapshot().await?,
         };
@@ -430,10 +465,17 @@ impl Dataplane {
             self.cfg.protocol,
         )?;
         let (failed, nexthops_failed) = self.apply(&ops).await;
-        // The view of the kernel after this: what was read, plus what was applied. Any
-        // failure: read it again next time.
+        // Destinations whose route operation failed and that had no route before: not
+        // installed.
+        let not_installed: BTreeSet<IpNet> = failed
+            .iter()
+            .filter(|(d, _, is_standby)| !is_standby && !kernel.routes.contains_key(d))
+            .map(|(d, _, _)| *d)
+            .collect();
+        // The view of the kernel after this: what was read, plus what was applied (kept,
+        // not copied). Any failure: read it again next time.
         self.view = (failed.is_empty() && !nexthops_failed).then(|| {
-            let mut v = kernel.clone();
+            let mut v = kernel;
             for op in &ops {
                 v.apply(op);
             }
@@ -474,32 +516,37 @@ impl Dataplane {
             self.synced_overrides = Some(desired.overrides.clone());
         }
 
-        let failed_dsts: BTreeSet<IpNet> = failed
-            .iter()
-            .filter(|(_, _, is_standby)| !is_standby)
-            .map(|(d, _, _)| *d)
-            .collect();
         let mut installed = BTreeMap::new();
         let mut interfaces = BTreeSet::new();
         for (dst, hops) in &want {
             if desired.overrides.protected.contains_key(dst) {
                 continue;
             }
-            if failed_dsts.contains(dst) && !kernel.routes.contains_key(dst) {
+            if not_installed.contains(dst) {
                 continue;
             }
             installed.insert(*dst, hops.iter().map(|h| h.0).collect());
             interfaces.extend(hops.iter().map(|h| h.1));
         }
-        Ok(Outcome {
-            installed,
+        let outcome = Outcome {
+            installed: Arc::new(installed),
             problems,
             interfaces,
             gateway_oifs,
             changes,
-            no_gateway,
+            no_gateway: Arc::new(no_gateway),
             gateway_interfaces,
-        })
+        };
+        // A pass that left everything as planned is what the next one can stand on.
+        self.last = (self.view.is_some()
+            && outcome.problems.iter().all(|p| {
+                !matches!(
+                    p.kind,
+                    ProblemKind::Kernel { .. } | ProblemKind::SymmetricRouting
+                )
+            }))
+        .then(|| (desired.clone(), outcome.clone()));
+        Ok(outcome)
     }
 
     /// Symmetric routing: the default routes of the symmetric table and the `from` rules
@@ -728,7 +775,9 @@ impl Dataplane {
 
     /// Removes every route and nexthop the agent owns (`routing-agent cleanup`).
     pub async fn remove_all(&mut self) -> anyhow::Result<usize> {
-        let outcome = self.reconcile(&DesiredState::default(), true).await?;
+        let outcome = self
+            .reconcile(&Arc::new(DesiredState::default()), Read::All)
+            .await?;
         Ok(outcome.changes)
     }
 }

@@ -69,6 +69,9 @@ pub struct Echo {
     /// that uses them (`net.ipv4.nexthop_compat_mode=1`, the default: 10,000 RTM_NEWROUTE
     /// for one withdrawal at 10,000 routes), and those are its own change too.
     replaced: Mutex<HashMap<u32, Instant>>,
+    /// A route or nexthop of the agent's was changed by someone else (or flushed by the
+    /// kernel) since the dataplane last looked: its view of its own objects is stale.
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 impl Echo {
@@ -89,6 +92,15 @@ impl Echo {
         let now = Instant::now();
         r.retain(|_, at| now.duration_since(*at) < EXPECT_FOR);
         r.insert(id, now);
+    }
+
+    /// Whether the agent's objects were touched by someone else since the last call.
+    pub fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    fn mark_dirty(&self) {
+        self.dirty.store(true, std::sync::atomic::Ordering::Release);
     }
 
     fn recently_replaced(&self, id: u32) -> bool {
@@ -130,7 +142,10 @@ pub struct Marks {
     pub protocol: u8,
 }
 
-fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+/// The netlink attributes (type, value) in `buf`, nested or not. Hand-written: the
+/// monitor and the route dump read a few attributes of raw messages, where parsing each
+/// one into netlink-packet-route's types would cost more than the reconcile itself.
+pub(super) fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     let mut off = 0;
     std::iter::from_fn(move || {
         if off + 4 > buf.len() {
@@ -182,6 +197,7 @@ fn classify(kind: u16, payload: &[u8], marks: Marks, echo: &Echo) -> Whose {
             if echo.consume(change, Object::Route(family, dst, dst_len, table)) {
                 Whose::Own
             } else {
+                echo.mark_dirty();
                 Whose::Foreign
             }
         }
@@ -200,7 +216,10 @@ fn classify(kind: u16, payload: &[u8], marks: Marks, echo: &Echo) -> Whose {
             };
             match id {
                 Some(id) if echo.consume(change, Object::Nexthop(id)) => Whose::Own,
-                _ => Whose::Foreign,
+                _ => {
+                    echo.mark_dirty();
+                    Whose::Foreign
+                }
             }
         }
         RTM_NEWRULE | RTM_DELRULE if payload.len() >= 12 => {
@@ -256,6 +275,8 @@ pub fn spawn(wake: mpsc::Sender<()>, marks: Marks, echo: Arc<Echo>) -> std::io::
                         }
                     }
                     Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                        // Notifications lost: nothing is known of what changed.
+                        echo.mark_dirty();
                         let _ = wake.try_send(());
                     }
                     Err(e) => {
@@ -342,13 +363,20 @@ mod tests {
             any_foreign(&dels, MARKS, &echo),
             "the same deletions again: someone else's (or the kernel's)"
         );
-        // Other owners' routes, and links.
+        assert!(
+            echo.take_dirty(),
+            "the agent's own objects were touched by someone else"
+        );
+        assert!(!echo.take_dirty());
+        // Other owners' routes, and links: foreign, but the agent's objects are as it left
+        // them.
         assert!(any_foreign(
             &route(RTM_NEWROUTE, 4, [10, 0, 0, 0], 8),
             MARKS,
             &echo
         ));
         assert!(any_foreign(&message(16, vec![0; 16]), MARKS, &echo));
+        assert!(!echo.take_dirty());
         // One foreign message in a batch of own ones wakes.
         echo.expect(
             Change::New,
