@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{Lab, run};
+use crate::{Batch, Lab, run};
 
 pub const CP_ADDR: &str = "10.114.0.250";
 /// The API server's address in a lab with a public side (behind the isp only).
@@ -81,19 +81,24 @@ impl Lab {
                 bin.display()
             );
         }
-        let ns = self.add_ns("cp")?;
+        let mut b = Batch::default();
+        let ns = self.add_ns(&mut b, "cp")?;
         let addr = if self.spec.public {
             let isp = self.ns("isp");
-            self.veth(&ns, "eth0", &isp, "cp0")?;
-            self.ip(&ns, &format!("addr add {CP_PUBLIC_ADDR}/24 dev eth0"))?;
-            self.ip(&isp, "addr add 198.18.1.1/24 dev cp0")?;
-            self.ip(&ns, "route add default via 198.18.1.1")?;
+            b.veth(&ns, "eth0", &isp, "cp0");
+            b.ip(&ns, format!("addr add {CP_PUBLIC_ADDR}/24 dev eth0"));
+            b.ip(&isp, "addr add 198.18.1.1/24 dev cp0");
+            b.ip(&ns, "route add default via 198.18.1.1");
             CP_PUBLIC_ADDR
         } else {
-            self.bridge_port("cp", "eth0", "cp-vpc", "br-vpc")?;
-            self.ip(&ns, &format!("addr add {CP_ADDR}/20 dev eth0"))?;
+            // Created from cp's side: its lines run first in the batch.
+            let fab = self.ns("fabric");
+            b.veth(&ns, "eth0", &fab, "cp-vpc");
+            b.ip(&fab, "link set dev cp-vpc master br-vpc");
+            b.ip(&ns, format!("addr add {CP_ADDR}/20 dev eth0"));
             CP_ADDR
         };
+        b.run()?;
         let dir = self.scratch.join("cp");
         fs::create_dir_all(dir.join("certs"))?;
         let p = |f: &str| dir.join(f).display().to_string();

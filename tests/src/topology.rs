@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 
 use anyhow::{Context as _, Result, anyhow};
 
-use crate::{route_yaml, run, write_atomic};
+use crate::{route_yaml, run, run_input, write_atomic};
 
 pub const ECHO_PORT: u16 = 7;
 /// The isp (the nodes' original default gateway) and what only it reaches.
@@ -32,6 +32,60 @@ pub const DEST_V4: &str = "198.51.100.0/24";
 pub const DEST_V6: &str = "2001:db8:198::/64";
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// `ip` lines gathered per namespace while a lab is built, then run as one
+/// `ip -n NS -batch -` per namespace, in the order the namespaces were first named. A lab
+/// is some 70 ip commands and a process costs about 0.1 s under TCG (the VM tier), where
+/// building labs one command at a time was most of each test's time. Every link is created
+/// from the namespace that is named first (the fabric; the node for a pod), so the later
+/// namespaces' lines only configure what already exists.
+#[derive(Default)]
+pub(crate) struct Batch {
+    lines: Vec<(String, Vec<String>)>,
+}
+
+impl Batch {
+    pub(crate) fn ip(&mut self, ns: &str, line: impl Into<String>) {
+        let line = line.into();
+        match self.lines.iter_mut().find(|(n, _)| n == ns) {
+            Some((_, l)) => l.push(line),
+            None => self.lines.push((ns.to_string(), vec![line])),
+        }
+    }
+
+    /// A veth pair created in `a_ns` (`a_if`) with its peer `b_if` in `b_ns`, both up.
+    pub(crate) fn veth(&mut self, a_ns: &str, a_if: &str, b_ns: &str, b_if: &str) {
+        self.ip(
+            a_ns,
+            format!("link add {a_if} type veth peer name {b_if} netns {b_ns}"),
+        );
+        self.ip(a_ns, format!("link set dev {a_if} up"));
+        self.ip(b_ns, format!("link set dev {b_if} up"));
+    }
+
+    pub(crate) fn run(self) -> Result<()> {
+        for (ns, lines) in self.lines {
+            run_input(
+                &["ip", "-n", &ns, "-batch", "-"],
+                &(lines.join("\n") + "\n"),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Forwarding on, and `nft` (a ruleset, as `nft -f` reads it) in namespace `ns`: the
+/// sysctls written from a thread inside it, nft started from that thread (one process).
+fn router(ns: &str, nft: &'static str) -> Result<()> {
+    in_netns(ns, move || -> Result<()> {
+        fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+        fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
+        if !nft.is_empty() {
+            run_input(&["nft", "-f", "-"], nft)?;
+        }
+        Ok(())
+    })?
+}
 
 /// A node namespace of the lab.
 #[derive(Clone, Debug)]
@@ -267,11 +321,11 @@ impl Lab {
         PathBuf::from(format!("/sys/fs/bpf/routing-agent-{}-{node}", self.prefix))
     }
 
-    pub(crate) fn add_ns(&mut self, short: &str) -> Result<String> {
+    pub(crate) fn add_ns(&mut self, b: &mut Batch, short: &str) -> Result<String> {
         let name = self.ns(short);
         run(&["ip", "netns", "add", &name])?;
         self.namespaces.push(name.clone());
-        self.ip(&name, "link set lo up")?;
+        b.ip(&name, "link set lo up");
         Ok(name)
     }
 
@@ -295,144 +349,143 @@ impl Lab {
 
     /// A veth pair `a_if` in `a_ns` ↔ `b_if` in `b_ns`, both up.
     pub fn veth(&self, a_ns: &str, a_if: &str, b_ns: &str, b_if: &str) -> Result<()> {
-        self.ip(
-            a_ns,
-            &format!("link add {a_if} type veth peer name {b_if} netns {b_ns}"),
-        )?;
-        self.ip(a_ns, &format!("link set dev {a_if} up"))?;
-        self.ip(b_ns, &format!("link set dev {b_if} up"))?;
-        Ok(())
+        let mut b = Batch::default();
+        b.veth(a_ns, a_if, b_ns, b_if);
+        b.run()
     }
 
+    /// Interface `if_name` of `ns_short` on `bridge` of the fabric (as `fab_if` there).
     pub(crate) fn bridge_port(
         &self,
+        b: &mut Batch,
         ns_short: &str,
         if_name: &str,
         fab_if: &str,
         bridge: &str,
-    ) -> Result<()> {
+    ) {
         let fab = self.ns("fabric");
-        self.veth(&self.ns(ns_short), if_name, &fab, fab_if)?;
-        self.ip(&fab, &format!("link set dev {fab_if} master {bridge}"))?;
-        Ok(())
+        b.veth(&fab, fab_if, &self.ns(ns_short), if_name);
+        b.ip(&fab, format!("link set dev {fab_if} master {bridge}"));
     }
 
     fn build(&mut self) -> Result<()> {
-        let fab = self.add_ns("fabric")?;
+        let mut b = Batch::default();
+        let fab = self.add_ns(&mut b, "fabric")?;
         for br in ["br-vpc", "br-up"] {
-            self.ip(&fab, &format!("link add {br} type bridge mcast_snooping 0"))?;
-            self.ip(&fab, &format!("link set dev {br} up"))?;
+            b.ip(&fab, format!("link add {br} type bridge mcast_snooping 0"));
+            b.ip(&fab, format!("link set dev {br} up"));
         }
         // The internet: a router for the gateways' uplinks and the echo server.
-        let inet = self.add_ns("inet")?;
-        self.bridge_port("inet", "up0", "inet-up", "br-up")?;
-        self.ip(&inet, "addr add 203.0.113.254/24 dev up0")?;
-        self.ip(&inet, "addr add 2001:db8:113::fe/64 dev up0 nodad")?;
+        let inet = self.add_ns(&mut b, "inet")?;
+        self.bridge_port(&mut b, "inet", "up0", "inet-up", "br-up");
+        b.ip(&inet, "addr add 203.0.113.254/24 dev up0");
+        b.ip(&inet, "addr add 2001:db8:113::fe/64 dev up0 nodad");
         // Server addresses on loopback (the lab kernel may lack the dummy driver).
-        self.ip(&inet, &format!("addr add {ECHO_V4}/32 dev lo"))?;
-        self.ip(&inet, &format!("addr add {ECHO_V6}/128 dev lo nodad"))?;
+        b.ip(&inet, format!("addr add {ECHO_V4}/32 dev lo"));
+        b.ip(&inet, format!("addr add {ECHO_V6}/128 dev lo nodad"));
+        let mut gateways = Vec::new();
         for i in 1..=self.spec.gateways {
-            let gw = self.add_ns(&format!("gw{i}"))?;
-            self.bridge_port(&format!("gw{i}"), "vpc", &format!("gw{i}-vpc"), "br-vpc")?;
-            self.bridge_port(&format!("gw{i}"), "uplink", &format!("gw{i}-up"), "br-up")?;
-            self.ip(&gw, &format!("addr add {}/20 dev vpc", gateway_v4(i)))?;
-            self.ip(&gw, &format!("addr add {}/64 dev vpc nodad", gateway_v6(i)))?;
-            self.ip(&gw, &format!("addr add {}/24 dev uplink", public_v4(i)))?;
-            self.ip(
+            let gw = self.add_ns(&mut b, &format!("gw{i}"))?;
+            let short = format!("gw{i}");
+            self.bridge_port(&mut b, &short, "vpc", &format!("gw{i}-vpc"), "br-vpc");
+            self.bridge_port(&mut b, &short, "uplink", &format!("gw{i}-up"), "br-up");
+            b.ip(&gw, format!("addr add {}/20 dev vpc", gateway_v4(i)));
+            b.ip(&gw, format!("addr add {}/64 dev vpc nodad", gateway_v6(i)));
+            b.ip(&gw, format!("addr add {}/24 dev uplink", public_v4(i)));
+            b.ip(
                 &gw,
-                &format!("addr add {}/64 dev uplink nodad", public_v6(i)),
-            )?;
-            self.ip(&gw, "route add default via 203.0.113.254")?;
-            self.ip(&gw, "-6 route add default via 2001:db8:113::fe")?;
-            self.sh(
-                &gw,
-                "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 && \
-                 nft add table inet nat && \
-                 nft add chain inet nat post '{ type nat hook postrouting priority 100 ; }' && \
-                 nft add rule inet nat post oifname uplink masquerade",
-            )?;
+                format!("addr add {}/64 dev uplink nodad", public_v6(i)),
+            );
+            b.ip(&gw, "route add default via 203.0.113.254");
+            b.ip(&gw, "route add ::/0 via 2001:db8:113::fe");
+            gateways.push(gw);
         }
         for n in self.spec.nodes.clone() {
-            self.add_node_ns(&n)?;
+            self.add_node_ns(&mut b, &n)?;
+        }
+        if self.spec.public {
+            self.build_public(&mut b)?;
+        }
+        b.run()?;
+        for gw in &gateways {
+            router(
+                gw,
+                "table inet nat {\n  chain post {\n    type nat hook postrouting priority 100;\n    oifname \"uplink\" masquerade\n  }\n}\n",
+            )?;
+        }
+        if self.spec.public {
+            router(&self.ns("isp"), "")?;
         }
         self.start_echo_server("inet", ECHO_PORT)?;
         self.start_hold_server()?;
         if self.spec.public {
-            self.build_public()?;
+            self.start_echo_server("isp", ECHO_PORT)?;
+            for n in self.spec.nodes.clone() {
+                // The inbound server on the node's public addresses.
+                self.start_echo_server(&format!("node-{}", n.name), INBOUND_PORT)?;
+            }
         }
         Ok(())
     }
 
     /// The public side (see [`LabSpec::public`]).
-    fn build_public(&mut self) -> Result<()> {
+    fn build_public(&mut self, b: &mut Batch) -> Result<()> {
         let fab = self.ns("fabric");
-        self.ip(&fab, "link add br-pub type bridge mcast_snooping 0")?;
-        self.ip(&fab, "link set dev br-pub up")?;
-        let isp = self.add_ns("isp")?;
-        self.bridge_port("isp", "pub0", "isp-pub", "br-pub")?;
-        self.bridge_port("isp", "up0", "isp-up", "br-up")?;
-        self.ip(&isp, &format!("addr add {ISP_V4}/24 dev pub0"))?;
-        self.ip(&isp, &format!("addr add {ISP_V6}/64 dev pub0 nodad"))?;
-        self.ip(&isp, "addr add 203.0.113.253/24 dev up0")?;
-        self.ip(&isp, "addr add 2001:db8:113::fd/64 dev up0 nodad")?;
-        self.ip(&isp, "route add default via 203.0.113.254")?;
-        self.ip(&isp, "-6 route add default via 2001:db8:113::fe")?;
+        b.ip(&fab, "link add br-pub type bridge mcast_snooping 0");
+        b.ip(&fab, "link set dev br-pub up");
+        let isp = self.add_ns(b, "isp")?;
+        self.bridge_port(b, "isp", "pub0", "isp-pub", "br-pub");
+        self.bridge_port(b, "isp", "up0", "isp-up", "br-up");
+        b.ip(&isp, format!("addr add {ISP_V4}/24 dev pub0"));
+        b.ip(&isp, format!("addr add {ISP_V6}/64 dev pub0 nodad"));
+        b.ip(&isp, "addr add 203.0.113.253/24 dev up0");
+        b.ip(&isp, "addr add 2001:db8:113::fd/64 dev up0 nodad");
+        b.ip(&isp, "route add default via 203.0.113.254");
+        b.ip(&isp, "route add ::/0 via 2001:db8:113::fe");
         for a in [METADATA_V4, NAMESERVER_V4, PRIVATE_SERVICE_V4] {
-            self.ip(&isp, &format!("addr add {a}/32 dev lo"))?;
+            b.ip(&isp, format!("addr add {a}/32 dev lo"));
         }
-        self.ip(&isp, &format!("addr add {NAMESERVER_V6}/128 dev lo nodad"))?;
-        self.sh(
-            &isp,
-            "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
-        )?;
+        b.ip(&isp, format!("addr add {NAMESERVER_V6}/128 dev lo nodad"));
         let inet = self.ns("inet");
-        self.ip(&inet, "route add 192.0.2.0/24 via 203.0.113.253")?;
-        self.ip(&inet, "-6 route add 2001:db8:2::/64 via 2001:db8:113::fd")?;
-        self.start_echo_server("isp", ECHO_PORT)?;
+        b.ip(&inet, "route add 192.0.2.0/24 via 203.0.113.253");
+        b.ip(&inet, "route add 2001:db8:2::/64 via 2001:db8:113::fd");
         for n in self.spec.nodes.clone() {
-            self.add_node_public(&n)?;
+            self.add_node_public(b, &n);
         }
         Ok(())
     }
 
-    fn add_node_public(&mut self, n: &NodeSpec) -> Result<()> {
+    fn add_node_public(&mut self, b: &mut Batch, n: &NodeSpec) {
         let short = format!("node-{}", n.name);
         let ns = self.ns(&short);
-        self.bridge_port(&short, "eth0", &format!("{}-pub", n.name), "br-pub")?;
-        self.ip(
+        self.bridge_port(b, &short, "eth0", &format!("{}-pub", n.name), "br-pub");
+        b.ip(
             &ns,
-            &format!("addr add {}/24 dev eth0", node_public_v4(n.host)),
-        )?;
-        self.ip(
+            format!("addr add {}/24 dev eth0", node_public_v4(n.host)),
+        );
+        b.ip(
             &ns,
-            &format!("addr add {}/64 dev eth0 nodad", node_public_v6(n.host)),
-        )?;
-        self.ip(
+            format!("addr add {}/64 dev eth0 nodad", node_public_v6(n.host)),
+        );
+        b.ip(
             &ns,
-            &format!("route add default via {ISP_V4} dev eth0 proto static"),
-        )?;
-        self.ip(
+            format!("route add default via {ISP_V4} dev eth0 proto static"),
+        );
+        b.ip(
             &ns,
-            &format!("-6 route add default via {ISP_V6} dev eth0 proto static"),
-        )?;
-        // The inbound server on the node's public addresses.
-        self.start_echo_server(&short, INBOUND_PORT)?;
-        Ok(())
+            format!("route add ::/0 via {ISP_V6} dev eth0 proto static"),
+        );
     }
 
-    fn add_node_ns(&mut self, n: &NodeSpec) -> Result<()> {
-        let ns = self.add_ns(&format!("node-{}", n.name))?;
-        self.bridge_port(
-            &format!("node-{}", n.name),
-            "eth1",
-            &format!("{}-vpc", n.name),
-            "br-vpc",
-        )?;
-        self.ip(&ns, &format!("addr add 10.114.0.{}/20 dev eth1", n.host))?;
-        self.ip(
+    fn add_node_ns(&mut self, b: &mut Batch, n: &NodeSpec) -> Result<()> {
+        let short = format!("node-{}", n.name);
+        let ns = self.add_ns(b, &short)?;
+        self.bridge_port(b, &short, "eth1", &format!("{}-vpc", n.name), "br-vpc");
+        b.ip(&ns, format!("addr add 10.114.0.{}/20 dev eth1", n.host));
+        b.ip(
             &ns,
-            &format!("addr add fd00:114::{:x}/64 dev eth1 nodad", n.host),
-        )?;
+            format!("addr add fd00:114::{:x}/64 dev eth1 nodad", n.host),
+        );
         Ok(())
     }
 
@@ -443,29 +496,26 @@ impl Lab {
     pub fn add_pod(&mut self, node: &str) -> Result<String> {
         let host = self.node_host(node)?;
         let node_ns = self.node_ns(node);
-        let pod = self.add_ns(&format!("pod-{node}"))?;
-        self.veth(&pod, "eth0", &node_ns, "pod0")?;
-        self.ip(&pod, &format!("addr add 10.244.{host}.2/24 dev eth0"))?;
-        self.ip(
+        let mut b = Batch::default();
+        // The node's lines first: the veth is created there.
+        b.veth(&node_ns, "pod0", &self.ns(&format!("pod-{node}")), "eth0");
+        let pod = self.add_ns(&mut b, &format!("pod-{node}"))?;
+        b.ip(&pod, format!("addr add 10.244.{host}.2/24 dev eth0"));
+        b.ip(
             &pod,
-            &format!("addr add fd00:244:{host:x}::2/64 dev eth0 nodad"),
-        )?;
-        self.ip(&pod, &format!("route add default via 10.244.{host}.1"))?;
-        self.ip(
-            &pod,
-            &format!("-6 route add default via fd00:244:{host:x}::1"),
-        )?;
-        self.ip(&node_ns, &format!("addr add 10.244.{host}.1/24 dev pod0"))?;
-        self.ip(
+            format!("addr add fd00:244:{host:x}::2/64 dev eth0 nodad"),
+        );
+        b.ip(&pod, format!("route add default via 10.244.{host}.1"));
+        b.ip(&pod, format!("route add ::/0 via fd00:244:{host:x}::1"));
+        b.ip(&node_ns, format!("addr add 10.244.{host}.1/24 dev pod0"));
+        b.ip(
             &node_ns,
-            &format!("addr add fd00:244:{host:x}::1/64 dev pod0 nodad"),
-        )?;
-        self.sh(
+            format!("addr add fd00:244:{host:x}::1/64 dev pod0 nodad"),
+        );
+        b.run()?;
+        router(
             &node_ns,
-            "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 && \
-             nft add table inet podnat && \
-             nft add chain inet podnat post '{ type nat hook postrouting priority 100 ; }' && \
-             nft add rule inet podnat post iifname pod0 oifname eth1 masquerade",
+            "table inet podnat {\n  chain post {\n    type nat hook postrouting priority 100;\n    iifname \"pod0\" oifname \"eth1\" masquerade\n  }\n}\n",
         )?;
         Ok(pod)
     }
@@ -482,7 +532,9 @@ impl Lab {
 
     /// Adds a node namespace after the lab was built.
     pub fn add_node(&mut self, n: NodeSpec) -> Result<()> {
-        self.add_node_ns(&n)?;
+        let mut b = Batch::default();
+        self.add_node_ns(&mut b, &n)?;
+        b.run()?;
         self.spec.nodes.push(n);
         Ok(())
     }
@@ -518,9 +570,14 @@ impl Drop for Lab {
         for h in std::mem::take(&mut self.servers) {
             let _ = h.join();
         }
-        for ns in self.namespaces.iter().rev() {
-            let _ = run(&["ip", "netns", "del", ns]);
-        }
+        // One process for every namespace (-force: on past one that is already gone).
+        let del: String = self
+            .namespaces
+            .iter()
+            .rev()
+            .map(|ns| format!("netns del {ns}\n"))
+            .collect();
+        let _ = run_input(&["ip", "-force", "-batch", "-"], &del);
         for n in &self.spec.nodes {
             let _ = fs::remove_dir_all(self.pin_dir(&n.name));
         }
