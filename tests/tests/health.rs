@@ -460,7 +460,16 @@ fn hold_across_gateway_added(pinning: bool, v6: bool) -> Result<(usize, usize, u
     let alive = held.iter_mut().map(|h| h.alive()).filter(|&a| a).count();
     // New connections do use the new gateway (bound ones: see
     // `kernel_spreads_local_v6_connections` for why, in IPv6 on older kernels).
-    let spread = tally(30, || lab.connect_bound("a", echo))?;
+    // Without pinning, a new connection opened right after the change can be reset too
+    // (about one run in eight on the host: the breakage this shows); with pinning, none may.
+    let mut spread = std::collections::BTreeMap::new();
+    for _ in 0..30 {
+        match lab.connect_bound("a", echo) {
+            Ok(via) => *spread.entry(via).or_insert(0) += 1,
+            Err(e) if !pinning => println!("without pinning, a new connection failed: {e:#}"),
+            Err(e) => return Err(e),
+        }
+    }
     ensure!(
         spread.contains_key(&(f.public)(3)),
         "no new connection through gateway 3: {spread:?}"

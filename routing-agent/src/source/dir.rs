@@ -1,7 +1,7 @@
 //! Standalone mode: Route manifests from a directory (`*.yaml`, `*.yml`, multi-document
 //! allowed), watched with inotify (notify crate). A file that does not parse is reported
 //! with its path, line and reason, and its last good content stays in effect.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -112,7 +112,10 @@ fn stamp(path: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
 /// broken file keeps its last good content. Returns the snapshot and the current errors.
 pub fn load(dir: &Path, cache: &mut DirCache) -> (Snapshot, Vec<FileError>) {
     let mut errors = Vec::new();
-    let files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+    // A set: the cache is pruned by membership, which over a Vec compared every cached path
+    // with every file (4 million path comparisons per change at 2,000 files, the largest
+    // part of an edit's latency at 10,000 prefixes).
+    let files: BTreeSet<PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
