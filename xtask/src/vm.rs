@@ -268,6 +268,23 @@ mount -t bpf bpf /sys/fs/bpf
 mkdir -p /run/netns
 while read m; do insmod $m || echo "insmod $m failed"; done < /modules.order
 ip link set lo up
+# Netfilter's hooks stay registered for the whole run (empty chains, policy accept, in the
+# guest's own root namespace): otherwise the labs' nft tables (NAT on the gateways, the
+# faults) switch the global nf_hooks_needed static keys on and off with every lab, and
+# the text poking that does crashed a 6.12 guest under TCG (an int3 Oops in NF_HOOK).
+nft -f - <<'NFT' || echo "nft keep-alive table failed"
+table inet ra_vm_keep {
+  chain f_pre { type filter hook prerouting priority 0; }
+  chain f_in { type filter hook input priority 0; }
+  chain f_fwd { type filter hook forward priority 0; }
+  chain f_out { type filter hook output priority 0; }
+  chain f_post { type filter hook postrouting priority 0; }
+  chain n_pre { type nat hook prerouting priority -100; }
+  chain n_in { type nat hook input priority 100; }
+  chain n_out { type nat hook output priority -100; }
+  chain n_post { type nat hook postrouting priority 100; }
+}
+NFT
 echo "kernel: $(uname -r)"
 export ROUTING_AGENT_BIN=/usr/bin/routing-agent RUST_BACKTRACE=0 NO_COLOR=1
 code=0
