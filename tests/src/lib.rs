@@ -39,9 +39,20 @@ pub fn run(args: &[&str]) -> Result<String> {
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("spawning {args:?}"))?;
+    stdout_of(args, &out, "")
+}
+
+/// The standard output of a finished command; an error naming it, its stderr and `input`
+/// (when there was one) if it failed.
+fn stdout_of(args: &[&str], out: &std::process::Output, input: &str) -> Result<String> {
     if !out.status.success() {
+        let input = if input.is_empty() {
+            String::new()
+        } else {
+            format!(" (input: {input:?})")
+        };
         bail!(
-            "{} failed ({}): {}",
+            "{} failed ({}): {}{input}",
             args.join(" "),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
@@ -66,15 +77,7 @@ pub fn run_input(args: &[&str], input: &str) -> Result<String> {
         .expect("piped")
         .write_all(input.as_bytes())?;
     let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{} failed ({}): {} (input: {input:?})",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    stdout_of(args, &out, input)
 }
 
 /// Polls `f` every 50 ms until it returns `Some`, or fails after `limit` naming `what`.
