@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{Batch, Lab, run};
+use crate::{Batch, Lab, in_netns, run};
 
 pub const CP_ADDR: &str = "10.114.0.250";
 /// The API server's address in a lab with a public side (behind the isp only).
@@ -42,6 +42,8 @@ pub struct ControlPlane {
     /// kubeconfig of the controller's ServiceAccount identity.
     pub controller: PathBuf,
     controller_proc: Option<Child>,
+    /// `kubectl proxy`, when started ([`ControlPlane::start_proxy`]).
+    proxy_proc: Option<Child>,
 }
 
 /// Starts `program` inside `ns`, its output appended to `log`.
@@ -147,6 +149,7 @@ impl Lab {
             agent: dir.join("agent.kubeconfig"),
             controller: dir.join("controller.kubeconfig"),
             controller_proc: None,
+            proxy_proc: None,
             dir: dir.clone(),
         };
         cp.apiserver_args = vec![
@@ -274,6 +277,46 @@ impl ControlPlane {
         run(&v)
     }
 
+    /// Starts `kubectl proxy` (as the administrator) on 127.0.0.1:8001 of the `cp`
+    /// namespace, and waits until it answers: requests through it ([`ControlPlane::post`])
+    /// cost no kubectl start, so a benchmark can time the API server → agent path alone.
+    pub fn start_proxy(&mut self) -> Result<()> {
+        let kc = format!("--kubeconfig={}", self.admin.display());
+        self.proxy_proc = Some(spawn_in(
+            &self.ns,
+            &self.dir.join("proxy.log"),
+            Path::new("kubectl"),
+            &[kc, "proxy".into(), "--port=8001".into()],
+        )?);
+        let start = Instant::now();
+        while self.get("/readyz").is_err() {
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("kubectl proxy did not answer within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    fn get(&self, path: &str) -> Result<String> {
+        let url = format!("http://127.0.0.1:8001{path}");
+        in_netns(&self.ns, move || -> Result<String> {
+            Ok(ureq::get(&url).call()?.body_mut().read_to_string()?)
+        })?
+    }
+
+    /// POSTs `yaml` to `path` of the API server through the proxy (it must be started).
+    pub fn post(&self, path: &str, yaml: &str) -> Result<()> {
+        let (url, body) = (format!("http://127.0.0.1:8001{path}"), yaml.to_string());
+        in_netns(&self.ns, move || -> Result<()> {
+            ureq::post(&url)
+                .header("Content-Type", "application/yaml")
+                .send(body)
+                .with_context(|| format!("POST {url}"))?;
+            Ok(())
+        })?
+    }
+
     /// `kubectl apply -f -` with `yaml`.
     pub fn apply(&self, yaml: &str) -> Result<String> {
         let path = self.dir.join(format!("apply-{}.yaml", std::process::id()));
@@ -303,6 +346,10 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.stop_controller();
+        if let Some(mut c) = self.proxy_proc.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         for c in self.procs.iter_mut().rev() {
             let _ = c.kill();
             let _ = c.wait();

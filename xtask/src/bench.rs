@@ -19,7 +19,13 @@ pub fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-pub fn run(which: Which, trials: usize, baseline_trials: usize, prefixes: usize) -> Result<()> {
+pub fn run(
+    which: Which,
+    trials: usize,
+    baseline_trials: usize,
+    prefixes: usize,
+    mode: crate::scale::Modes,
+) -> Result<()> {
     crate::setup::setup()?;
     crate::cmd("cargo", &["build", "--release", "-p", "routing-agent"])?;
     // SAFETY: single-threaded at this point; the lab library reads it when starting agents.
@@ -30,7 +36,7 @@ pub fn run(which: Which, trials: usize, baseline_trials: usize, prefixes: usize)
         )
     };
     match which {
-        Which::Dataplane => crate::scale::run(),
+        Which::Dataplane => crate::scale::run(prefixes, mode),
         Which::Failover => crate::failover::run(trials, baseline_trials, prefixes),
         Which::LinkFlap => crate::failover::link_flaps(trials),
         Which::ApiOutage => crate::scale::api_outage(trials.min(5)),

@@ -43,9 +43,13 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         baseline_trials: usize,
         /// Other prefixes on the same gateways (failover at scale: Routes of 5
-        /// destinations each next to the measured one).
+        /// destinations each next to the measured one). Dataplane: measure this size only
+        /// (0: 1,000, 5,000, 10,000 and 20,000).
         #[arg(long, default_value_t = 0)]
         prefixes: usize,
+        /// Dataplane: which of the modes to measure.
+        #[arg(long, value_enum, default_value_t = scale::Modes::All)]
+        mode: scale::Modes,
     },
     /// Regenerate deploy/crd.yaml from the Rust types.
     GenCrd,
@@ -216,7 +220,8 @@ fn main() -> Result<()> {
             trials,
             baseline_trials,
             prefixes,
-        } => bench::run(which, trials, baseline_trials, prefixes),
+            mode,
+        } => bench::run(which, trials, baseline_trials, prefixes, mode),
         Cmd::GenCrd => gen_crd(),
         Cmd::VmTest {
             kernels,

@@ -123,7 +123,9 @@ pub struct Agent<K, P> {
     programs: Option<P>,
     /// The latest complete view of the Routes; `None` until the source delivered one (the
     /// kernel stays as it is until then: a restart never removes what it was not told to).
-    routes: Option<Vec<Route>>,
+    routes: Option<Vec<Arc<Route>>>,
+    /// Each Route's share of the plan, worked out again only when the Route changed.
+    planner: plan::Planner,
     /// This node as the source knows it now (labels follow the Node object).
     node: NodeInfo,
     /// The control-plane endpoints (protected while the default route is overridden).
@@ -136,8 +138,17 @@ pub struct Agent<K, P> {
     backoff: Backoff,
     /// When to retry what the kernel could not take (`None`: nothing pending).
     retry_at: Option<Instant>,
+    /// The pending deadline only confirms a pass that changed the kernel (nothing failed):
+    /// that check reads how the gateways resolve and the agent's own objects only if
+    /// someone else touched them (the monitor says), not the whole table (at 10,000
+    /// routes a full read takes tens of milliseconds, and an edit right after it waits).
+    /// The periodic resync and real retries read everything.
+    verifying: bool,
     /// The NodeRouteStatus last handed to the publisher.
     reported: Option<NodeRoutes>,
+    /// A report is owed whatever the plan: the Routes changed since the last one (their
+    /// generations are in it), or the publisher was busy.
+    report_due: bool,
     /// The status file's part that changes with a reconcile (`None`: build it again).
     status_base: Option<serde_json::Value>,
     /// The status file's last per-tick part (attachments, gateways).
@@ -172,13 +183,16 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
             kernel,
             programs,
             routes: None,
+            planner: plan::Planner::default(),
             endpoints: Vec::new(),
             health,
             watch: Watch::default(),
             last: None,
             reconciles: 0,
             retry_at: None,
+            verifying: false,
             reported: None,
+            report_due: true,
             last_doc: None,
             status_base: None,
             planned: None,
@@ -219,6 +233,7 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
     /// control-plane endpoints when the source knows them.
     pub async fn on_snapshot(&mut self, s: Snapshot) -> Next {
         self.routes = Some(s.routes);
+        self.report_due = true;
         if let Some(e) = s.control_plane {
             if e != self.endpoints {
                 info!(endpoints = ?e, "control-plane endpoints");
@@ -243,7 +258,12 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
     /// The retry deadline ([`Agent::retry_at`]) passed.
     pub async fn on_retry(&mut self) -> Next {
         self.retry_at = None;
-        self.reconcile(Pass::Fresh).await
+        let pass = if std::mem::take(&mut self.verifying) {
+            Pass::Notified
+        } else {
+            Pass::Fresh
+        };
+        self.reconcile(pass).await
     }
 
     /// The periodic resync: the same full reconcile, whether or not anything was notified.
@@ -408,7 +428,18 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
                     self.cfg.probes.set_ready();
                 }
                 let took = started.elapsed();
-                self.record_reconcile(&desired, &outcome, took);
+                // The same plan and the same result as the last pass (a resync, the check
+                // after a change): the status, the report and the per-Route gauges stay as
+                // they are (at 10,000 routes, building them is most of a pass's work).
+                let unchanged = self.last.as_ref().is_some_and(|(d, o)| {
+                    (Arc::ptr_eq(d, &desired) || **d == *desired)
+                        && *o
+                            == Outcome {
+                                changes: o.changes,
+                                ..outcome.clone()
+                            }
+                });
+                self.record_reconcile(&desired, &outcome, took, unchanged);
                 self.watch.oifs = outcome.gateway_oifs.clone();
                 let retryable = outcome.problems.iter().any(|p| {
                     matches!(
@@ -418,12 +449,14 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
                 });
                 if retryable {
                     self.retry_at = Some(Instant::now() + self.backoff.step());
+                    self.verifying = false;
                 } else {
                     self.backoff.reset();
                     // A pass that changed the kernel is confirmed by a fresh one shortly
                     // after (its own notifications no longer wake the agent): the kernel
                     // is read back once, and the status says when nothing is left to do.
                     self.retry_at = (outcome.changes > 0).then(|| Instant::now() + VERIFY_AFTER);
+                    self.verifying = self.retry_at.is_some();
                 }
                 status::log_reconcile(
                     &desired,
@@ -454,9 +487,22 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
                         info!(destination = %dst, "a gateway can be used again");
                     }
                 }
-                self.send_report(&desired, &outcome);
+                if !unchanged || self.report_due {
+                    self.send_report(&desired, &outcome);
+                }
+                let changes_before = self.last.as_ref().map(|(_, o)| o.changes);
+                let changes = outcome.changes;
                 self.last = Some((desired, outcome));
-                self.status_base = None;
+                match &mut self.status_base {
+                    Some(base) if unchanged => {
+                        base["reconciles"] = self.reconciles.into();
+                        if changes_before != Some(changes) {
+                            base["lastChanges"] = changes.into();
+                            self.last_doc = None; // written below
+                        }
+                    }
+                    _ => self.status_base = None,
+                }
                 self.emit_status();
             }
             Err(e) => {
@@ -464,6 +510,7 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
                 let wait = self.backoff.step();
                 error!(error = format!("{e:#}"), retry_in = ?wait, "reconcile failed; nothing changed");
                 self.retry_at = Some(Instant::now() + wait);
+                self.verifying = false;
             }
         }
         Next::default()
@@ -475,7 +522,7 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
     /// is scheduled and nothing changes.
     async fn plan(&mut self, pass: Pass) -> Option<DesiredState> {
         let routes = self.routes.as_ref()?;
-        let mut desired = plan::plan_with(routes, &self.node, &self.cfg.policy);
+        let mut desired = self.planner.plan(routes, &self.node, &self.cfg.policy);
         // Default-route overrides: what must stay reachable through the node's own uplink.
         // Without the facts, nothing changes (an override without its protection could cut
         // the node off). Read only while an override is planned: the kernel dumps and
@@ -499,6 +546,7 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
                     let wait = self.backoff.step();
                     error!(error = %e, retry_in = ?wait, "reconcile skipped; nothing changed");
                     self.retry_at = Some(Instant::now() + wait);
+                    self.verifying = false;
                     return None;
                 }
             }

@@ -190,11 +190,15 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
         desired: &DesiredState,
         outcome: &Outcome,
         took: Duration,
+        unchanged: bool,
     ) {
         let metrics = &self.cfg.metrics;
         metrics.reconciles.inc();
         metrics.reconcile_duration.observe(took.as_secs_f64());
         metrics.kernel_changes.inc_by(outcome.changes as u64);
+        if unchanged {
+            return;
+        }
         metrics
             .destinations_installed
             .set(outcome.installed.len() as i64);
@@ -297,6 +301,7 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
             .as_ref()
             .is_some_and(|s| report::same(s, &status))
         {
+            self.report_due = false;
             return;
         }
         let notes = report::notes(
@@ -311,8 +316,12 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
             refs: publish::refs(routes),
         };
         match tx.try_send(r) {
-            Ok(()) => self.reported = Some(status),
+            Ok(()) => {
+                self.reported = Some(status);
+                self.report_due = false;
+            }
             Err(e) => {
+                self.report_due = true;
                 warn!(error = %e, "the status publisher is busy; reporting again at the next reconcile")
             }
         }

@@ -194,7 +194,7 @@ fn route(name: &str, dst: &[&str], gws: &[&str]) -> Route {
 
 fn snapshot(routes: Vec<Route>) -> Snapshot {
     Snapshot {
-        routes,
+        routes: routes.into_iter().map(std::sync::Arc::new).collect(),
         ..Snapshot::default()
     }
 }
@@ -266,12 +266,16 @@ async fn a_snapshot_is_planned_and_reconciled() {
     let p = a.programs_mut().unwrap();
     assert_eq!(p.gateways, [ip(A), ip(B)].into());
     assert_eq!(p.attached, [OIF].into());
-    // The pass changed the kernel: a fresh one confirms it shortly after, then nothing.
+    // The pass changed the kernel: another confirms it shortly after (how the gateways
+    // resolve, and the agent's objects if someone else touched them; the whole table is
+    // the resync's), then nothing.
     let verify = a.retry_at().expect("a confirming pass is scheduled");
     assert!(verify <= Instant::now() + VERIFY_AFTER);
     a.on_retry().await;
-    assert_eq!(a.kernel().fresh.last(), Some(&Read::All));
+    assert_eq!(a.kernel().fresh.last(), Some(&Read::Gateways));
     assert_eq!(a.retry_at(), None, "nothing changed: nothing scheduled");
+    a.on_resync().await;
+    assert_eq!(a.kernel().fresh.last(), Some(&Read::All));
 }
 
 #[tokio::test]
@@ -401,6 +405,11 @@ async fn an_unreachable_gateway_is_retried_with_back_off() {
         ProblemKind::GatewayUnreachable { .. }
     ));
     a.on_retry().await;
+    assert_eq!(
+        a.kernel().fresh.last(),
+        Some(&Read::All),
+        "a retry reads everything"
+    );
     let second = a.retry_at().expect("still unreachable");
     assert!(
         second >= first + Duration::from_secs(1),
@@ -425,7 +434,7 @@ async fn a_node_relabelled_by_the_source_is_replanned() {
     a.on_snapshot(snapshot(vec![sel.clone()])).await;
     assert!(a.kernel().last_plan().routes.is_empty());
     a.on_snapshot(Snapshot {
-        routes: vec![sel],
+        routes: vec![std::sync::Arc::new(sel)],
         node_labels: Some([("pool".to_string(), "b".to_string())].into()),
         control_plane: None,
     })

@@ -38,9 +38,10 @@ pub fn now() -> String {
 }
 
 /// The references of `routes`, for [`Report::refs`].
-pub fn refs(routes: &[Route]) -> BTreeMap<String, ObjectReference> {
+pub fn refs<R: std::borrow::Borrow<Route>>(routes: &[R]) -> BTreeMap<String, ObjectReference> {
     routes
         .iter()
+        .map(|r| r.borrow())
         .filter_map(|r| Some((r.metadata.name.clone()?, r.object_ref(&()))))
         .collect()
 }
@@ -57,6 +58,9 @@ pub fn spawn(
     tx
 }
 
+/// The shortest time between two writes of this node's NodeRouteStatus.
+const WRITE_GAP: Duration = Duration::from_secs(1);
+
 async fn run(
     client: Client,
     node: String,
@@ -71,6 +75,7 @@ async fn run(
     let mut refs: BTreeMap<String, ObjectReference> = BTreeMap::new();
     let mut backoff = Duration::from_secs(1);
     let mut retry_at: Option<tokio::time::Instant> = None;
+    let mut last_write: Option<tokio::time::Instant> = None;
     loop {
         let retry = async {
             match retry_at {
@@ -112,6 +117,15 @@ async fn run(
         if written.as_ref().is_some_and(|w| report::same(w, &status)) {
             continue;
         }
+        // At most one write per WRITE_GAP: changes in between are coalesced into the next
+        // (the object lists every destination: at 10,000 a write costs the API server far
+        // more than the agent's edit that caused it).
+        if let Some(t) = last_write.filter(|t| t.elapsed() < WRITE_GAP) {
+            pending = Some(status);
+            retry_at = Some(t + WRITE_GAP);
+            continue;
+        }
+        last_write = Some(tokio::time::Instant::now());
         let result = async {
             if !created {
                 create(&client, &api, &node).await?;
@@ -288,11 +302,12 @@ mod tests {
         assert_eq!(body["reason"], "GatewayWithdrawn");
         assert_eq!(body["involvedObject"]["kind"], "Route");
         assert_eq!(body["source"]["host"], "node-a");
-        // A change: written.
+        // Changes: written, at most one write per WRITE_GAP (the latest of those between).
         tx.send(report(2, vec![])).await.unwrap();
+        tx.send(report(3, vec![])).await.unwrap();
         let (m, uri, body) = mock_api::next(&mut handle, 200, obj()).await;
         assert!(m == "PATCH" && uri.contains("/status?"), "{m} {uri}");
-        assert_eq!(body["status"]["applied"], 2);
+        assert_eq!(body["status"]["applied"], 3);
         // Nothing else pending.
         assert!(
             tokio::time::timeout(Duration::from_millis(300), handle.next_request())

@@ -6,8 +6,10 @@
 //! Route without one, as in standalone mode, counts as newer than any that has one), ties
 //! broken by name in byte order. Every loser is reported with the winner's name; its other
 //! destinations are still installed.
-use std::collections::BTreeMap;
+use std::borrow::Borrow;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -50,58 +52,133 @@ fn fail_mode(r: &Route, name: &str, policy: &Policy, warnings: &mut Vec<String>)
 }
 
 /// Plans the routes for `node` with the default [`Policy`].
-pub fn plan(routes: &[Route], node: &NodeInfo) -> DesiredState {
+pub fn plan<R: Borrow<Route>>(routes: &[R], node: &NodeInfo) -> DesiredState {
     plan_with(routes, node, &Policy::default())
 }
 
 /// Plans the routes for `node`. The result does not depend on the order of `routes`.
-pub fn plan_with(routes: &[Route], node: &NodeInfo, policy: &Policy) -> DesiredState {
-    let mut ordered: Vec<&Route> = routes.iter().collect();
-    ordered.sort_by_key(|r| precedence(r));
+pub fn plan_with<R: Borrow<Route>>(routes: &[R], node: &NodeInfo, policy: &Policy) -> DesiredState {
+    let parts: Vec<Part> = routes
+        .iter()
+        .map(|r| Part::of(r.borrow(), node, policy))
+        .collect();
+    merge(parts.iter())
+}
 
-    let mut state = DesiredState::default();
-    for r in ordered {
+/// One Route's share of the plan: everything about it that depends on that Route, this
+/// node and the policy only (validation, node selection, fail mode). Conflicts between
+/// Routes are settled when the shares are merged ([`merge`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Part {
+    name: String,
+    precedence: (bool, Option<String>, String),
+    what: Share,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Share {
+    /// Being deleted, or not selecting this node.
+    Nothing,
+    Invalid(Problem),
+    Selected {
+        warnings: Vec<String>,
+        mode: FailMode,
+        /// Sorted.
+        gateways: Vec<IpAddr>,
+        /// (as asked, as planned in the kernel): a default route becomes its two halves.
+        destinations: Vec<(IpNet, IpNet)>,
+    },
+}
+
+impl Part {
+    pub fn of(r: &Route, node: &NodeInfo, policy: &Policy) -> Part {
+        let name = r.metadata.name.clone().unwrap_or_default();
+        let what = Self::share(r, &name, node, policy);
+        Part {
+            precedence: precedence(r),
+            name,
+            what,
+        }
+    }
+
+    fn share(r: &Route, name: &str, node: &NodeInfo, policy: &Policy) -> Share {
         // Being deleted: no longer wanted here (the finalizer holds the object until the
         // nodes report it gone).
         if r.metadata.deletion_timestamp.is_some() {
-            continue;
+            return Share::Nothing;
         }
-        let name = r.metadata.name.clone().unwrap_or_default();
         let valid = match route::validate(r) {
             Ok(v) => v,
             Err(e) => {
-                state.problems.push(Problem {
-                    route: name,
+                return Share::Invalid(Problem {
+                    route: name.to_string(),
                     kind: ProblemKind::Invalid,
                     message: e.to_string(),
                 });
-                continue;
             }
         };
         match selector::matches(r.spec.node_selector.as_ref(), node) {
             Ok(true) => {}
-            Ok(false) => continue,
+            Ok(false) => return Share::Nothing,
             Err(e) => {
-                state.problems.push(Problem {
-                    route: name.clone(),
+                return Share::Invalid(Problem {
+                    route: name.to_string(),
                     kind: ProblemKind::Invalid,
                     message: format!("Route {name}: {}: {}", e.field, e.reason),
                 });
-                continue;
             }
         }
-        state
+        let mut warnings: Vec<String> = valid
             .warnings
-            .extend(valid.warnings.iter().map(|w| format!("Route {name}: {w}")));
-        state.selected.push(name.clone());
-        let mode = fail_mode(r, &name, policy, &mut state.warnings);
+            .iter()
+            .map(|w| format!("Route {name}: {w}"))
+            .collect();
+        let mode = fail_mode(r, name, policy, &mut warnings);
         let mut gateways = valid.gateways.clone();
         gateways.sort();
-        for (asked, dst) in valid.destinations.iter().flat_map(|d| {
-            route::kernel_destinations(*d)
-                .into_iter()
-                .map(move |k| (*d, k))
-        }) {
+        let destinations = valid
+            .destinations
+            .iter()
+            .flat_map(|d| {
+                route::kernel_destinations(*d)
+                    .into_iter()
+                    .map(move |k| (*d, k))
+            })
+            .collect();
+        Share::Selected {
+            warnings,
+            mode,
+            gateways,
+            destinations,
+        }
+    }
+}
+
+/// The plan from every Route's share: the oldest Route wins a destination that several
+/// name (see the module's conflict rule). Linear in the destinations (after sorting the
+/// shares by precedence).
+pub fn merge<'a>(parts: impl IntoIterator<Item = &'a Part>) -> DesiredState {
+    let mut ordered: Vec<&Part> = parts.into_iter().collect();
+    ordered.sort_by(|a, b| a.precedence.cmp(&b.precedence));
+    let mut state = DesiredState::default();
+    for part in ordered {
+        let name = &part.name;
+        let (warnings, mode, gateways, destinations) = match &part.what {
+            Share::Nothing => continue,
+            Share::Invalid(p) => {
+                state.problems.push(p.clone());
+                continue;
+            }
+            Share::Selected {
+                warnings,
+                mode,
+                gateways,
+                destinations,
+            } => (warnings, *mode, gateways, destinations),
+        };
+        state.warnings.extend(warnings.iter().cloned());
+        state.selected.push(name.clone());
+        for &(asked, dst) in destinations {
             if let Some(winner) = state.routes.get(&dst) {
                 state.problems.push(Problem {
                     route: name.clone(),
@@ -134,6 +211,61 @@ pub fn plan_with(routes: &[Route], node: &NodeInfo, policy: &Policy) -> DesiredS
     state.problems.sort();
     state.warnings.sort();
     state
+}
+
+/// The planner with a memory: each Route's [`Part`] is kept, and worked out again only
+/// when that Route changed (a new object from the source: compared by pointer, then by
+/// value) or when this node's labels or the policy did. An edit of one Route among 2,000
+/// validates and selects that one only; the merge stays linear in the destinations.
+#[derive(Default)]
+pub struct Planner {
+    node: Option<NodeInfo>,
+    policy: Policy,
+    parts: HashMap<String, (Arc<Route>, Arc<Part>)>,
+    /// How many shares the last plan worked out again.
+    fresh: usize,
+}
+
+impl Planner {
+    pub fn plan(
+        &mut self,
+        routes: &[Arc<Route>],
+        node: &NodeInfo,
+        policy: &Policy,
+    ) -> DesiredState {
+        if self.node.as_ref() != Some(node) || self.policy != *policy {
+            self.parts.clear();
+            self.node = Some(node.clone());
+            self.policy = *policy;
+        }
+        let mut kept = HashMap::with_capacity(routes.len());
+        let mut parts: Vec<Arc<Part>> = Vec::with_capacity(routes.len());
+        self.fresh = 0;
+        for r in routes {
+            let name = r.metadata.name.as_deref().unwrap_or_default();
+            let known = self
+                .parts
+                .remove(name)
+                .filter(|(old, _)| Arc::ptr_eq(old, r) || **old == **r);
+            let part = match known {
+                Some((_, part)) => part,
+                None => {
+                    self.fresh += 1;
+                    Arc::new(Part::of(r, node, policy))
+                }
+            };
+            parts.push(part.clone());
+            // Two Routes of one name (a source's mistake): the second is not remembered.
+            kept.entry(name.to_string()).or_insert((r.clone(), part));
+        }
+        self.parts = kept;
+        merge(parts.iter().map(|p| &**p))
+    }
+
+    /// How many Routes the last [`Planner::plan`] validated and selected again.
+    pub fn fresh(&self) -> usize {
+        self.fresh
+    }
 }
 
 /// Takes the gateways in `down` out of every route. A route whose every gateway is down
@@ -520,6 +652,66 @@ mod tests {
         assert_eq!(reference.routes[&net("10.0.0.0/8")].owner, "b");
         assert_eq!(reference.routes[&net("2.0.0.0/8")].owner, "e");
         assert_eq!(reference.problems.len(), 4, "a, c twice (to b and e), d");
+    }
+
+    #[test]
+    fn the_planner_works_out_again_only_what_changed_and_plans_as_from_scratch() {
+        let mut routes: Vec<Arc<Route>> = (0..50)
+            .map(|i| {
+                let dst = format!("10.{i}.0.0/16");
+                Arc::new(aged(route(&format!("r{i:02}"), &[&dst], &["10.1.0.1"]), i))
+            })
+            .collect();
+        // r50 conflicts with r03 (older) for 10.3.0.0/16.
+        routes.push(Arc::new(aged(
+            route("r50", &["10.3.0.0/16", "11.0.0.0/8"], &["10.1.0.2"]),
+            100,
+        )));
+        let mut p = Planner::default();
+        let policy = Policy::default();
+        assert_eq!(p.plan(&routes, &node(), &policy), plan(&routes, &node()));
+        assert_eq!(p.fresh(), 51, "first plan: every Route");
+        assert_eq!(p.plan(&routes, &node(), &policy), plan(&routes, &node()));
+        assert_eq!(p.fresh(), 0, "same objects: nothing again");
+        // The same content in new objects (a relist): compared by value, nothing again.
+        let copies: Vec<Arc<Route>> = routes.iter().map(|r| Arc::new((**r).clone())).collect();
+        p.plan(&copies, &node(), &policy);
+        assert_eq!(p.fresh(), 0);
+        // One edit: that Route only. The older Route of the conflict is deleted: the loser
+        // wins its destination, though the loser itself did not change.
+        let mut edited = (*routes[7]).clone();
+        edited.spec.gateways = vec!["10.1.0.9".into()];
+        routes[7] = Arc::new(edited);
+        routes.remove(3);
+        let s = p.plan(&routes, &node(), &policy);
+        assert_eq!(p.fresh(), 1);
+        assert_eq!(s, plan(&routes, &node()));
+        assert_eq!(s.routes[&net("10.3.0.0/16")].owner, "r50");
+        assert_eq!(s.routes[&net("10.7.0.0/16")].gateways, ips(&["10.1.0.9"]));
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        // The node's labels or the policy changed: everything again.
+        let relabelled = NodeInfo::new("node-a", &[("pool", "b")]);
+        assert_eq!(
+            p.plan(&routes, &relabelled, &policy),
+            plan(&routes, &relabelled)
+        );
+        assert_eq!(p.fresh(), routes.len());
+        let open = Policy {
+            fail_mode: FailMode::Open,
+        };
+        assert_eq!(
+            p.plan(&routes, &relabelled, &open),
+            plan_with(&routes, &relabelled, &open)
+        );
+        assert_eq!(p.fresh(), routes.len());
+        // Two Routes of one name (a source's mistake) plan as from scratch, every time.
+        let twins = vec![
+            Arc::new(route("twin", &["12.0.0.0/8"], &["10.1.0.1"])),
+            Arc::new(route("twin", &["12.0.0.0/8"], &["10.1.0.2"])),
+        ];
+        for _ in 0..2 {
+            assert_eq!(p.plan(&twins, &node(), &policy), plan(&twins, &node()));
+        }
     }
 
     #[test]

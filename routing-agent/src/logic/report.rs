@@ -68,8 +68,8 @@ pub fn truncate(mut s: String, max: usize) -> String {
 
 /// Builds this node's status. `prev` carries each gateway's `since` over while its state
 /// does not change; `now` stamps the ones that did.
-pub fn node_routes(
-    routes: &[Route],
+pub fn node_routes<R: std::borrow::Borrow<Route>>(
+    routes: &[R],
     desired: &DesiredState,
     installed: &BTreeMap<IpNet, Vec<IpAddr>>,
     problems: &[Problem],
@@ -79,6 +79,7 @@ pub fn node_routes(
 ) -> NodeRoutes {
     let generation: BTreeMap<&str, Option<i64>> = routes
         .iter()
+        .map(|r| r.borrow())
         .filter_map(|r| Some((r.metadata.name.as_deref()?, r.metadata.generation)))
         .collect();
     let mut by_route: BTreeMap<&str, Vec<&Problem>> = BTreeMap::new();

@@ -3,6 +3,7 @@
 //! with its path, line and reason, and its last good content stays in effect.
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -95,7 +96,7 @@ pub struct CachedFile {
     /// (inode, size, mtime): a file is parsed again only when this changes.
     stamp: Option<(u64, u64, std::time::SystemTime)>,
     /// Its last good content (kept while the file is broken).
-    good: Option<Vec<Route>>,
+    good: Option<Vec<Arc<Route>>>,
     error: Option<FileError>,
 }
 
@@ -108,74 +109,93 @@ fn stamp(path: &Path) -> Option<(u64, u64, std::time::SystemTime)> {
     Some((m.ino(), m.len(), m.modified().ok()?))
 }
 
+/// A manifest's name: `*.yaml` or `*.yml`, not hidden (editors' and `write_atomic`'s
+/// temporary files are).
+fn is_manifest(p: &Path) -> bool {
+    matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"))
+        && !p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+}
+
+/// Parses `path` again if it changed since `entry` saw it.
+fn refresh(path: &Path, entry: &mut CachedFile) {
+    let now = stamp(path);
+    if now.is_some() && entry.stamp == now {
+        return;
+    }
+    entry.stamp = now;
+    let parsed = std::fs::read_to_string(path)
+        .map_err(|e| FileError {
+            path: path.to_owned(),
+            line: None,
+            reason: e.to_string(),
+        })
+        .and_then(|text| parse_file(path, &text));
+    match parsed {
+        Ok(routes) => {
+            entry.good = Some(routes.into_iter().map(Arc::new).collect());
+            entry.error = None;
+        }
+        Err(e) => entry.error = Some(e),
+    }
+}
+
 /// Reads a directory into a snapshot. Files are parsed again only when they changed; a
 /// broken file keeps its last good content. Returns the snapshot and the current errors.
 pub fn load(dir: &Path, cache: &mut DirCache) -> (Snapshot, Vec<FileError>) {
-    let mut errors = Vec::new();
     // A set: the cache is pruned by membership, which over a Vec compared every cached path
     // with every file (4 million path comparisons per change at 2,000 files, the largest
     // part of an edit's latency at 10,000 prefixes).
     let files: BTreeSet<PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")))
-            .filter(|p| {
-                !p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-            })
+            .filter(|p| is_manifest(p))
             .collect(),
         Err(e) => {
+            let (snapshot, mut errors) = assemble(cache);
             errors.push(FileError {
                 path: dir.to_owned(),
                 line: None,
                 reason: format!("cannot read the directory: {e}; keeping the last good state"),
             });
-            let routes = cache
-                .values()
-                .filter_map(|c| c.good.clone())
-                .flatten()
-                .collect();
-            return (
-                Snapshot {
-                    routes,
-                    node_labels: None,
-                    control_plane: None,
-                },
-                errors,
-            );
+            return (snapshot, errors);
         }
     };
     cache.retain(|p, _| files.contains(p));
     for path in &files {
-        let entry = cache.entry(path.clone()).or_default();
-        let now = stamp(path);
-        if now.is_some() && entry.stamp == now {
+        refresh(path, cache.entry(path.clone()).or_default());
+    }
+    assemble(cache)
+}
+
+/// Like [`load`], for the files that inotify named only (created, written, renamed or
+/// removed): an edit costs the files it touched, not a `stat` of every file. The full
+/// [`load`] stays the safety net (at start, on a queue overflow, every few seconds).
+pub fn load_changed(
+    cache: &mut DirCache,
+    changed: &BTreeSet<PathBuf>,
+) -> (Snapshot, Vec<FileError>) {
+    for path in changed.iter().filter(|p| is_manifest(p)) {
+        if std::fs::symlink_metadata(path).is_err() {
+            cache.remove(path);
             continue;
         }
-        entry.stamp = now;
-        let parsed = std::fs::read_to_string(path)
-            .map_err(|e| FileError {
-                path: path.clone(),
-                line: None,
-                reason: e.to_string(),
-            })
-            .and_then(|text| parse_file(path, &text));
-        match parsed {
-            Ok(routes) => {
-                entry.good = Some(routes);
-                entry.error = None;
-            }
-            Err(e) => entry.error = Some(e),
-        }
+        refresh(path, cache.entry(path.clone()).or_default());
     }
-    errors.extend(cache.values().filter_map(|c| c.error.clone()));
-    // One object per name: the first file (in path order) wins, later ones are errors.
-    let mut seen: BTreeMap<String, PathBuf> = BTreeMap::new();
+    assemble(cache)
+}
+
+/// The snapshot of what the cache holds: every file's last good Routes; a name defined in
+/// two files is kept from the first (in path order) and reported in the other.
+fn assemble(cache: &DirCache) -> (Snapshot, Vec<FileError>) {
+    let mut errors: Vec<FileError> = cache.values().filter_map(|c| c.error.clone()).collect();
+    let mut seen: BTreeMap<&str, &Path> = BTreeMap::new();
     let mut routes = Vec::new();
     for (path, c) in cache.iter() {
         for r in c.good.iter().flatten() {
-            let name = r.metadata.name.clone().unwrap_or_default();
-            if let Some(first) = seen.get(&name) {
+            let name = r.metadata.name.as_deref().unwrap_or_default();
+            if let Some(first) = seen.get(name) {
                 errors.push(FileError {
                     path: path.clone(),
                     line: None,
@@ -186,7 +206,7 @@ pub fn load(dir: &Path, cache: &mut DirCache) -> (Snapshot, Vec<FileError>) {
                 });
                 continue;
             }
-            seen.insert(name, path.clone());
+            seen.insert(name, path);
             routes.push(r.clone());
         }
     }
@@ -200,16 +220,39 @@ pub fn load(dir: &Path, cache: &mut DirCache) -> (Snapshot, Vec<FileError>) {
     )
 }
 
+/// What inotify reported since the source last looked.
+#[derive(Default)]
+struct Changes {
+    paths: BTreeSet<PathBuf>,
+    /// Events were lost (queue overflow) or concern the directory itself: read it all.
+    rescan: bool,
+}
+
 /// Watches `dir` and sends a snapshot at start and after every change (debounced).
 pub fn spawn(dir: PathBuf, tx: mpsc::Sender<Snapshot>) -> anyhow::Result<()> {
     let (ev_tx, mut ev_rx) = mpsc::channel::<()>(1);
+    let changes = Arc::new(std::sync::Mutex::new(Changes::default()));
+    let noted = changes.clone();
+    let watched = dir.clone();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         // Reading the directory is an access event itself: reacting to those made the
         // source re-read the directory in a loop (50 times a second, the whole snapshot
         // cloned and compared each time). Only changes count.
-        if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
-            let _ = ev_tx.try_send(());
+        let mut c = noted.lock().unwrap_or_else(|e| e.into_inner());
+        match res {
+            Ok(e) if matches!(e.kind, notify::EventKind::Access(_)) => return,
+            Ok(e) => {
+                c.rescan |= e.need_rescan()
+                    || e.paths.is_empty()
+                    || e.paths
+                        .iter()
+                        .any(|p| p.parent() != Some(watched.as_path()));
+                c.paths.extend(e.paths);
+            }
+            Err(_) => c.rescan = true,
         }
+        drop(c);
+        let _ = ev_tx.try_send(());
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     info!(dir = %dir.display(), "watching Route manifests");
@@ -218,32 +261,49 @@ pub fn spawn(dir: PathBuf, tx: mpsc::Sender<Snapshot>) -> anyhow::Result<()> {
         let mut cache = DirCache::new();
         let mut last_errors: Vec<FileError> = Vec::new();
         let mut last_sent: Option<Snapshot> = None;
+        let mut full = true;
+        let mut watching = true;
         loop {
-            let (snap, errors) = load(&dir, &mut cache);
+            let (snap, errors) = if full {
+                load(&dir, &mut cache)
+            } else {
+                let c = std::mem::take(&mut *changes.lock().unwrap_or_else(|e| e.into_inner()));
+                if c.rescan {
+                    load(&dir, &mut cache)
+                } else {
+                    load_changed(&mut cache, &c.paths)
+                }
+            };
             if errors != last_errors {
                 for e in &errors {
                     error!(file = %e.path.display(), line = e.line, "invalid manifest, last good content kept: {e}");
                 }
                 last_errors = errors;
             }
-            if last_sent.as_ref() != Some(&snap) {
+            if !last_sent.as_ref().is_some_and(|l| l.same(&snap)) {
                 if tx.send(snap.clone()).await.is_err() {
                     return;
                 }
                 last_sent = Some(snap);
             }
-            // Wait for a change, then let a burst of writes settle. A slow poll covers
+            // Wait for a change, then let a burst of writes settle. A slow full poll covers
             // file systems without inotify.
             tokio::select! {
-                r = ev_rx.recv() => {
+                r = ev_rx.recv(), if watching => {
                     if r.is_none() {
-                        warn!("directory watch ended");
+                        warn!("directory watch ended; polling every 10 s");
+                        watching = false;
                     }
+                    full = r.is_none();
                 }
-                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(10)) => full = true,
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
             while ev_rx.try_recv().is_ok() {}
+            if full {
+                // What inotify noted is covered by the full read.
+                *changes.lock().unwrap_or_else(|e| e.into_inner()) = Changes::default();
+            }
         }
     });
     Ok(())
@@ -271,6 +331,64 @@ mod tests {
         assert!(e.line.is_some(), "{e}");
         let e = parse_file(Path::new("h.yaml"), "apiVersion: networking.doks.digitalocean.com/v1alpha1\nkind: Route\nspec: {destinations: [], gateways: []}\n").unwrap_err();
         assert!(e.reason.contains("metadata"), "{e}");
+    }
+
+    #[test]
+    fn only_the_files_inotify_named_are_read_again() {
+        let dir = std::env::temp_dir().join(format!("ra-dir-changed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let manifest = |name: &str, gw: &str| {
+            format!(
+                "apiVersion: networking.doks.digitalocean.com/v1alpha1\nkind: Route\nmetadata: {{name: {name}}}\nspec: {{destinations: [\"1.0.0.0/8\"], gateways: [\"{gw}\"]}}\n"
+            )
+        };
+        let gateways = |snap: &Snapshot| -> Vec<(String, String)> {
+            snap.routes
+                .iter()
+                .map(|r| (r.metadata.name.clone().unwrap(), r.spec.gateways[0].clone()))
+                .collect()
+        };
+        std::fs::write(dir.join("a.yaml"), manifest("a", "10.0.0.1")).unwrap();
+        std::fs::write(dir.join("b.yaml"), manifest("b", "10.0.0.1")).unwrap();
+        let mut cache = DirCache::new();
+        let (before, _) = load(&dir, &mut cache);
+        // a.yaml rewritten (with a new length), b.yaml too but not named: only a is read.
+        std::fs::write(dir.join("a.yaml"), manifest("a", "10.0.0.22")).unwrap();
+        std::fs::write(dir.join("b.yaml"), manifest("b", "10.0.0.33")).unwrap();
+        let named: BTreeSet<PathBuf> = [dir.join("a.yaml")].into();
+        let (snap, errors) = load_changed(&mut cache, &named);
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(
+            gateways(&snap),
+            [
+                ("a".into(), "10.0.0.22".into()),
+                ("b".into(), "10.0.0.1".into())
+            ]
+        );
+        // The untouched Route is the same object as before (the planner's fast path).
+        assert!(Arc::ptr_eq(&snap.routes[1], &before.routes[1]));
+        // Renamed into place from a hidden temporary file, and removed: both named.
+        std::fs::write(dir.join(".c.yaml.tmp"), manifest("c", "10.0.0.4")).unwrap();
+        std::fs::rename(dir.join(".c.yaml.tmp"), dir.join("c.yaml")).unwrap();
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        let named: BTreeSet<PathBuf> = [
+            dir.join(".c.yaml.tmp"),
+            dir.join("c.yaml"),
+            dir.join("a.yaml"),
+        ]
+        .into();
+        let (snap, _) = load_changed(&mut cache, &named);
+        assert_eq!(
+            gateways(&snap),
+            [
+                ("b".into(), "10.0.0.1".into()),
+                ("c".into(), "10.0.0.4".into())
+            ]
+        );
+        // The full read catches what inotify did not name.
+        let (snap, _) = load(&dir, &mut cache);
+        assert_eq!(gateways(&snap)[0], ("b".into(), "10.0.0.33".into()));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

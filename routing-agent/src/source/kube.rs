@@ -13,7 +13,8 @@
 use futures::{StreamExt, stream};
 use k8s_openapi::api::core::v1::{Endpoints, Node};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::{reflector, watcher};
+use kube::ResourceExt as _;
+use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -58,10 +59,13 @@ pub fn spawn(
     let (nodes, nodes_writer) = reflector::store::<Node>();
     let route_events = reflector(
         routes_writer,
+        // Managed fields are not read here: not kept (memory, and a cheaper comparison
+        // when the planner checks whether a Route changed).
         watcher(
             Api::<Route>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .modify(|r| r.managed_fields_mut().clear()),
     )
     .boxed();
     let route_events = super::retry::backoff(route_events)
@@ -69,10 +73,15 @@ pub fn spawn(
         .boxed();
     let node_events = reflector(
         nodes_writer,
+        // Only the labels are read: the status (images, conditions) is not kept.
         watcher(
             Api::<Node>::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={node}")),
-        ),
+        )
+        .modify(|n| {
+            n.managed_fields_mut().clear();
+            n.status = None;
+        }),
     )
     .boxed();
     let node_events = super::retry::backoff(node_events)
@@ -117,7 +126,7 @@ pub fn spawn(
             };
             let control_plane = control_plane();
             let snapshot = Snapshot {
-                routes: routes.state().iter().map(|r| (**r).clone()).collect(),
+                routes: routes.state(),
                 node_labels: Some(node_labels),
                 control_plane: Some(control_plane),
             };
