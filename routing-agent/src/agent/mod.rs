@@ -452,9 +452,10 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
                     self.verifying = false;
                 } else {
                     self.backoff.reset();
-                    // A pass that changed the kernel is confirmed by a fresh one shortly
-                    // after (its own notifications no longer wake the agent): the kernel
-                    // is read back once, and the status says when nothing is left to do.
+                    // A pass that changed the kernel is confirmed by another shortly after
+                    // (its own notifications no longer wake the agent): the gateways are
+                    // resolved again, the agent's objects read back if someone else touched
+                    // them, and the status says when nothing is left to do.
                     self.retry_at = (outcome.changes > 0).then(|| Instant::now() + VERIFY_AFTER);
                     self.verifying = self.retry_at.is_some();
                 }
