@@ -109,6 +109,16 @@ struct KernelArgs {
     /// Priority of the symmetric routing rules.
     #[arg(long, default_value_t = 15135)]
     symmetric_rule_priority: u32,
+    /// Route protocol (a number, or `static`, `boot`, `kernel`) of routes the agent adopts
+    /// when one is exactly what a Route or StaticRoute asks for (its destination and one
+    /// gateway, in the agent's table at its metric): replaced in place by the agent's own,
+    /// with no gap. `static` is what the static route operator (pyroute2) wrote.
+    /// Repeatable.
+    #[arg(long = "adopt-protocol", default_value = "static", value_parser = parse_protocol)]
+    adopt_protocols: Vec<u8>,
+    /// Adopt no route: every route another owner left is left alone and reported.
+    #[arg(long)]
+    no_adopt: bool,
 }
 
 /// What stays reachable through the node's own default gateway while the default route is
@@ -306,6 +316,23 @@ fn dataplane_config(k: &KernelArgs) -> Config {
         symmetric: k
             .symmetric_routing
             .then_some((k.symmetric_table, k.symmetric_rule_priority)),
+        adopt: if k.no_adopt {
+            vec![]
+        } else {
+            k.adopt_protocols.clone()
+        },
+    }
+}
+
+/// A route protocol: a number or one of the names iproute2 knows for the low ids.
+fn parse_protocol(s: &str) -> Result<u8, String> {
+    match s {
+        "kernel" => Ok(2),
+        "boot" => Ok(3),
+        "static" => Ok(4),
+        _ => s
+            .parse()
+            .map_err(|_| format!("{s:?} is neither a protocol number nor kernel, boot, static")),
     }
 }
 

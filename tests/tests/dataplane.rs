@@ -536,6 +536,79 @@ fn foreign_route_at_the_same_destination_is_reported_not_replaced() -> Result<()
     Ok(())
 }
 
+/// What the static route operator leaves on a node (pyroute2's `proto static`, no
+/// metric) is adopted when it is exactly what a StaticRoute asks for: replaced in place by
+/// the agent's own route, never deleted first (`ip monitor` sees no deletion). A leftover
+/// with another gateway, or another protocol, stays foreign and is reported.
+#[test]
+fn the_static_route_operators_leftover_routes_are_adopted_in_place() -> Result<()> {
+    let static_route = |name: &str, dst: &str, gw: &str| {
+        format!(
+            "apiVersion: networking.digitalocean.com/v1\nkind: StaticRoute\nmetadata:\n  \
+             name: {name}\nspec:\n  destinations:\n    - \"{dst}\"\n  gateway: \"{gw}\"\n"
+        )
+    };
+    let (lab, dir) = lab_with(&[(
+        "sr.yaml",
+        [
+            static_route("left-v4", "198.51.100.7", &v4(1)),
+            static_route("left-v6", "2001:db8:198::7", &v6(1)),
+            static_route("other-gateway", "198.51.100.8", &v4(1)),
+            static_route("other-protocol", "198.51.100.9", &v4(1)),
+        ]
+        .join("---\n"),
+    )])?;
+    let ns = lab.node_ns("a");
+    lab.ip(
+        &ns,
+        &format!("route add 198.51.100.7 via {} proto static", v4(1)),
+    )?;
+    lab.ip(
+        &ns,
+        &format!("-6 route add 2001:db8:198::7 via {} proto static", v6(1)),
+    )?;
+    lab.ip(
+        &ns,
+        &format!("route add 198.51.100.8 via {} proto static", v4(2)),
+    )?;
+    lab.ip(&ns, &format!("route add 198.51.100.9 via {}", v4(1)))?;
+    let monitor = lab.monitor("a", &["route"])?;
+    let mut agent = Agent::start(&lab, "a", &dir, &[])?;
+    let s = agent.wait_status("the two foreign routes reported", |s| {
+        s["problems"]
+            .as_array()
+            .is_some_and(|p| p.iter().filter(|p| p["kind"] == "KernelRefused").count() == 2)
+    })?;
+    for dst in ["198.51.100.7", "2001:db8:198::7"] {
+        let r = lab.route("a", dst)?.expect("the adopted route");
+        assert_eq!(r["protocol"], "196", "{dst}: now the agent's: {r}");
+    }
+    assert_eq!(lab.route_gateways("a", "198.51.100.7")?, vec![v4(1)]);
+    assert_eq!(lab.route_gateways("a", "2001:db8:198::7")?, vec![v6(1)]);
+    for (dst, gw) in [("198.51.100.8", v4(2)), ("198.51.100.9", v4(1))] {
+        let r = lab.route("a", dst)?.expect("the foreign route");
+        assert_ne!(r["protocol"], "196", "{dst}: left alone: {r}");
+        assert_eq!(lab.route_gateways("a", dst)?, vec![gw]);
+    }
+    let problems = s["problems"].to_string();
+    assert!(
+        problems.contains("StaticRoute other-gateway")
+            && problems.contains("StaticRoute other-protocol"),
+        "{problems}"
+    );
+    agent.check_alive()?;
+    let events = monitor.events()?;
+    for dst in ["198.51.100.7", "2001:db8:198::7"] {
+        assert!(
+            !events
+                .lines()
+                .any(|l| l.starts_with("Deleted") && l.contains(&format!("{dst} "))),
+            "{dst} was deleted on the way:\n{events}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn unreachable_gateway_is_reported_then_installed_when_reachable() -> Result<()> {
     let (lab, dir) = lab_with(&[

@@ -37,12 +37,27 @@ pub fn now() -> String {
         .unwrap_or_default()
 }
 
-/// The references of `routes`, for [`Report::refs`].
+/// The references of `routes`, for [`Report::refs`] (by owner key): a StaticRoute's
+/// Events are about the StaticRoute itself.
 pub fn refs<R: std::borrow::Borrow<Route>>(routes: &[R]) -> BTreeMap<String, ObjectReference> {
+    use crate::logic::owner::{self, Kind};
     routes
         .iter()
         .map(|r| r.borrow())
-        .filter_map(|r| Some((r.metadata.name.clone()?, r.object_ref(&()))))
+        .filter_map(|r| {
+            let key = r.metadata.name.clone()?;
+            let reference = match owner::parse(&key) {
+                (Kind::Route, _) => r.object_ref(&()),
+                (Kind::StaticRoute, name) => ObjectReference {
+                    api_version: Some(crate::logic::crd::STATIC_API_VERSION.into()),
+                    kind: Some("StaticRoute".into()),
+                    name: Some(name.to_string()),
+                    uid: r.metadata.uid.clone(),
+                    ..Default::default()
+                },
+            };
+            Some((key, reference))
+        })
         .collect()
 }
 

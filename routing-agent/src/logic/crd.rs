@@ -94,6 +94,36 @@ pub struct RouteSpec {
     pub node_selector: Option<NodeSelector>,
 }
 
+/// The static route operator's `StaticRoute` (`networking.digitalocean.com/v1`, cluster
+/// scoped), honoured so that its users can move over: each plans as a Route with the same
+/// destinations, its one gateway and no node selector (see [`crate::logic::owner`]). The
+/// CRD is the old operator's, not generated here; the agent only reads these objects
+/// (unknown fields, such as its status, are ignored).
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "networking.digitalocean.com",
+    version = "v1",
+    kind = "StaticRoute",
+    plural = "staticroutes",
+    singular = "staticroute",
+    shortname = "sr",
+    derive = "PartialEq",
+    schema = "disabled"
+)]
+pub struct StaticRouteSpec {
+    /// Host addresses or CIDRs.
+    #[serde(default)]
+    pub destinations: Vec<String>,
+    /// The one gateway.
+    #[serde(default)]
+    pub gateway: String,
+}
+
+pub const STATIC_GROUP: &str = "networking.digitalocean.com";
+pub const STATIC_API_VERSION: &str = "networking.digitalocean.com/v1";
+/// The name of the static route operator's CRD, which the agent follows.
+pub const STATIC_CRD: &str = "staticroutes.networking.digitalocean.com";
+
 /// What the nodes did with a Route, summarised by `routing-agent controller` from the
 /// [`NodeRouteStatus`] objects. Per-node details live there.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -225,6 +255,10 @@ pub struct NodeDefaultRoute {
 #[serde(rename_all = "camelCase")]
 pub struct NodeRoute {
     pub name: String,
+    /// `StaticRoute` for the static route operator's objects the agent honours; absent for
+    /// a Route.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kind: String,
     /// The Route's generation this entry is about.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<i64>,

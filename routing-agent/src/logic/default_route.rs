@@ -89,6 +89,7 @@ fn plan_overrides(state: &mut DesiredState, facts: &NodeFacts, cfg: &Protection)
         active.entry(r.family()).or_insert_with(|| r.owner.clone());
     }
     for (fam, owner) in active {
+        let who = crate::logic::owner::describe(&owner);
         if !facts.original.contains_key(&fam) && facts.unreadable.contains(&fam) {
             state
                 .routes
@@ -97,7 +98,7 @@ fn plan_overrides(state: &mut DesiredState, facts: &NodeFacts, cfg: &Protection)
                 route: owner.clone(),
                 kind: ProblemKind::UnknownUplink,
                 message: format!(
-                    "Route {owner}: not overriding the {fam} default route: the node's own \
+                    "{who}: not overriding the {fam} default route: the node's own \
                      default route has no gateway the agent can read (a nexthop object or a \
                      device route), so nothing could be kept reachable through it"
                 ),
@@ -107,7 +108,7 @@ fn plan_overrides(state: &mut DesiredState, facts: &NodeFacts, cfg: &Protection)
         let Some(original) = facts.original.get(&fam).copied() else {
             // No default route of the node's own: nothing went through it to protect.
             state.warnings.push(format!(
-                "Route {owner}: the node has no {fam} default route of its own: no protected \
+                "{who}: the node has no {fam} default route of its own: no protected \
                  routes and no symmetric routing for the override"
             ));
             continue;
@@ -128,7 +129,7 @@ fn plan_overrides(state: &mut DesiredState, facts: &NodeFacts, cfg: &Protection)
                     route: owner.clone(),
                     kind: ProblemKind::SymmetricRouting,
                     message: format!(
-                        "Route {owner}: not overriding the {fam} default route: symmetric routing \
+                        "{who}: not overriding the {fam} default route: symmetric routing \
                          needs rule priority {} and table {}, but the agent does not own {}; \
                          remove them or choose other numbers (--symmetric-rule-priority, \
                          --symmetric-table)",

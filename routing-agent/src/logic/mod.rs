@@ -3,6 +3,7 @@
 //! nothing here imports the adapters. Every rule is unit-tested here.
 //!
 //! - [`crd`]: the `Route` and `NodeRouteStatus` types (the one source of the CRDs);
+//! - [`owner`]: which object (Route or StaticRoute) a share of the plan comes from;
 //! - [`route`]: validation and normalisation of one Route, errors naming the field;
 //! - [`selector`]: core/v1 NodeSelector evaluation;
 //! - [`desired`]: what planning produces;
@@ -15,6 +16,7 @@ pub mod crd;
 pub mod default_route;
 pub mod desired;
 pub mod health;
+pub mod owner;
 pub mod plan;
 pub mod report;
 pub mod route;

@@ -17,6 +17,7 @@ use crate::logic::crd::Route;
 pub use crate::logic::desired::{
     DesiredRoute, DesiredState, FailMode, NoGateway, Problem, ProblemKind,
 };
+use crate::logic::owner;
 use crate::logic::route;
 use crate::logic::selector::{self, NodeInfo};
 
@@ -44,8 +45,9 @@ fn fail_mode(r: &Route, name: &str, policy: &Policy, warnings: &mut Vec<String>)
     };
     FailMode::parse(v.trim()).unwrap_or_else(|| {
         warnings.push(format!(
-            "Route {name}: metadata.annotations[\"{FAIL_MODE_ANNOTATION}\"]: {v:?} is neither \
-             \"closed\" nor \"open\"; failing closed"
+            "{}: metadata.annotations[\"{FAIL_MODE_ANNOTATION}\"]: {v:?} is neither \
+             \"closed\" nor \"open\"; failing closed",
+            owner::describe(name)
         ));
         FailMode::Closed
     })
@@ -71,7 +73,7 @@ pub fn plan_with<R: Borrow<Route>>(routes: &[R], node: &NodeInfo, policy: &Polic
 #[derive(Clone, Debug, PartialEq)]
 pub struct Part {
     name: String,
-    precedence: (bool, Option<String>, String),
+    precedence: (owner::Kind, bool, Option<String>, String),
     what: Share,
 }
 
@@ -124,14 +126,14 @@ impl Part {
                 return Share::Invalid(Problem {
                     route: name.to_string(),
                     kind: ProblemKind::Invalid,
-                    message: format!("Route {name}: {}: {}", e.field, e.reason),
+                    message: format!("{}: {}: {}", owner::describe(name), e.field, e.reason),
                 });
             }
         }
         let mut warnings: Vec<String> = valid
             .warnings
             .iter()
-            .map(|w| format!("Route {name}: {w}"))
+            .map(|w| format!("{}: {w}", owner::describe(name)))
             .collect();
         let mode = fail_mode(r, name, policy, &mut warnings);
         let mut gateways = valid.gateways.clone();
@@ -187,9 +189,10 @@ pub fn merge<'a>(parts: impl IntoIterator<Item = &'a Part>) -> DesiredState {
                         winner: winner.owner.clone(),
                     },
                     message: format!(
-                        "Route {name}: destination {dst} is already routed on this node by the \
-                         older Route {}; this one is not applied for it",
-                        winner.owner
+                        "{}: destination {dst} is already routed on this node by {}; this one \
+                         is not applied for it",
+                        owner::describe(name),
+                        winner_phrase(name, &winner.owner)
                     ),
                 });
                 continue;
@@ -316,8 +319,8 @@ pub fn no_gateway(r: &DesiredRoute, why: NoGateway) -> Problem {
     Problem {
         route: r.owner.clone(),
         message: format!(
-            "Route {}: destination {}: no usable gateway ({}): {}; {what}",
-            r.owner,
+            "{}: destination {}: no usable gateway ({}): {}; {what}",
+            owner::describe(&r.owner),
             r.destination,
             gateways.join(", "),
             why.describe()
@@ -330,18 +333,28 @@ pub fn no_gateway(r: &DesiredRoute, why: NoGateway) -> Problem {
     }
 }
 
-/// Sort key: older first (no timestamp = newest), then name.
-fn precedence(r: &Route) -> (bool, Option<String>, String) {
+/// How a conflict message names the winner: the older one, or the Route that wins over
+/// a StaticRoute.
+fn winner_phrase(loser: &str, winner: &str) -> String {
+    match (owner::parse(loser).0, owner::parse(winner).0) {
+        (owner::Kind::StaticRoute, owner::Kind::Route) => format!(
+            "{} (a Route wins over a StaticRoute)",
+            owner::describe(winner)
+        ),
+        _ => format!("the older {}", owner::describe(winner)),
+    }
+}
+
+/// Sort key: Routes before StaticRoutes (a Route wins a destination both name), then
+/// older first (no timestamp = newest), then name.
+fn precedence(r: &Route) -> (owner::Kind, bool, Option<String>, String) {
     let ts = r
         .metadata
         .creation_timestamp
         .as_ref()
         .map(|t| t.0.to_string());
-    (
-        ts.is_none(),
-        ts,
-        r.metadata.name.clone().unwrap_or_default(),
-    )
+    let key = r.metadata.name.clone().unwrap_or_default();
+    (owner::parse(&key).0, ts.is_none(), ts, key)
 }
 
 #[cfg(test)]
@@ -382,6 +395,82 @@ mod tests {
 
     fn ips(s: &[&str]) -> Vec<IpAddr> {
         s.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    fn static_route(name: &str, dst: &[&str], gw: &str) -> Route {
+        crate::logic::owner::from_static(&crate::logic::crd::StaticRoute::new(
+            name,
+            crate::logic::crd::StaticRouteSpec {
+                destinations: dst.iter().map(|s| s.to_string()).collect(),
+                gateway: gw.into(),
+            },
+        ))
+    }
+
+    #[test]
+    fn a_route_wins_over_an_older_static_route_and_the_loser_is_told_why() {
+        let old_static = aged(static_route("primary", &["34.160.111.145"], "10.0.0.5"), 0);
+        let new_route = aged(route("primary", &["34.160.111.145/32"], &["10.0.0.6"]), 100);
+        let s = plan(&[old_static.clone(), new_route], &node());
+        let r = &s.routes[&net("34.160.111.145/32")];
+        assert_eq!(r.owner, "primary", "the Route, though younger");
+        assert_eq!(r.gateways, ips(&["10.0.0.6"]));
+        assert_eq!(s.problems.len(), 1, "{:?}", s.problems);
+        assert_eq!(s.problems[0].route, "StaticRoute/primary");
+        assert!(
+            s.problems[0]
+                .message
+                .starts_with("StaticRoute primary: destination")
+                && s.problems[0]
+                    .message
+                    .contains("by Route primary (a Route wins over a StaticRoute)"),
+            "{}",
+            s.problems[0].message
+        );
+        // Alone, the StaticRoute plans on every node through its one gateway.
+        let s = plan(&[old_static], &node());
+        assert_eq!(
+            s.routes[&net("34.160.111.145/32")].owner,
+            "StaticRoute/primary"
+        );
+        assert_eq!(s.selected, vec!["StaticRoute/primary".to_string()]);
+        // Between StaticRoutes the older wins, as between Routes (the operator's primary
+        // and secondary for one destination).
+        let a = aged(static_route("primary", &["1.0.0.0/8"], "10.0.0.5"), 0);
+        let b = aged(static_route("secondary", &["1.0.0.0/8"], "10.0.0.12"), 5);
+        let s = plan(&[b, a], &node());
+        assert_eq!(s.routes[&net("1.0.0.0/8")].owner, "StaticRoute/primary");
+        assert!(
+            s.problems[0]
+                .message
+                .contains("by the older StaticRoute primary"),
+            "{}",
+            s.problems[0].message
+        );
+    }
+
+    #[test]
+    fn an_invalid_static_route_is_named_with_its_kind_and_field() {
+        let s = plan(&[static_route("bad", &["1.2.3.4"], "gw.example")], &node());
+        assert_eq!(s.problems.len(), 1);
+        assert_eq!(
+            s.problems[0].message,
+            "StaticRoute bad: spec.gateway: \"gw.example\" is not an IP address"
+        );
+        let s = plan(&[static_route("empty", &["1.2.3.4"], "")], &node());
+        assert!(
+            s.problems[0]
+                .message
+                .starts_with("StaticRoute empty: spec.gateway: must be set"),
+            "{}",
+            s.problems[0].message
+        );
+        let s = plan(&[static_route("mixed", &["fd00::1"], "10.0.0.1")], &node());
+        assert_eq!(
+            s.problems[0].message,
+            "StaticRoute mixed: spec.destinations[0]: fd00::1/128 is IPv6 but the gateways \
+             are IPv4: one family per StaticRoute"
+        );
     }
 
     #[test]

@@ -110,8 +110,13 @@ pub fn node_routes<R: std::borrow::Borrow<Route>>(
             .filter(|d| installed.contains_key(d))
             .map(|d| d.to_string())
             .collect();
+        let (kind, plain) = crate::logic::owner::parse(name);
         let mut entry = NodeRoute {
-            name: name.to_string(),
+            name: plain.to_string(),
+            kind: match kind {
+                crate::logic::owner::Kind::Route => String::new(),
+                k => k.as_str().to_string(),
+            },
             generation: generation.get(name).copied().flatten(),
             state: APPLIED.into(),
             destinations: in_kernel,
@@ -148,9 +153,10 @@ pub fn node_routes<R: std::borrow::Borrow<Route>>(
             entry.state = FAILED.into();
             entry.reason = "NotInstalled".into();
             entry.message = format!(
-                "Route {name}: {} of {} destinations are not in the kernel yet",
+                "{who}: {} of {} destinations are not in the kernel yet",
                 planned.len() - entry.destinations.len(),
-                planned.len()
+                planned.len(),
+                who = crate::logic::owner::describe(name),
             );
         }
         if entry.state == APPLIED {

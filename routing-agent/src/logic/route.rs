@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use crate::logic::crd::Route;
+use crate::logic::owner;
 
 /// Address family of a validated Route.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -45,8 +46,9 @@ pub struct ValidRoute {
 
 /// Why a Route cannot be used. `field` is the JSON path inside the object.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("Route {route}: {field}: {reason}")]
+#[error("{}: {field}: {reason}", crate::logic::owner::describe(route))]
 pub struct InvalidRoute {
+    /// The owner's key (see [`crate::logic::owner`]).
     pub route: String,
     pub field: String,
     pub reason: String,
@@ -110,10 +112,11 @@ pub fn parse_gateway(value: &str) -> Result<IpAddr, String> {
 /// Validates a Route. The first error wins (the field named is the one to fix first).
 pub fn validate(route: &Route) -> Result<ValidRoute, InvalidRoute> {
     let name = route.metadata.name.clone().unwrap_or_default();
+    // A StaticRoute's one gateway is `spec.gateway`: fields are named as its kind spells them.
     let err = |field: String, reason: String| InvalidRoute {
+        field: owner::field(&name, &field),
         route: name.clone(),
-        field,
-        reason,
+        reason: reason.replace("spec.gateways[0]", &owner::field(&name, "spec.gateways[0]")),
     };
     let spec = &route.spec;
     if spec.destinations.is_empty() {
@@ -121,6 +124,14 @@ pub fn validate(route: &Route) -> Result<ValidRoute, InvalidRoute> {
     }
     if spec.gateways.is_empty() {
         return Err(err("spec.gateways".into(), "must not be empty".into()));
+    }
+    if owner::parse(&name).0 == owner::Kind::StaticRoute && spec.gateways[0].trim().is_empty() {
+        return Err(err(
+            "spec.gateways[0]".into(),
+            "must be set: name the gateway's address (spec.clusterservice, a host name the \
+             static route operator looked up once, is not supported)"
+                .into(),
+        ));
     }
     let mut warnings = Vec::new();
     let mut gateways: Vec<IpAddr> = Vec::new();
@@ -141,8 +152,9 @@ pub fn validate(route: &Route) -> Result<ValidRoute, InvalidRoute> {
         return Err(err(
             format!("spec.gateways[{i}]"),
             format!(
-                "{gw} is {} but spec.gateways[0] is {family}: one family per Route",
-                Family::of(gw)
+                "{gw} is {} but spec.gateways[0] is {family}: one family per {kind}",
+                Family::of(gw),
+                kind = owner::parse(&name).0.as_str()
             ),
         ));
     }
@@ -155,7 +167,8 @@ pub fn validate(route: &Route) -> Result<ValidRoute, InvalidRoute> {
             return Err(err(
                 format!("spec.destinations[{i}]"),
                 format!(
-                    "{net} is {net_family} but the gateways are {family}: one family per Route"
+                    "{net} is {net_family} but the gateways are {family}: one family per {}",
+                    owner::parse(&name).0.as_str()
                 ),
             ));
         }

@@ -34,14 +34,21 @@ pub fn summarize(
             Ok(true) => {}
             Ok(false) => continue,
             Err(e) => {
-                selector_error = Some(format!("Route {name}: {}: {}", e.field, e.reason));
+                selector_error = Some(format!(
+                    "{}: {}: {}",
+                    crate::logic::owner::describe(name),
+                    e.field,
+                    e.reason
+                ));
                 break;
             }
         }
         st.selected += 1;
-        let entry: Option<&NodeRoute> = reports
-            .get(&node.name)
-            .and_then(|r| r.routes.iter().find(|e| e.name == name));
+        let entry: Option<&NodeRoute> = reports.get(&node.name).and_then(|r| {
+            r.routes
+                .iter()
+                .find(|e| e.name == name && e.kind.is_empty())
+        });
         match entry {
             Some(e) if generation.is_none() || e.generation == generation => {
                 if e.state == APPLIED {
@@ -150,7 +157,7 @@ pub fn still_carried_by(
         .filter(|n| {
             reports
                 .get(&n.name)
-                .is_some_and(|r| r.routes.iter().any(|e| e.name == name))
+                .is_some_and(|r| r.routes.iter().any(|e| e.name == name && e.kind.is_empty()))
         })
         .map(|n| n.name.clone())
         .collect()

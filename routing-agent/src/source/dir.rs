@@ -1,4 +1,4 @@
-//! Standalone mode: Route manifests from a directory (`*.yaml`, `*.yml`, multi-document
+//! Standalone mode: Route (and StaticRoute) manifests from a directory (`*.yaml`, `*.yml`, multi-document
 //! allowed), watched with inotify (notify crate). A file that does not parse is reported
 //! with its path, line and reason, and its last good content stays in effect.
 use std::collections::{BTreeMap, BTreeSet};
@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use super::Snapshot;
-use crate::logic::crd::{API_VERSION, KIND, Route};
+use crate::logic::crd::{API_VERSION, KIND, Route, STATIC_API_VERSION, StaticRoute};
 
 /// A problem with one file, naming path and line.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,8 +30,9 @@ impl std::fmt::Display for FileError {
     }
 }
 
-/// Parses one file's text: every `kind: Route` document of our API group. Other kinds are
-/// skipped. Documents are separated by `---` lines.
+/// Parses one file's text: every `kind: Route` document of our API group, and every
+/// `kind: StaticRoute` of the static route operator's (as the Route it plans as, see
+/// [`crate::logic::owner::from_static`]). Other kinds are skipped. Documents are separated by `---` lines.
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Route>, FileError> {
     let mut routes = Vec::new();
     let mut start = 0usize; // 0-based line where the current document starts
@@ -67,22 +68,23 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Route>, FileError> {
                 .to_string()
         };
         let (api, kind) = (field("apiVersion"), field("kind"));
-        if kind != KIND || api != API_VERSION {
+        let (route, name) = if kind == KIND && api == API_VERSION {
+            let r: Route = serde_yaml::from_str(&doc).map_err(err)?;
+            let name = r.metadata.name.clone().unwrap_or_default();
+            (r, name)
+        } else if kind == "StaticRoute" && api == STATIC_API_VERSION {
+            let sr: StaticRoute = serde_yaml::from_str(&doc).map_err(err)?;
+            let name = sr.metadata.name.clone().unwrap_or_default();
+            (crate::logic::owner::from_static(&sr), name)
+        } else {
             debug!(path = %path.display(), line = first_line + 1, %api, %kind, "not a Route; skipped");
             continue;
-        }
-        let route: Route = serde_yaml::from_str(&doc).map_err(err)?;
-        if route
-            .metadata
-            .name
-            .as_deref()
-            .unwrap_or_default()
-            .is_empty()
-        {
+        };
+        if name.is_empty() {
             return Err(FileError {
                 path: path.to_owned(),
                 line: Some(first_line + 1),
-                reason: "Route without metadata.name".into(),
+                reason: format!("{kind} without metadata.name"),
             });
         }
         routes.push(route);
@@ -200,7 +202,8 @@ fn assemble(cache: &DirCache) -> (Snapshot, Vec<FileError>) {
                     path: path.clone(),
                     line: None,
                     reason: format!(
-                        "Route {name} is also defined in {}; this copy is ignored",
+                        "{} is also defined in {}; this copy is ignored",
+                        crate::logic::owner::describe(name),
                         first.display()
                     ),
                 });
@@ -314,6 +317,30 @@ fn spawn_polling(dir: PathBuf, tx: mpsc::Sender<Snapshot>, poll: Duration) -> an
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn static_route_documents_plan_as_routes_keyed_by_their_kind() {
+        // The static route operator's example, verbatim in shape.
+        let text = "apiVersion: networking.digitalocean.com/v1\nkind: StaticRoute\nmetadata:\n  name: static-route-ifconfig.me\nspec:\n  destinations:\n    - \"34.160.111.145\"\n  gateway: \"10.116.0.5\"\n---\napiVersion: networking.doks.digitalocean.com/v1alpha1\nkind: Route\nmetadata: {name: static-route-ifconfig.me}\nspec: {destinations: [\"1.2.3.4/5\"], gateways: [\"10.114.0.3\"]}\n";
+        let routes = parse_file(Path::new("f.yaml"), text).unwrap();
+        assert_eq!(routes.len(), 2);
+        assert_eq!(
+            routes[0].metadata.name.as_deref(),
+            Some("StaticRoute/static-route-ifconfig.me")
+        );
+        assert_eq!(routes[0].spec.gateways, vec!["10.116.0.5".to_string()]);
+        assert_eq!(
+            routes[1].metadata.name.as_deref(),
+            Some("static-route-ifconfig.me"),
+            "a Route of the same name is another object"
+        );
+        let nameless = "apiVersion: networking.digitalocean.com/v1\nkind: StaticRoute\nmetadata: {labels: {a: b}}\nspec: {destinations: [\"1.1.1.1\"], gateway: \"10.0.0.1\"}\n";
+        let err = parse_file(Path::new("f.yaml"), nameless).unwrap_err();
+        assert!(
+            err.reason.contains("StaticRoute without metadata.name"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn multi_document_files_skip_other_kinds() {

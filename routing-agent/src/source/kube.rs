@@ -5,6 +5,12 @@
 //! node's current labels (a relabelled node re-plans at once) and the endpoint addresses
 //! (protected while the default route is overridden).
 //!
+//! StaticRoutes (the static route operator's kind) are followed too, while their CRD is
+//! served: the CRD itself is watched (by name), so that it can be installed or removed
+//! after the agent started. Each StaticRoute enters the snapshot as the Route it plans as
+//! ([`crate::logic::owner::from_static`]). Until the CRD's state is known (and, when it is
+//! served, the StaticRoutes listed), nothing is sent: a restart never drops their routes.
+//!
 //! A lost API server is the watchers' business: they retry (see [`super::retry`]: capped
 //! at a few seconds, with jitter; a 410 relists at once) and relist when it is back;
 //! nothing is sent meanwhile, so the agent keeps the kernel as it is. Before
@@ -20,13 +26,16 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::Snapshot;
-use crate::logic::crd::Route;
+use crate::logic::crd::{Route, STATIC_CRD, StaticRoute};
+use crate::logic::owner;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Routes,
     Node,
     Endpoints,
+    StaticRoutes,
 }
 
 /// What a watcher event means here.
@@ -88,9 +97,12 @@ pub fn spawn(
         .map(|e| signal(Kind::Node, e))
         .boxed();
     let (endpoint_events, control_plane) = control_plane_endpoints(client.clone());
+    let (static_events, statics) = static_routes(client.clone());
     tokio::spawn(async move {
-        let mut events = stream::select_all([route_events, node_events, endpoint_events]);
+        let mut events =
+            stream::select_all([route_events, node_events, endpoint_events, static_events]);
         let (mut routes_ready, mut node_ready, mut endpoints_ready) = (false, false, false);
+        let mut statics_ready = false;
         while let Some(sig) = events.next().await {
             match sig {
                 Signal::Ready(what) => {
@@ -98,6 +110,7 @@ pub fn spawn(
                         Kind::Routes => routes_ready = true,
                         Kind::Node => node_ready = true,
                         Kind::Endpoints => endpoints_ready = true,
+                        Kind::StaticRoutes => statics_ready = true,
                     }
                     info!(?what, "initial list from the API server complete");
                 }
@@ -114,7 +127,7 @@ pub fn spawn(
                     continue;
                 }
             }
-            if !(routes_ready && node_ready && endpoints_ready) {
+            if !(routes_ready && node_ready && endpoints_ready && statics_ready) {
                 continue;
             }
             let node_labels = match nodes.state().first() {
@@ -125,8 +138,12 @@ pub fn spawn(
                 }
             };
             let control_plane = control_plane();
+            let mut all = routes.state();
+            if let Some(s) = statics.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                all.extend(s.state());
+            }
             let snapshot = Snapshot {
-                routes: routes.state(),
+                routes: all,
                 node_labels: Some(node_labels),
                 control_plane: Some(control_plane),
             };
@@ -135,6 +152,140 @@ pub fn spawn(
             }
         }
     });
+}
+
+/// The StaticRoutes while their CRD is served, as the Routes they plan as.
+type Statics = std::sync::Arc<std::sync::Mutex<Option<reflector::Store<Route>>>>;
+
+/// Is this the static route operator's CRD, established and serving `v1`?
+fn serves_static_routes(crd: &CustomResourceDefinition) -> bool {
+    let established = crd
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| {
+            c.iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        });
+    established
+        && crd.metadata.deletion_timestamp.is_none()
+        && crd.spec.versions.iter().any(|v| v.name == "v1" && v.served)
+}
+
+/// Follows the StaticRoute CRD (by name) and, while it is served, the StaticRoutes. The
+/// signals: `Ready(StaticRoutes)` once it is known that the CRD is absent, or once the
+/// StaticRoutes are listed; `Changed` when they change or the CRD goes away.
+fn static_routes(client: Client) -> (futures::stream::BoxStream<'static, Signal>, Statics) {
+    let statics: Statics = Default::default();
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Signal>();
+    let store = statics.clone();
+    tokio::spawn(async move {
+        let crds = watcher(
+            Api::<CustomResourceDefinition>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={STATIC_CRD}")),
+        )
+        .boxed();
+        let mut crds = super::retry::backoff(crds).boxed();
+        // During a (re)list: whether the listed CRD serves StaticRoutes.
+        let mut listing: Option<bool> = None;
+        let mut served: Option<bool> = None;
+        let mut follower: Option<tokio::task::JoinHandle<()>> = None;
+        while let Some(e) = crds.next().await {
+            let now = match e {
+                Ok(watcher::Event::Init) => {
+                    listing = Some(false);
+                    continue;
+                }
+                Ok(watcher::Event::InitApply(c)) => {
+                    listing = Some(serves_static_routes(&c));
+                    continue;
+                }
+                Ok(watcher::Event::InitDone) => listing.take().unwrap_or(false),
+                Ok(watcher::Event::Apply(c)) => serves_static_routes(&c),
+                Ok(watcher::Event::Delete(_)) => false,
+                // Not allowed to read CRDs (the RBAC of an older release): StaticRoutes
+                // cannot be followed, which must not hold the Routes back. Asked again
+                // (the watcher retries), so a fixed ClusterRole is picked up.
+                Err(watcher::Error::InitialListFailed(kube::Error::Api(st))) if st.code == 403 => {
+                    if served.is_none() {
+                        warn!(crd = STATIC_CRD, error = %st.message, "cannot read CustomResourceDefinitions: StaticRoutes are not followed (grant get/list/watch on customresourcedefinitions, see deploy/rbac.yaml)");
+                    }
+                    if served.is_some() {
+                        continue;
+                    }
+                    false
+                }
+                Err(e) => {
+                    let _ = tx.unbounded_send(Signal::Failed(e.to_string()));
+                    continue;
+                }
+            };
+            if served == Some(now) {
+                continue;
+            }
+            let first = served.is_none();
+            served = Some(now);
+            if let Some(f) = follower.take() {
+                f.abort();
+            }
+            if now {
+                info!(
+                    crd = STATIC_CRD,
+                    "the StaticRoute CRD is served: following StaticRoutes"
+                );
+                let (reader, writer) = reflector::store::<Route>();
+                *store.lock().unwrap_or_else(|p| p.into_inner()) = Some(reader);
+                follower = Some(tokio::spawn(follow_static_routes(
+                    client.clone(),
+                    writer,
+                    tx.clone(),
+                )));
+            } else {
+                if !first {
+                    info!(
+                        crd = STATIC_CRD,
+                        "the StaticRoute CRD is gone: StaticRoutes no longer followed"
+                    );
+                }
+                *store.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                let sig = if first {
+                    Signal::Ready(Kind::StaticRoutes)
+                } else {
+                    Signal::Changed
+                };
+                if tx.unbounded_send(sig).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (rx.boxed(), statics)
+}
+
+/// The StaticRoutes into `writer`, as Routes.
+async fn follow_static_routes(
+    client: Client,
+    writer: reflector::store::Writer<Route>,
+    tx: futures::channel::mpsc::UnboundedSender<Signal>,
+) {
+    let as_route = |s: StaticRoute| owner::from_static(&s);
+    let events =
+        watcher(Api::<StaticRoute>::all(client), watcher::Config::default()).map(move |e| {
+            e.map(|e| match e {
+                watcher::Event::Apply(s) => watcher::Event::Apply(as_route(s)),
+                watcher::Event::Delete(s) => watcher::Event::Delete(as_route(s)),
+                watcher::Event::InitApply(s) => watcher::Event::InitApply(as_route(s)),
+                watcher::Event::Init => watcher::Event::Init,
+                watcher::Event::InitDone => watcher::Event::InitDone,
+            })
+        });
+    let events = reflector(writer, events).boxed();
+    let mut events = super::retry::backoff(events).boxed();
+    while let Some(e) = events.next().await {
+        if tx.unbounded_send(signal(Kind::StaticRoutes, e)).is_err() {
+            return;
+        }
+    }
 }
 
 /// The addresses of the control plane, read from a store.

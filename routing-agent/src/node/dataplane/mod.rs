@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::logic::desired::{FailMode, NoGateway};
 use crate::logic::plan::{self, DesiredState, Problem, ProblemKind};
-use diff::{Hop, IdRange, KernelState, Mode, Op, Stale};
+use diff::{Hop, IdRange, KernelState, Mode, Op, Stale, Target};
 use nexthop::{Nexthop, NexthopSocket, NlError, Resilient};
 use routes::RouteKey;
 
@@ -50,6 +50,8 @@ pub struct Config {
     /// Table and rule priority of symmetric routing (`None`: never used; nothing of it is
     /// cleaned up either).
     pub symmetric: Option<(u32, u32)>,
+    /// Route protocols of routes the agent adopts (empty: none); see [`Dataplane::adopt`].
+    pub adopt: Vec<u8>,
 }
 
 /// What one reconcile achieved.
@@ -425,8 +427,8 @@ impl Dataplane {
                                 route: r.owner.clone(),
                                 kind: ProblemKind::GatewayUnreachable { gateway: *gw },
                                 message: format!(
-                                    "Route {}: gateway {gw} is unreachable from this node: {why}; retrying",
-                                    r.owner
+                                    "{}: gateway {gw} is unreachable from this node: {why}; retrying",
+                                    crate::logic::owner::describe(&r.owner)
                                 ),
                             });
                         }
@@ -465,6 +467,7 @@ impl Dataplane {
             self.cfg.protocol,
         )?;
         let (failed, nexthops_failed) = self.apply(&ops).await;
+        let failed = self.adopt(desired, &ops, failed).await;
         // Destinations whose route operation failed and that had no route before: not
         // installed.
         let not_installed: BTreeSet<IpNet> = failed
@@ -489,19 +492,20 @@ impl Dataplane {
                 .get(dst)
                 .map(|r| r.owner.clone())
                 .unwrap_or_default();
+            let who = crate::logic::owner::describe(&owner);
             let message = if *is_standby {
                 format!(
-                    "Route {owner}: destination {dst}: the kernel refused its fail-closed \
+                    "{who}: destination {dst}: the kernel refused its fail-closed \
                      standby route: {err}"
                 )
             } else if err.errno == libc::EEXIST {
                 format!(
-                    "Route {owner}: destination {dst}: a route the agent does not own already exists \
+                    "{who}: destination {dst}: a route the agent does not own already exists \
                      in table {}; leaving it alone",
                     self.cfg.table
                 )
             } else {
-                format!("Route {owner}: destination {dst}: the kernel refused the route: {err}")
+                format!("{who}: destination {dst}: the kernel refused the route: {err}")
             };
             problems.push(Problem {
                 route: owner,
@@ -581,8 +585,9 @@ impl Dataplane {
         let mut changes = 0;
         let mut fail = |what: String, e: NlError| {
             let route = owner();
+            let who = crate::logic::owner::describe(&route);
             problems.push(Problem {
-                message: format!("Route {route}: symmetric routing: {what}: {e}"),
+                message: format!("{who}: symmetric routing: {what}: {e}"),
                 route,
                 kind: ProblemKind::SymmetricRouting,
             });
@@ -706,6 +711,78 @@ impl Dataplane {
             }
         }
         (failed, nexthops_failed)
+    }
+
+    /// Adopts what another owner left where the agent's route goes: a route the agent's
+    /// add met (`EEXIST`: same table, destination and metric) whose protocol is one of
+    /// `adopt` (`static`: the static route operator's, written by pyroute2) and whose one
+    /// gateway is exactly the planned route's one gateway is replaced in place
+    /// (`NLM_F_REPLACE`) by the agent's own, marked route: no delete, no gap in traffic.
+    /// Anything else stays foreign, left alone and reported. Returns the failures left.
+    /// Costs nothing unless an add met a route that is not the agent's.
+    async fn adopt(
+        &mut self,
+        desired: &DesiredState,
+        ops: &[Op],
+        failed: Vec<(IpNet, NlError, bool)>,
+    ) -> Vec<(IpNet, NlError, bool)> {
+        let clash = |f: &(IpNet, NlError, bool)| !f.2 && f.1.errno == libc::EEXIST;
+        if self.cfg.adopt.is_empty() || !failed.iter().any(clash) {
+            return failed;
+        }
+        let key = self.key();
+        let mut foreign: BTreeMap<IpNet, (u8, Target)> = BTreeMap::new();
+        for protocol in self.cfg.adopt.clone() {
+            let theirs = RouteKey { protocol, ..key };
+            match routes::dump_owned(&self.strict, theirs).await {
+                Ok(found) => foreign.extend(
+                    found
+                        .into_iter()
+                        .filter(|d| d.unicast && d.metric == key.metric_of(&d.dst))
+                        .map(|d| (d.dst, (d.protocol, d.target))),
+                ),
+                Err(e) => {
+                    warn!(protocol, error = %e, "cannot read the routes to adopt; leaving them");
+                    return failed;
+                }
+            }
+        }
+        let targets: BTreeMap<IpNet, &Target> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::AddRoute(d, t) => Some((*d, t)),
+                _ => None,
+            })
+            .collect();
+        let mut left = Vec::new();
+        for f in failed {
+            let (dst, planned) = (f.0, desired.routes.get(&f.0));
+            let matching = match (clash(&f), planned, foreign.get(&dst), targets.get(&dst)) {
+                (true, Some(r), Some((protocol, Target::Hops(h))), Some(t))
+                    if h.len() == 1 && r.gateways == [h[0].0] && r.withdrawn.is_empty() =>
+                {
+                    Some((*protocol, h[0].0, *t, r))
+                }
+                _ => None,
+            };
+            let Some((protocol, gateway, target, r)) = matching else {
+                left.push(f);
+                continue;
+            };
+            self.echo
+                .expect(monitor::Change::New, route_object(&dst, key.table));
+            match routes::add(&self.handle, key, dst, target, true).await {
+                Ok(()) => info!(
+                    owner = %crate::logic::owner::describe(&r.owner),
+                    destination = %dst,
+                    %gateway,
+                    protocol,
+                    "adopted a route another owner left (exactly what is planned): replaced in place by the agent's own"
+                ),
+                Err(e) => left.push((dst, e, false)),
+            }
+        }
+        left
     }
 
     /// Applies route ops concurrently (64 in flight). Returns the destinations whose
