@@ -859,3 +859,111 @@ fn the_deploy_kustomization_applies_and_its_workloads_match_what_is_tested() -> 
     }
     Ok(())
 }
+
+/// The static route operator's CRD, written from what it documents (cluster scoped,
+/// `networking.digitalocean.com/v1`, short name `sr`, `spec.destinations` and one
+/// `spec.gateway`, its status kept as unknown fields).
+const STATIC_ROUTE_CRD: &str = "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: staticroutes.networking.digitalocean.com
+spec:
+  group: networking.digitalocean.com
+  scope: Cluster
+  names: {kind: StaticRoute, plural: staticroutes, singular: staticroute, shortNames: [sr]}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      additionalPrinterColumns:
+        - {name: Destinations, type: string, jsonPath: .spec.destinations}
+        - {name: Gateway, type: string, jsonPath: .spec.gateway}
+      schema:
+        openAPIV3Schema:
+          type: object
+          properties:
+            spec:
+              type: object
+              properties:
+                destinations: {type: array, items: {type: string}}
+                gateway: {type: string}
+            status:
+              type: object
+              x-kubernetes-preserve-unknown-fields: true
+";
+
+fn static_route(name: &str, dst: &str, gateway: &str) -> String {
+    format!(
+        "apiVersion: networking.digitalocean.com/v1\nkind: StaticRoute\nmetadata:\n  name: {name}\nspec:\n  destinations:\n    - \"{dst}\"\n  gateway: \"{gateway}\"\n"
+    )
+}
+
+/// StaticRoutes through a real API server: the CRD installed after the agent started is
+/// followed; the operator's example shape lands; a gateway edited in place moves the
+/// route (the old operator's issue #23); a Route for the same destination wins and the
+/// StaticRoute is reported in the NodeRouteStatus; a delete removes the route.
+#[test]
+fn static_routes_of_the_old_operator_are_honoured_through_the_api_server() -> Result<()> {
+    let (lab, cp) = with_crd()?;
+    cp.kubectl(&["apply", "-f", &rbac_path()])?;
+    cp.apply("apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n")?;
+    let mut agent = Agent::start_kube(&lab, "a", &cp.agent, &["--no-ebpf"])?;
+    let (g1, g2, g3) = (gateway_v4(1), gateway_v4(2), gateway_v4(3));
+    // A Route first: the agent is running before the StaticRoute CRD exists.
+    cp.apply(&route_yaml("other", &[DEST2_V4], &[&g1], None))?;
+    wait_gateways_of(&lab, DEST2_V4, std::slice::from_ref(&g1), "a Route")?;
+    cp.apply(STATIC_ROUTE_CRD)?;
+    cp.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/staticroutes.networking.digitalocean.com",
+    ])?;
+    let dst = "198.51.100.7";
+    cp.apply(&static_route("static-route-ifconfig.me", dst, &g2))?;
+    wait_gateways_of(
+        &lab,
+        dst,
+        std::slice::from_ref(&g2),
+        "the StaticRoute in the kernel",
+    )?;
+    ensure!(
+        cp.kubectl(&["get", "sr"])?
+            .contains("static-route-ifconfig.me")
+    );
+    // The gateway edited in place.
+    cp.apply(&static_route("static-route-ifconfig.me", dst, &g3))?;
+    wait_gateways_of(&lab, dst, std::slice::from_ref(&g3), "the edited gateway")?;
+    // A Route for the same destination wins, whatever the ages.
+    cp.apply(&route_yaml("winner", &[dst], &[&g1], None))?;
+    wait_gateways_of(&lab, dst, std::slice::from_ref(&g1), "the Route winning")?;
+    wait_for(
+        "the StaticRoute reported in conflict",
+        Duration::from_secs(30),
+        || {
+            let nrs = get_json(&cp, &["noderoutestatuses", "node-a"]).ok()?;
+            nrs["status"]["routes"].as_array()?.iter().find(|e| {
+                e["name"] == "static-route-ifconfig.me"
+                    && e["kind"] == "StaticRoute"
+                    && e["reason"] == "Conflict"
+                    && e["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("a Route wins over a StaticRoute"))
+            })?;
+            Some(())
+        },
+    )?;
+    // The Route goes: the StaticRoute's gateway again; the StaticRoute goes: no route.
+    cp.kubectl(&["delete", "route", "winner"])?;
+    wait_gateways_of(&lab, dst, std::slice::from_ref(&g3), "the StaticRoute back")?;
+    cp.kubectl(&["delete", "sr", "static-route-ifconfig.me"])?;
+    wait_gateways_of(&lab, dst, &[], "the StaticRoute deleted")?;
+    wait_gateways_of(
+        &lab,
+        DEST2_V4,
+        std::slice::from_ref(&g1),
+        "the Route untouched",
+    )?;
+    agent.check_alive()?;
+    Ok(())
+}
