@@ -112,11 +112,12 @@ pub fn parse_gateway(value: &str) -> Result<IpAddr, String> {
 /// Validates a Route. The first error wins (the field named is the one to fix first).
 pub fn validate(route: &Route) -> Result<ValidRoute, InvalidRoute> {
     let name = route.metadata.name.clone().unwrap_or_default();
+    let kind = owner::parse(&name).0;
     // A StaticRoute's one gateway is `spec.gateway`: fields are named as its kind spells them.
     let err = |field: String, reason: String| InvalidRoute {
         field: owner::field(&name, &field),
         route: name.clone(),
-        reason: reason.replace("spec.gateways[0]", &owner::field(&name, "spec.gateways[0]")),
+        reason,
     };
     let spec = &route.spec;
     if spec.destinations.is_empty() {
@@ -125,7 +126,7 @@ pub fn validate(route: &Route) -> Result<ValidRoute, InvalidRoute> {
     if spec.gateways.is_empty() {
         return Err(err("spec.gateways".into(), "must not be empty".into()));
     }
-    if owner::parse(&name).0 == owner::Kind::StaticRoute && spec.gateways[0].trim().is_empty() {
+    if kind == owner::Kind::StaticRoute && spec.gateways[0].trim().is_empty() {
         return Err(err(
             "spec.gateways[0]".into(),
             "must be set: name the gateway's address (spec.clusterservice, a host name the \
@@ -154,7 +155,7 @@ pub fn validate(route: &Route) -> Result<ValidRoute, InvalidRoute> {
             format!(
                 "{gw} is {} but spec.gateways[0] is {family}: one family per {kind}",
                 Family::of(gw),
-                kind = owner::parse(&name).0.as_str()
+                kind = kind.as_str()
             ),
         ));
     }
@@ -168,7 +169,7 @@ pub fn validate(route: &Route) -> Result<ValidRoute, InvalidRoute> {
                 format!("spec.destinations[{i}]"),
                 format!(
                     "{net} is {net_family} but the gateways are {family}: one family per {}",
-                    owner::parse(&name).0.as_str()
+                    kind.as_str()
                 ),
             ));
         }

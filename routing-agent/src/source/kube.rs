@@ -207,12 +207,10 @@ fn static_routes(client: Client) -> (futures::stream::BoxStream<'static, Signal>
                 // cannot be followed, which must not hold the Routes back. Asked again
                 // (the watcher retries), so a fixed ClusterRole is picked up.
                 Err(watcher::Error::InitialListFailed(kube::Error::Api(st))) if st.code == 403 => {
-                    if served.is_none() {
-                        warn!(crd = STATIC_CRD, error = %st.message, "cannot read CustomResourceDefinitions: StaticRoutes are not followed (grant get/list/watch on customresourcedefinitions, see deploy/rbac.yaml)");
-                    }
                     if served.is_some() {
                         continue;
                     }
+                    warn!(crd = STATIC_CRD, error = %st.message, "cannot read CustomResourceDefinitions: StaticRoutes are not followed (grant list/watch on customresourcedefinitions, see deploy/rbac.yaml)");
                     false
                 }
                 Err(e) => {
