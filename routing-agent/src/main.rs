@@ -55,6 +55,35 @@ enum Command {
     /// Remove every route and nexthop the agent owns in this network namespace, and its
     /// bpffs pins.
     Cleanup(KernelArgs),
+    /// Move from the static route operator: print a Route for each StaticRoute (same
+    /// name, destinations and gateway, every node); with --apply create them, wait until
+    /// each is Ready on every node, then delete the StaticRoutes. The kernel routes do not
+    /// change while ownership moves.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// This kubeconfig instead of the in-cluster configuration / KUBECONFIG.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Read the StaticRoutes from these manifests (files, directories, `-` for standard
+    /// input; `kubectl get sr -o yaml` output too) instead of the cluster: print only.
+    #[arg(short = 'f', long = "filename", conflicts_with = "apply")]
+    files: Vec<PathBuf>,
+    /// Create the Routes in the cluster, wait until each is Ready on every node (the
+    /// controller's status), then delete its StaticRoute.
+    #[arg(long)]
+    apply: bool,
+    /// With --apply: keep the StaticRoutes (the Routes win their destinations).
+    #[arg(long, requires = "apply")]
+    keep: bool,
+    /// With --apply: how long to wait for the Routes to be Ready; a StaticRoute whose
+    /// Route is not Ready by then is kept.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Only these StaticRoutes (default: all).
+    names: Vec<String>,
 }
 
 #[derive(Args)]
@@ -390,6 +419,52 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
         .context("connecting to the Kubernetes API server")
 }
 
+/// `routing-agent migrate`: the manifest on standard output (print) or one line per step
+/// (apply); what could not be moved on standard error, and a failure exit.
+async fn migrate(m: MigrateArgs) -> anyhow::Result<()> {
+    use routing_agent::cluster::migrate as mig;
+    let client = if m.files.is_empty() {
+        Some(kube_client(m.kubeconfig.as_deref()).await?)
+    } else {
+        None
+    };
+    let statics = match &client {
+        Some(c) => mig::list(c).await?,
+        None => mig::read_files(&m.files)?,
+    };
+    let statics = mig::select(statics, &m.names)?;
+    if statics.is_empty() {
+        eprintln!("no StaticRoute to move");
+        return Ok(());
+    }
+    let steps = mig::steps(client.as_ref(), &statics).await?;
+    let refused = match (&client, m.apply) {
+        (Some(c), true) => {
+            let opts = mig::ApplyOptions {
+                keep: m.keep,
+                timeout: m.timeout,
+            };
+            mig::apply(c, steps, &opts, &mut |line| println!("{line}")).await?
+        }
+        _ => {
+            let (manifest, refused) = mig::manifest(&steps);
+            print!("{manifest}");
+            refused
+        }
+    };
+    for why in &refused {
+        eprintln!("{why}");
+    }
+    if !refused.is_empty() {
+        anyhow::bail!(
+            "{} of {} StaticRoutes not moved (above)",
+            refused.len(),
+            statics.len()
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -442,6 +517,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Migrate(m) => migrate(m).await,
         Command::Cleanup(k) => {
             let mut dp = Dataplane::new(dataplane_config(&k)).await?;
             let removed = dp.remove_all().await?;

@@ -317,6 +317,25 @@ impl ControlPlane {
         })?
     }
 
+    /// `routing-agent migrate --kubeconfig <administrator's> ARGS` in the `cp` namespace:
+    /// whether it succeeded, its standard output and its standard error.
+    pub fn migrate(&self, args: &[&str]) -> Result<(bool, String, String)> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns))
+            .arg(crate::agent_bin())
+            .arg("migrate")
+            .arg(format!("--kubeconfig={}", self.admin.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running routing-agent migrate")?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// `kubectl apply -f -` with `yaml`.
     pub fn apply(&self, yaml: &str) -> Result<String> {
         let path = self.dir.join(format!("apply-{}.yaml", std::process::id()));

@@ -887,6 +887,8 @@ spec:
               properties:
                 destinations: {type: array, items: {type: string}}
                 gateway: {type: string}
+                # Later versions' DNS form of the gateway (looked up once by the operator).
+                clusterservice: {type: string}
             status:
               type: object
               x-kubernetes-preserve-unknown-fields: true
@@ -965,5 +967,192 @@ fn static_routes_of_the_old_operator_are_honoured_through_the_api_server() -> Re
         "the Route untouched",
     )?;
     agent.check_alive()?;
+    Ok(())
+}
+
+/// `routing-agent migrate` end to end, on two nodes with the controller. The StaticRoutes
+/// are as the old operator left them (its kopf finalizer on each; its pods gone, so a plain
+/// delete would hang): its two examples, an IPv6 one, one in its DNS form
+/// (`spec.clusterservice`, not supported) and one whose name a different Route holds.
+/// Printing gives the Routes of the movable ones; `--apply` creates them, waits until each
+/// is Ready on both nodes, deletes their StaticRoutes and keeps the other two, with a
+/// failure exit naming them. `ip monitor` on both nodes sees no route or nexthop change:
+/// ownership moves, the kernel does not.
+#[test]
+fn migrate_moves_static_routes_to_routes_with_no_kernel_change() -> Result<()> {
+    let (lab, cp, mut agents) = two_node_cluster(&[])?;
+    cp.apply(STATIC_ROUTE_CRD)?;
+    cp.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=30s",
+        "crd/staticroutes.networking.digitalocean.com",
+    ])?;
+    let (g1, g2, g6) = (gateway_v4(1), gateway_v4(2), gateway_v6(1));
+    let left_by_kopf = |yaml: String| {
+        yaml.replace(
+            "metadata:\n",
+            "metadata:\n  finalizers: [kopf.zalando.org/KopfFinalizerMarker]\n",
+        )
+    };
+    let moved = [
+        ("static-route-ifconfig.me", "198.51.100.7", g1.clone()),
+        ("static-route-ipinfo.io", "198.51.100.8", g1.clone()),
+        ("static-route-v6", "2001:db8:198::/64", g6.clone()),
+    ];
+    for (name, dst, gw) in &moved {
+        cp.apply(&left_by_kopf(static_route(name, dst, gw)))?;
+    }
+    cp.apply(
+        "apiVersion: networking.digitalocean.com/v1\nkind: StaticRoute\nmetadata:\n  name: by-dns\nspec:\n  destinations: [\"198.51.100.9\"]\n  clusterservice: nat-gw.default.svc.cluster.local\n",
+    )?;
+    cp.apply(&static_route("taken", "198.51.100.10", &g2))?;
+    cp.apply(&route_yaml("taken", &[DEST2_V4], &[&g1], None))?;
+    for node in ["a", "b"] {
+        for (_, dst, gw) in &moved {
+            wait_for(
+                &format!("node {node}: {dst} via {gw} from its StaticRoute"),
+                Duration::from_secs(30),
+                || (lab.route_gateways(node, dst).ok()? == [gw.clone()]).then_some(()),
+            )?;
+        }
+    }
+    let monitors = [
+        lab.monitor("a", &["route", "nexthop"])?,
+        lab.monitor("b", &["route", "nexthop"])?,
+    ];
+
+    // Printed: a Route for each movable one, the others named on stderr.
+    let (ok, out, err) = cp.migrate(&[])?;
+    ensure!(!ok, "two StaticRoutes cannot move: {out}\n{err}");
+    let printed: Vec<serde_json::Value> = out
+        .split("---\n")
+        .map(serde_yaml::from_str)
+        .collect::<Result<_, _>>()?;
+    let names: Vec<&str> = printed
+        .iter()
+        .filter_map(|r| r["metadata"]["name"].as_str())
+        .collect();
+    ensure!(
+        names
+            == [
+                "static-route-ifconfig.me",
+                "static-route-ipinfo.io",
+                "static-route-v6"
+            ],
+        "{out}"
+    );
+    ensure!(printed[2]["spec"]["gateways"][0] == g6.as_str(), "{out}");
+    ensure!(
+        err.contains("StaticRoute by-dns: spec.gateway: ") && err.contains("clusterservice"),
+        "{err}"
+    );
+    ensure!(err.contains("Route taken already exists"), "{err}");
+    ensure!(
+        cp.kubectl(&["get", "routes", "-o", "name"])?.trim()
+            == "route.networking.doks.digitalocean.com/taken",
+        "printing creates nothing"
+    );
+
+    // One applied and kept: its Route wins, the StaticRoute stays (reported in conflict).
+    let (ok, out, err) = cp.migrate(&[
+        "--apply",
+        "--keep",
+        "--timeout",
+        "60s",
+        "static-route-ipinfo.io",
+    ])?;
+    ensure!(ok, "{out}\n{err}");
+    ensure!(
+        out.contains("Route static-route-ipinfo.io created")
+            && out.contains("Route static-route-ipinfo.io Ready: 2/2")
+            && out.contains("StaticRoute static-route-ipinfo.io kept (--keep)"),
+        "{out}\n{err}"
+    );
+    ensure!(
+        cp.kubectl(&["get", "sr", "static-route-ipinfo.io", "-o", "name"])
+            .is_ok()
+    );
+
+    // All applied: the kept one's Route is found as wanted, not created again.
+    let (ok, out, err) = cp.migrate(&["--apply", "--timeout", "60s"])?;
+    ensure!(!ok, "two StaticRoutes cannot move: {out}\n{err}");
+    ensure!(
+        out.contains("Route static-route-ipinfo.io already asks for what StaticRoute static-route-ipinfo.io does"),
+        "{out}\n{err}"
+    );
+    for (name, _, _) in &moved {
+        if *name != "static-route-ipinfo.io" {
+            ensure!(
+                out.contains(&format!("Route {name} created")),
+                "{out}\n{err}"
+            );
+        }
+        ensure!(
+            out.contains(&format!("Route {name} Ready: 2/2")),
+            "{out}\n{err}"
+        );
+        ensure!(
+            out.contains(&format!(
+                "StaticRoute {name} deleted (kopf's finalizer removed first"
+            )),
+            "{out}\n{err}"
+        );
+        let r = get_json(&cp, &["route", name])?;
+        ensure!(
+            r["metadata"]["annotations"]["networking.doks.digitalocean.com/migrated-from"]
+                == format!("StaticRoute/{name}").as_str(),
+            "{r:#}"
+        );
+    }
+    ensure!(
+        err.contains("StaticRoute by-dns") && err.contains("Route taken already exists"),
+        "{err}"
+    );
+    let left = cp.kubectl(&["get", "sr", "-o", "name"])?;
+    let left: Vec<&str> = left.lines().collect();
+    ensure!(
+        left == [
+            "staticroute.networking.digitalocean.com/by-dns",
+            "staticroute.networking.digitalocean.com/taken"
+        ],
+        "{left:?}"
+    );
+    // Deleted means gone from the agents' view: their reports no longer list them.
+    for node in ["node-a", "node-b"] {
+        wait_for(
+            &format!("{node}'s report without the moved StaticRoutes"),
+            Duration::from_secs(30),
+            || {
+                let nrs = get_json(&cp, &["noderoutestatuses", node]).ok()?;
+                let entries = nrs["status"]["routes"].as_array()?;
+                let moved_gone = !entries.iter().any(|e| {
+                    e["kind"] == "StaticRoute" && moved.iter().any(|(n, _, _)| e["name"] == *n)
+                });
+                let routes_in = moved.iter().all(|(n, _, _)| {
+                    entries
+                        .iter()
+                        .any(|e| e["name"] == *n && e["kind"].is_null())
+                });
+                (moved_gone && routes_in).then_some(())
+            },
+        )?;
+    }
+    for node in ["a", "b"] {
+        for (_, dst, gw) in &moved {
+            let have = lab.route_gateways(node, dst)?;
+            ensure!(have == [gw.clone()], "node {node}: {dst} via {have:?}");
+        }
+    }
+    for (node, m) in ["a", "b"].into_iter().zip(monitors) {
+        let events = m.events()?;
+        ensure!(
+            events.trim().is_empty(),
+            "node {node}: the kernel changed while ownership moved:\n{events}"
+        );
+    }
+    for a in agents.iter_mut() {
+        a.check_alive()?;
+    }
     Ok(())
 }

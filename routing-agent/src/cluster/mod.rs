@@ -4,9 +4,11 @@
 //!   Events;
 //! - [`events`]: a small core/v1 Event writer;
 //! - [`controller`]: `routing-agent controller`: Route status summaries and the deletion
-//!   finalizer.
+//!   finalizer;
+//! - [`migrate`]: `routing-agent migrate`: StaticRoutes moved over to Routes.
 //!
 //! Routes coming *from* the cluster are a [`crate::source`].
 pub mod controller;
 pub mod events;
+pub mod migrate;
 pub mod publish;

@@ -11,11 +11,13 @@
 //! - [`default_route`]: `0.0.0.0/0` / `::/0` overrides and what they must protect;
 //! - [`health`]: the per-gateway state machine (counters, neighbours, probes → verdicts);
 //! - [`report`]: this node's `NodeRouteStatus` and the Events a change is worth;
-//! - [`summary`]: a Route's cluster-wide status from the nodes' reports (the controller).
+//! - [`summary`]: a Route's cluster-wide status from the nodes' reports (the controller);
+//! - [`migrate`]: the Route that takes over from a StaticRoute (`routing-agent migrate`).
 pub mod crd;
 pub mod default_route;
 pub mod desired;
 pub mod health;
+pub mod migrate;
 pub mod owner;
 pub mod plan;
 pub mod report;

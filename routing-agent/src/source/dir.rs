@@ -30,11 +30,31 @@ impl std::fmt::Display for FileError {
     }
 }
 
+/// One object a manifest file holds.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Document {
+    Route(Route),
+    /// The static route operator's (see [`crate::logic::owner::from_static`]).
+    StaticRoute(StaticRoute),
+}
+
 /// Parses one file's text: every `kind: Route` document of our API group, and every
 /// `kind: StaticRoute` of the static route operator's (as the Route it plans as, see
-/// [`crate::logic::owner::from_static`]). Other kinds are skipped. Documents are separated by `---` lines.
+/// [`crate::logic::owner::from_static`]). Other kinds are skipped. Documents are separated
+/// by `---` lines; a `kind: List` (what `kubectl get -o yaml` prints) is read item by item.
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Route>, FileError> {
-    let mut routes = Vec::new();
+    Ok(parse_documents(path, text)?
+        .into_iter()
+        .map(|d| match d {
+            Document::Route(r) => r,
+            Document::StaticRoute(sr) => crate::logic::owner::from_static(&sr),
+        })
+        .collect())
+}
+
+/// The Routes and StaticRoutes of one file's text, as they are (see [`parse_file`]).
+pub fn parse_documents(path: &Path, text: &str) -> Result<Vec<Document>, FileError> {
+    let mut out = Vec::new();
     let mut start = 0usize; // 0-based line where the current document starts
     let lines: Vec<&str> = text.lines().collect();
     let mut docs = Vec::new();
@@ -60,36 +80,64 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<Route>, FileError> {
         if value.is_null() {
             continue;
         }
-        let field = |k: &str| {
-            value
-                .get(k)
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_string()
-        };
-        let (api, kind) = (field("apiVersion"), field("kind"));
-        let (route, name) = if kind == KIND && api == API_VERSION {
-            let r: Route = serde_yaml::from_str(&doc).map_err(err)?;
-            let name = r.metadata.name.clone().unwrap_or_default();
-            (r, name)
-        } else if kind == "StaticRoute" && api == STATIC_API_VERSION {
-            let sr: StaticRoute = serde_yaml::from_str(&doc).map_err(err)?;
-            let name = sr.metadata.name.clone().unwrap_or_default();
-            (crate::logic::owner::from_static(&sr), name)
+        let kind = value
+            .get("kind")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        // A plain document is parsed from its text (errors keep their line); a List's items
+        // from their values (errors name the List's first line).
+        let listed = kind == "List";
+        let items = if listed {
+            match value.get("items") {
+                Some(serde_yaml::Value::Sequence(items)) => items.clone(),
+                _ => Vec::new(),
+            }
         } else {
-            debug!(path = %path.display(), line = first_line + 1, %api, %kind, "not a Route; skipped");
-            continue;
+            vec![value]
         };
-        if name.is_empty() {
-            return Err(FileError {
-                path: path.to_owned(),
-                line: Some(first_line + 1),
-                reason: format!("{kind} without metadata.name"),
-            });
+        for value in items {
+            fn typed<T: serde::de::DeserializeOwned>(
+                listed: bool,
+                doc: &str,
+                value: serde_yaml::Value,
+            ) -> Result<T, serde_yaml::Error> {
+                if listed {
+                    serde_yaml::from_value(value)
+                } else {
+                    serde_yaml::from_str(doc)
+                }
+            }
+            let field = |k: &str| {
+                value
+                    .get(k)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let (api, kind) = (field("apiVersion"), field("kind"));
+            let (d, name) = if kind == KIND && api == API_VERSION {
+                let r: Route = typed(listed, &doc, value).map_err(err)?;
+                let name = r.metadata.name.clone().unwrap_or_default();
+                (Document::Route(r), name)
+            } else if kind == "StaticRoute" && api == STATIC_API_VERSION {
+                let sr: StaticRoute = typed(listed, &doc, value).map_err(err)?;
+                let name = sr.metadata.name.clone().unwrap_or_default();
+                (Document::StaticRoute(sr), name)
+            } else {
+                debug!(path = %path.display(), line = first_line + 1, %api, %kind, "not a Route; skipped");
+                continue;
+            };
+            if name.is_empty() {
+                return Err(FileError {
+                    path: path.to_owned(),
+                    line: Some(first_line + 1),
+                    reason: format!("{kind} without metadata.name"),
+                });
+            }
+            out.push(d);
         }
-        routes.push(route);
     }
-    Ok(routes)
+    Ok(out)
 }
 
 /// What is known of one manifest file.
@@ -340,6 +388,21 @@ mod tests {
             err.reason.contains("StaticRoute without metadata.name"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_list_as_kubectl_prints_it_is_read_item_by_item() {
+        let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: networking.digitalocean.com/v1\n  kind: StaticRoute\n  metadata: {name: a, finalizers: [kopf.zalando.org/KopfFinalizerMarker]}\n  spec: {destinations: [\"34.117.59.81\"], gateway: \"10.116.0.5\"}\n  status: {create_fn: [{destination: 34.117.59.81, status: Ready}]}\n- apiVersion: v1\n  kind: ConfigMap\n  metadata: {name: x}\n- apiVersion: networking.doks.digitalocean.com/v1alpha1\n  kind: Route\n  metadata: {name: b}\n  spec: {destinations: [\"1.2.3.4/5\"], gateways: [\"10.114.0.3\"]}\nmetadata: {resourceVersion: \"\"}\n";
+        let docs = parse_documents(Path::new("f.yaml"), text).unwrap();
+        assert_eq!(docs.len(), 2, "{docs:?}");
+        let Document::StaticRoute(sr) = &docs[0] else {
+            panic!("{docs:?}")
+        };
+        assert_eq!(sr.spec.gateway, "10.116.0.5");
+        assert!(matches!(&docs[1], Document::Route(r) if r.metadata.name.as_deref() == Some("b")));
+        let bad = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: networking.digitalocean.com/v1\n  kind: StaticRoute\n  metadata: {name: a}\n  spec: {destinations: 5, gateway: \"10.116.0.5\"}\n";
+        let e = parse_documents(Path::new("f.yaml"), bad).unwrap_err();
+        assert!(e.reason.contains("invalid type"), "{e}");
     }
 
     #[test]
