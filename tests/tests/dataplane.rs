@@ -538,7 +538,8 @@ fn foreign_route_at_the_same_destination_is_reported_not_replaced() -> Result<()
 
 /// What the static route operator leaves on a node (pyroute2's `proto static`, no
 /// metric) is adopted when it is exactly what a StaticRoute asks for: replaced in place by
-/// the agent's own route, never deleted first (`ip monitor` sees no deletion). A leftover
+/// the agent's own route, never deleted first (`ip monitor` sees no deletion), with no
+/// connection through it failing on the way. A leftover
 /// with another gateway, or another protocol, stays foreign and is reported.
 #[test]
 fn the_static_route_operators_leftover_routes_are_adopted_in_place() -> Result<()> {
@@ -551,8 +552,8 @@ fn the_static_route_operators_leftover_routes_are_adopted_in_place() -> Result<(
     let (lab, dir) = lab_with(&[(
         "sr.yaml",
         [
-            static_route("left-v4", "198.51.100.7", &v4(1)),
-            static_route("left-v6", "2001:db8:198::7", &v6(1)),
+            static_route("left-v4", ECHO_V4, &v4(1)),
+            static_route("left-v6", ECHO_V6, &v6(1)),
             static_route("other-gateway", "198.51.100.8", &v4(1)),
             static_route("other-protocol", "198.51.100.9", &v4(1)),
         ]
@@ -561,11 +562,11 @@ fn the_static_route_operators_leftover_routes_are_adopted_in_place() -> Result<(
     let ns = lab.node_ns("a");
     lab.ip(
         &ns,
-        &format!("route add 198.51.100.7 via {} proto static", v4(1)),
+        &format!("route add {ECHO_V4} via {} proto static", v4(1)),
     )?;
     lab.ip(
         &ns,
-        &format!("-6 route add 2001:db8:198::7 via {} proto static", v6(1)),
+        &format!("-6 route add {ECHO_V6} via {} proto static", v6(1)),
     )?;
     lab.ip(
         &ns,
@@ -573,18 +574,36 @@ fn the_static_route_operators_leftover_routes_are_adopted_in_place() -> Result<(
     )?;
     lab.ip(&ns, &format!("route add 198.51.100.9 via {}", v4(1)))?;
     let monitor = lab.monitor("a", &["route"])?;
+    // Traffic through the leftovers from before the agent starts until after it adopted
+    // them: not one connection may fail.
+    let streams = [
+        lab.stream("a", ECHO_V4.parse()?, 10),
+        lab.stream("a", ECHO_V6.parse()?, 10),
+    ];
+    std::thread::sleep(Duration::from_millis(500));
     let mut agent = Agent::start(&lab, "a", &dir, &[])?;
     let s = agent.wait_status("the two foreign routes reported", |s| {
         s["problems"]
             .as_array()
             .is_some_and(|p| p.iter().filter(|p| p["kind"] == "KernelRefused").count() == 2)
     })?;
-    for dst in ["198.51.100.7", "2001:db8:198::7"] {
+    for dst in [ECHO_V4, ECHO_V6] {
         let r = lab.route("a", dst)?.expect("the adopted route");
         assert_eq!(r["protocol"], "196", "{dst}: now the agent's: {r}");
     }
-    assert_eq!(lab.route_gateways("a", "198.51.100.7")?, vec![v4(1)]);
-    assert_eq!(lab.route_gateways("a", "2001:db8:198::7")?, vec![v6(1)]);
+    assert_eq!(lab.route_gateways("a", ECHO_V4)?, vec![v4(1)]);
+    assert_eq!(lab.route_gateways("a", ECHO_V6)?, vec![v6(1)]);
+    std::thread::sleep(Duration::from_millis(500));
+    for (fam, stream) in ["IPv4", "IPv6"].into_iter().zip(streams) {
+        let attempts = stream.stop();
+        let failed: Vec<_> = attempts.iter().filter(|a| a.result.is_err()).collect();
+        assert!(
+            !attempts.is_empty() && failed.is_empty(),
+            "{fam}: {} of {} connections failed across the adoption: {failed:?}",
+            failed.len(),
+            attempts.len()
+        );
+    }
     for (dst, gw) in [("198.51.100.8", v4(2)), ("198.51.100.9", v4(1))] {
         let r = lab.route("a", dst)?.expect("the foreign route");
         assert_ne!(r["protocol"], "196", "{dst}: left alone: {r}");
@@ -598,7 +617,7 @@ fn the_static_route_operators_leftover_routes_are_adopted_in_place() -> Result<(
     );
     agent.check_alive()?;
     let events = monitor.events()?;
-    for dst in ["198.51.100.7", "2001:db8:198::7"] {
+    for dst in [ECHO_V4, ECHO_V6] {
         assert!(
             !events
                 .lines()
