@@ -18,6 +18,46 @@ fn committed_crd_matches_the_rust_types() {
     );
 }
 
+/// Every `format` in the committed CRDs is one Kubernetes knows (an unknown one, e.g.
+/// schemars' `uint32`, makes every CRD create answer with a warning).
+#[test]
+fn the_crds_use_only_formats_kubernetes_knows() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crd.yaml");
+    let text = std::fs::read_to_string(path).expect("deploy/crd.yaml exists");
+    // The formats of k8s.io/kube-openapi's strfmt registry that apply to CRD schemas.
+    let known = [
+        "int32",
+        "int64",
+        "float",
+        "double",
+        "byte",
+        "binary",
+        "date",
+        "date-time",
+        "duration",
+        "password",
+        "uuid",
+        "email",
+        "hostname",
+        "ipv4",
+        "ipv6",
+        "cidr",
+        "mac",
+        "uri",
+    ];
+    let formats: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("format: "))
+        .collect();
+    assert!(!formats.is_empty(), "the CRDs have some formats");
+    for f in formats {
+        assert!(
+            known.contains(&f),
+            "format {f:?} is not one Kubernetes knows"
+        );
+    }
+}
+
 #[test]
 fn crd_is_cluster_scoped_v1alpha1_with_the_doks_group() {
     let crd = Route::crd();
@@ -69,6 +109,14 @@ mod cel {
         check(&["1.2.3.4/5"], &["10.114.0.3", "10.114.0.4"]).unwrap();
         check(&["0.0.0.0/0", "192.0.2.1"], &["10.114.0.3"]).unwrap();
         check(&["2001:db8::/32", "::/0"], &["fd00::3", "fd00::4"]).unwrap();
+    }
+
+    /// An empty `gateways` is minItems' to report (the API server does); the rules must not
+    /// add a CEL runtime error (`index out of bounds: 0`) to it.
+    #[test]
+    fn no_gateways_is_not_a_cel_runtime_error() {
+        check(&["10.0.0.0/8"], &[]).unwrap();
+        check(&["2001:db8::/32"], &[]).unwrap();
     }
 
     #[test]

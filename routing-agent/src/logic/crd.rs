@@ -66,10 +66,12 @@ pub const GATEWAY_PATTERN: &str = concat!("^(", v4!(), "|", v6!(), ")$");
 )]
 // CEL rules (Kubernetes ≥ 1.25; `fieldPath` and `reason` would need 1.28, so the message
 // names the field). Older API servers drop them: apply with `--validate=false` there.
+// Guarded on an empty `gateways` (minItems reports that one; an unguarded
+// `self.gateways[0]` would add a CEL runtime error, `index out of bounds`).
 #[x_kube(
-    validation = Rule::new("self.gateways.all(g, g.contains(':') == self.gateways[0].contains(':'))")
+    validation = Rule::new("self.gateways.size() == 0 || self.gateways.all(g, g.contains(':') == self.gateways[0].contains(':'))")
         .message("spec.gateways: all of one family (IPv4 or IPv6)"),
-    validation = Rule::new("self.destinations.all(d, d.contains(':') == self.gateways[0].contains(':'))")
+    validation = Rule::new("self.gateways.size() == 0 || self.destinations.all(d, d.contains(':') == self.gateways[0].contains(':'))")
         .message("spec.destinations: must be of the gateways' family")
 )]
 #[serde(rename_all = "camelCase")]
@@ -124,10 +126,26 @@ pub const STATIC_API_VERSION: &str = "networking.digitalocean.com/v1";
 /// The name of the static route operator's CRD, which the agent follows.
 pub const STATIC_CRD: &str = "staticroutes.networking.digitalocean.com";
 
+/// Kubernetes knows the integer formats `int32` and `int64`, not schemars' `uint32` (every
+/// CRD create would answer `299 - "unrecognized format \"uint32\""`): an unsigned count
+/// is an integer with `minimum: 0` and no format.
+fn kubernetes_formats(schema: &mut schemars::Schema) {
+    if schema
+        .get("format")
+        .and_then(|f| f.as_str())
+        .is_some_and(|f| f.starts_with("uint"))
+    {
+        schema.remove("format");
+        schema.insert("minimum".into(), 0.into());
+    }
+    schemars::transform::transform_subschemas(&mut kubernetes_formats, schema);
+}
+
 /// What the nodes did with a Route, summarised by `routing-agent controller` from the
 /// [`NodeRouteStatus`] objects. Per-node details live there.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = kubernetes_formats)]
 pub struct RouteStatus {
     /// The generation of the spec this summary is about.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -208,6 +226,7 @@ pub struct NodeRouteStatusSpec {
 /// A node's view.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = kubernetes_formats)]
 pub struct NodeRoutes {
     /// Routes applied on this node.
     #[serde(default)]
