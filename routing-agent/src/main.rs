@@ -60,15 +60,6 @@ enum Command {
     /// each is Ready on every node, then delete the StaticRoutes. The kernel routes do not
     /// change while ownership moves.
     Migrate(MigrateArgs),
-    /// (Started by `run`.) Load the eBPF object and pin its programs for the agent to take.
-    #[command(hide = true)]
-    EbpfLoad(EbpfLoadArgs),
-}
-
-#[derive(Args)]
-struct EbpfLoadArgs {
-    #[arg(long)]
-    bpf_pin_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -428,19 +419,6 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
         .context("connecting to the Kubernetes API server")
 }
 
-/// This process's peak resident set (`VmHWM`), in KiB.
-fn peak_rss_kib() -> Option<u64> {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// `routing-agent migrate`: the manifest on standard output (print) or one line per step
 /// (apply); what could not be moved on standard error, and a failure exit.
 async fn migrate(m: MigrateArgs) -> anyhow::Result<()> {
@@ -540,14 +518,6 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate(m) => migrate(m).await,
-        Command::EbpfLoad(l) => {
-            routing_agent::node::ebpf::load_for_handoff(&l.bpf_pin_dir)?;
-            tracing::info!(
-                peak_rss_kib = peak_rss_kib().unwrap_or(0),
-                "eBPF loader: object loaded, programs handed over; exiting"
-            );
-            Ok(())
-        }
         Command::Cleanup(k) => {
             let mut dp = Dataplane::new(dataplane_config(&k)).await?;
             let removed = dp.remove_all().await?;
@@ -572,21 +542,10 @@ async fn main() -> anyhow::Result<()> {
             let programs = if a.no_ebpf {
                 None
             } else {
-                let log_format = match cli.log_format {
-                    LogFormat::Text => "text",
-                    LogFormat::Json => "json",
-                };
-                let loader_args = [
-                    "--log-format".to_string(),
-                    log_format.into(),
-                    "--log-level".into(),
-                    cli.log_level.clone(),
-                ];
                 Some(Programs::load(
                     &a.kernel.bpf_pin_dir,
                     a.tc_attach,
                     a.flow_pinning,
-                    &loader_args,
                 )?)
             };
             let (tx, rx) = mpsc::channel(4);

@@ -568,7 +568,7 @@ pub fn run(kernels: &[Kernel], tests: &[&str], filter: &str) -> Result<()> {
             let limit = Duration::from_secs(45 * 60);
             let ok = match boot(&vmlinuz, &image, limit)? {
                 Boot::Verdict(ok) => ok,
-                // Seen once under TCG on 6.12: an `int3` oops in the receive path while a
+                // Seen under TCG on 6.12: an `int3` oops in the receive or transmit path while a
                 // static key was being patched (qemu executing a stale translation of the
                 // patched code). The guest kernel, not a test, failed: boot it once more;
                 // a second panic fails the run.
