@@ -330,9 +330,20 @@ impl World {
             },
         )
         .with_context(|| self.agent.log_text())?;
+        // The report can come a moment before the kernel (the status of a health tick,
+        // the withdrawal applied right after it; seen under TCG on 6.1): wait for it.
         for d in &egress {
+            let left = wait_for(
+                &format!("{face:?}: {d}: only the standby route left"),
+                Duration::from_secs(10),
+                || {
+                    (self.lab.route("a", d).ok()?.is_none()
+                        && self.lab.standby("a", d).ok()?.is_some())
+                    .then_some(())
+                },
+            );
             ensure!(
-                self.lab.route("a", d)?.is_none() && self.lab.standby("a", d)?.is_some(),
+                left.is_ok(),
                 "{face:?}: {d}: only the standby route should be left: {:?}",
                 self.lab.routes_to("a", d)?
             );
