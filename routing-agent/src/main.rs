@@ -60,6 +60,15 @@ enum Command {
     /// each is Ready on every node, then delete the StaticRoutes. The kernel routes do not
     /// change while ownership moves.
     Migrate(MigrateArgs),
+    /// (Started by `run`.) Load the eBPF object and pin its programs for the agent to take.
+    #[command(hide = true)]
+    EbpfLoad(EbpfLoadArgs),
+}
+
+#[derive(Args)]
+struct EbpfLoadArgs {
+    #[arg(long)]
+    bpf_pin_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -125,6 +134,14 @@ struct KernelArgs {
     /// Seconds a resilient-group bucket must be idle before it may move.
     #[arg(long, default_value_t = 120)]
     resilient_idle_timer: u32,
+    /// Seconds a resilient group may stay unbalanced (a restored gateway holding fewer
+    /// buckets than its share, because the flows on its old buckets never go idle) before
+    /// its buckets move even when busy (0: never). Default: 30 with flow pinning (the moved
+    /// TCP connections stay on their gateway), 0 without it, where moving a busy bucket
+    /// breaks its connections on the other gateway's NAT. UDP flows are not pinned: a
+    /// forced move changes the gateway of a busy UDP flow.
+    #[arg(long)]
+    resilient_unbalanced_timer: Option<u32>,
     /// bpffs directory for the agent's pinned maps (one per agent on a shared kernel).
     #[arg(long, default_value = "/sys/fs/bpf/routing-agent")]
     bpf_pin_dir: PathBuf,
@@ -328,7 +345,9 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
-fn dataplane_config(k: &KernelArgs) -> Config {
+/// `pinned`: the TC program keeps established connections on their gateway (eBPF and flow
+/// pinning on), which makes a forced rebalance of the resilient groups safe for them.
+fn dataplane_config(k: &KernelArgs, pinned: bool) -> Config {
     Config {
         protocol: k.route_protocol,
         table: k.table,
@@ -341,6 +360,9 @@ fn dataplane_config(k: &KernelArgs) -> Config {
         resilient: Resilient {
             buckets: k.resilient_buckets,
             idle_timer_s: k.resilient_idle_timer,
+            unbalanced_timer_s: k
+                .resilient_unbalanced_timer
+                .unwrap_or(if pinned { 30 } else { 0 }),
         },
         symmetric: k
             .symmetric_routing
@@ -417,6 +439,19 @@ async fn kube_config(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kub
 async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
     kube::Client::try_from(kube_config(kubeconfig).await?)
         .context("connecting to the Kubernetes API server")
+}
+
+/// This process's peak resident set (`VmHWM`), in KiB.
+fn peak_rss_kib() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// `routing-agent migrate`: the manifest on standard output (print) or one line per step
@@ -518,8 +553,16 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Migrate(m) => migrate(m).await,
+        Command::EbpfLoad(l) => {
+            routing_agent::node::ebpf::load_for_handoff(&l.bpf_pin_dir)?;
+            tracing::info!(
+                peak_rss_kib = peak_rss_kib().unwrap_or(0),
+                "eBPF loader: object loaded, programs handed over; exiting"
+            );
+            Ok(())
+        }
         Command::Cleanup(k) => {
-            let mut dp = Dataplane::new(dataplane_config(&k)).await?;
+            let mut dp = Dataplane::new(dataplane_config(&k, false)).await?;
             let removed = dp.remove_all().await?;
             let filters = routing_agent::node::ebpf::detach_netlink_filters();
             let pins = routing_agent::node::ebpf::remove_pins(&k.bpf_pin_dir)
@@ -538,14 +581,26 @@ async fn main() -> anyhow::Result<()> {
             serve::spawn(a.health_addr, probes.clone(), Some(metrics.clone()))
                 .await
                 .with_context(|| format!("serving the health endpoints on {}", a.health_addr))?;
-            let dataplane = Dataplane::new(dataplane_config(&a.kernel)).await?;
+            let dataplane =
+                Dataplane::new(dataplane_config(&a.kernel, !a.no_ebpf && a.flow_pinning)).await?;
             let programs = if a.no_ebpf {
                 None
             } else {
+                let log_format = match cli.log_format {
+                    LogFormat::Text => "text",
+                    LogFormat::Json => "json",
+                };
+                let loader_args = [
+                    "--log-format".to_string(),
+                    log_format.into(),
+                    "--log-level".into(),
+                    cli.log_level.clone(),
+                ];
                 Some(Programs::load(
                     &a.kernel.bpf_pin_dir,
                     a.tc_attach,
                     a.flow_pinning,
+                    &loader_args,
                 )?)
             };
             let (tx, rx) = mpsc::channel(4);

@@ -100,6 +100,36 @@ impl Lab {
         Ok(gws)
     }
 
+    /// How many buckets of the resilient group behind the node's route to `dst` each
+    /// gateway holds (`ip nexthop bucket show`).
+    pub fn bucket_share(
+        &self,
+        node: &str,
+        dst: &str,
+    ) -> Result<std::collections::BTreeMap<String, usize>> {
+        let mut share = std::collections::BTreeMap::new();
+        let Some(id) = self.route(node, dst)?.and_then(|r| r["nhid"].as_u64()) else {
+            return Ok(share);
+        };
+        let mut gateway_of = std::collections::BTreeMap::new();
+        for b in self
+            .ip_json(node, &format!("nexthop bucket show id {id}"))?
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let Some(nh) = b["bucket"]["nhid"].as_u64() else {
+                continue;
+            };
+            if let std::collections::btree_map::Entry::Vacant(e) = gateway_of.entry(nh) {
+                let m = self.ip_json(node, &format!("nexthop show id {nh}"))?;
+                e.insert(m[0]["gateway"].as_str().unwrap_or_default().to_string());
+            }
+            *share.entry(gateway_of[&nh].clone()).or_insert(0) += 1;
+        }
+        Ok(share)
+    }
+
     /// Waits until every interface of node `node` but lo has its IPv6 link-local address,
     /// past duplicate address detection (the kernel adds it after the link comes up, and
     /// its local route with it: a slow machine would see it appear mid-test).

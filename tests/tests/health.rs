@@ -417,6 +417,23 @@ fn restart_keeps_counters_and_verdicts() -> Result<()> {
     // Down from the start (no new detection needed), counters continue. The route whose
     // only gateway it is refuses traffic: one route installed.
     agent.wait_settled(1)?;
+    // The loader process handed the programs over through pins the agent took and
+    // removed: only the maps stay pinned.
+    let mut pins: Vec<String> = std::fs::read_dir(lab.pin_dir("a"))?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    pins.sort();
+    assert_eq!(
+        pins,
+        [
+            "RA_FLOWS",
+            "RA_GATEWAYS",
+            "RA_GW_STATS",
+            "RA_NEIGH",
+            "RA_UPLINK"
+        ],
+        "what stays pinned"
+    );
     let (st, _) = state(&agent, 1).expect("gateway 1 in the status");
     assert_eq!(st, "down");
     assert_eq!(
@@ -556,6 +573,111 @@ fn without_flow_pinning_a_route_change_breaks_connections() -> Result<()> {
 #[test]
 fn without_flow_pinning_a_route_change_breaks_connections_v6() -> Result<()> {
     unpinned_across_gateway_added(true)
+}
+
+/// Gateway 1 of three is removed, withdrawn, and restored under a steady stream of new
+/// connections, with `unbalanced` as `--resilient-unbalanced-timer`. Connections opened
+/// while it was out are held across the restore. Returns gateway 1's buckets (of 128) some
+/// seconds after the restore, how many of the new connections after that went through it,
+/// and the packets the TC program steered back. Fails if a held connection broke or a new
+/// one failed after the restore.
+fn share_after_restore(unbalanced: &str) -> Result<(usize, usize, u64)> {
+    let (lab, dir) = lab_with_routes()?;
+    let mut agent = start(
+        &lab,
+        &dir,
+        &[
+            "--probe-interval",
+            "1s",
+            "--resilient-unbalanced-timer",
+            unbalanced,
+        ],
+    )?;
+    let echo: IpAddr = ECHO_V4.parse()?;
+    // 30 new connections a second keep the buckets busy: a bucket is used every 4 s or so,
+    // never idle for the 120 s of the idle timer.
+    let stream = lab.stream("a", echo, 30);
+    // Gone (not one that still answers ping: the ICMP probe would restore that one while
+    // it is still broken).
+    lab.fail(1, Failure::Removed)?;
+    wait_state(&mut agent, 1, "down", Duration::from_secs(20))?;
+    wait_for("gateway 1 withdrawn", Duration::from_secs(5), || {
+        (lab.route_gateways("a", DEST_V4).ok()? == vec![gateway_v4(2), gateway_v4(3)]).then_some(())
+    })?;
+    let mut held: Vec<Held> = (0..24)
+        .map(|_| lab.hold("a", echo))
+        .collect::<Result<_>>()?;
+    // Out for 10 s: the buckets that left gateway 1 are marked idle when they move, and
+    // would go straight back if it returned at once; by now traffic has used nearly all
+    // of them on the peers (each one unused for 10 s: about e^-2.3, 10 %).
+    std::thread::sleep(Duration::from_secs(10));
+    lab.heal(1, Failure::Removed)?;
+    wait_state(&mut agent, 1, "up", Duration::from_secs(40))?;
+    wait_for("gateway 1 back", Duration::from_secs(5), || {
+        (lab.route_gateways("a", DEST_V4).ok()?.len() == 3).then_some(())
+    })?;
+    let restored_at = Instant::now();
+    // The kernel's upkeep runs at most every few seconds past the timer: 15 s is ample for
+    // a 3 s timer, and a control with none shows what staying unbalanced looks like.
+    let balanced = |s: &std::collections::BTreeMap<String, usize>| {
+        s.len() == 3 && s.values().all(|&n| (42..=43).contains(&n))
+    };
+    let _ = wait_for("the group balanced", Duration::from_secs(15), || {
+        lab.bucket_share("a", DEST_V4).ok().filter(|s| balanced(s))
+    });
+    let share = lab.bucket_share("a", DEST_V4)?;
+    let measured_at = Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    let attempts = stream.stop();
+    for a in attempts.iter().filter(|a| a.started > restored_at) {
+        if let Err(e) = &a.result {
+            anyhow::bail!("a new connection after the restore failed: {e}");
+        }
+    }
+    let through_1 = attempts
+        .iter()
+        .filter(|a| a.started > measured_at && a.result.as_ref().ok() == Some(&public_v4(1)))
+        .count();
+    let alive = held.iter_mut().map(|h| h.alive()).filter(|&a| a).count();
+    ensure!(
+        alive == held.len(),
+        "only {alive}/{} connections held across the restore survived",
+        held.len()
+    );
+    let steered: u64 = (1..=3)
+        .filter_map(|i| agent.gateway(&gateway_v4(i)))
+        .filter_map(|g| g["counters"]["steeredBack"].as_u64())
+        .sum();
+    agent.check_alive()?;
+    let mine = share.get(&gateway_v4(1)).copied().unwrap_or(0);
+    println!(
+        "unbalanced timer {unbalanced}: buckets {share:?}; {through_1} new connections through gateway 1; \
+         {alive}/{alive} held connections survived; {steered} packets steered back"
+    );
+    Ok((mine, through_1, steered))
+}
+
+/// A restored gateway gets its share of the buckets back although every bucket stays busy
+/// (forced by the group's unbalanced timer), takes new connections again, and the
+/// connections that started on its peers while it was out keep their gateway.
+#[test]
+fn a_restored_gateway_gets_its_share_back_without_breaking_connections() -> Result<()> {
+    let (mine, through_1, _) = share_after_restore("3")?;
+    ensure!(
+        (42..=43).contains(&mine),
+        "gateway 1 holds {mine} of 128 buckets"
+    );
+    ensure!(through_1 > 0, "no new connection through gateway 1");
+    Ok(())
+}
+
+/// The control: with no unbalanced timer (the kernel's default, and this agent's without
+/// flow pinning), the busy buckets stay on the peers and gateway 1 stays short of its share.
+#[test]
+fn without_an_unbalanced_timer_a_restored_gateway_stays_short_of_its_share() -> Result<()> {
+    let (mine, _, _) = share_after_restore("0")?;
+    ensure!(mine < 42, "gateway 1 holds {mine} of 128 buckets");
+    Ok(())
 }
 
 /// The value of the sample `name{labels}` in a Prometheus text exposition.

@@ -28,13 +28,17 @@ pub fn run(
 ) -> Result<()> {
     crate::setup::setup()?;
     crate::cmd("cargo", &["build", "--release", "-p", "routing-agent"])?;
-    // SAFETY: single-threaded at this point; the lab library reads it when starting agents.
-    unsafe {
-        std::env::set_var(
-            "ROUTING_AGENT_BIN",
-            crate::workspace().join("target/release/routing-agent"),
-        )
-    };
+    // An agent binary given in `ROUTING_AGENT_BIN` is kept: a wrapper that runs the release
+    // build under a profiler (docs/benchmarks.md: where the memory goes).
+    if std::env::var_os("ROUTING_AGENT_BIN").is_none() {
+        // SAFETY: single-threaded at this point; the lab library reads it when starting agents.
+        unsafe {
+            std::env::set_var(
+                "ROUTING_AGENT_BIN",
+                crate::workspace().join("target/release/routing-agent"),
+            )
+        };
+    }
     match which {
         Which::Dataplane => crate::scale::run(prefixes, mode),
         Which::Failover => crate::failover::run(trials, baseline_trials, prefixes),

@@ -235,6 +235,29 @@ struct Row {
     add_p99: f64,
     idle_cpu_s: Option<f64>,
     rss_mib: f64,
+    /// Resident at the end (after the adds and the idle minute).
+    steady_mib: f64,
+    /// Of the RSS at the end, the file-backed part (the binary's and libraries' pages).
+    file_mib: f64,
+    /// The eBPF loader process's peak (it runs once at start, then exits), from its log line.
+    loader_rss_mib: Option<f64>,
+}
+
+/// The eBPF loader's peak RSS, from the `peak_rss_kib=` of its last log line.
+fn loader_rss_mib(agent: &Agent) -> Option<f64> {
+    let log = agent.log_text();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("eBPF loader: object loaded"))?;
+    let kib: f64 = line
+        .split("peak_rss_kib=")
+        .nth(1)?
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
 }
 
 /// Fresh passes with nothing to change: a foreign route next to the agent's, added and
@@ -301,6 +324,9 @@ fn standalone(shape: Shape, prefixes: usize, idle: bool) -> Result<Row> {
     };
     agent.check_alive()?;
     let rss = proc_stat(pid, "VmHWM:").unwrap_or(0) as f64 / 1024.0;
+    let steady_mib = proc_stat(pid, "VmRSS:").unwrap_or(0) as f64 / 1024.0;
+    let file_mib = proc_stat(pid, "RssFile:").unwrap_or(0) as f64 / 1024.0;
+    let loader_rss_mib = loader_rss_mib(&agent);
     Ok(Row {
         mode: "standalone",
         shape,
@@ -311,6 +337,9 @@ fn standalone(shape: Shape, prefixes: usize, idle: bool) -> Result<Row> {
         add_p99: pct(&mut lat, 0.99),
         idle_cpu_s,
         rss_mib: rss,
+        steady_mib,
+        file_mib,
+        loader_rss_mib,
     })
 }
 
@@ -351,6 +380,9 @@ fn kubernetes(prefixes: usize) -> Result<Row> {
     );
     agent.check_alive()?;
     let rss = proc_stat(agent.pid().unwrap_or(0), "VmHWM:").unwrap_or(0) as f64 / 1024.0;
+    let steady_mib = proc_stat(agent.pid().unwrap_or(0), "VmRSS:").unwrap_or(0) as f64 / 1024.0;
+    let file_mib = proc_stat(agent.pid().unwrap_or(0), "RssFile:").unwrap_or(0) as f64 / 1024.0;
+    let loader_rss_mib = loader_rss_mib(&agent);
     Ok(Row {
         mode: "Kubernetes",
         shape: Shape::One,
@@ -361,6 +393,9 @@ fn kubernetes(prefixes: usize) -> Result<Row> {
         add_p99: pct(&mut lat, 0.99),
         idle_cpu_s: None,
         rss_mib: rss,
+        steady_mib,
+        file_mib,
+        loader_rss_mib,
     })
 }
 
@@ -406,13 +441,14 @@ pub fn run(only: usize, modes: Modes) -> Result<()> {
     }
     println!();
     println!(
-        "| mode | gateway sets | prefixes | cold start to all in the kernel | pass with nothing to change (agent's own time) | one new Route → kernel p50 / p99 (over {ADDS}, Kubernetes {}) | CPU over 60 s idle | peak RSS |",
+        "| mode | gateway sets | prefixes | cold start to all in the kernel | pass with nothing to change (agent's own time) | one new Route → kernel p50 / p99 (over {ADDS}, Kubernetes {}) | CPU over 60 s idle | peak RSS | RSS at the end (of it file-backed) | eBPF loader's peak RSS (once, at start) |",
         ADDS / 2
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    // (RSS at the end: the whole, then its file-backed part in parentheses.)
     for r in rows {
         println!(
-            "| {} | {} | {} | {:.0} ms | {:.1} ms | {:.1} / {:.1} ms | {} | {:.1} MiB |",
+            "| {} | {} | {} | {:.0} ms | {:.1} ms | {:.1} / {:.1} ms | {} | {:.1} MiB | {:.1} MiB ({:.1}) | {} |",
             r.mode,
             match r.shape {
                 Shape::One => "1",
@@ -426,7 +462,12 @@ pub fn run(only: usize, modes: Modes) -> Result<()> {
             r.idle_cpu_s
                 .map(|c| format!("{:.0} ms", c * 1e3))
                 .unwrap_or_else(|| "-".into()),
-            r.rss_mib
+            r.rss_mib,
+            r.steady_mib,
+            r.file_mib,
+            r.loader_rss_mib
+                .map(|m| format!("{m:.1} MiB"))
+                .unwrap_or_else(|| "-".into())
         );
     }
     println!();

@@ -11,7 +11,7 @@
 //! layout differs from this build's is replaced, with a warning.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap, MapData, MapInfo, PerCpuArray, PerCpuValues};
@@ -45,7 +45,10 @@ struct Attached {
 }
 
 pub struct Programs {
-    bpf: aya::Ebpf,
+    egress: SchedClassifier,
+    ingress: SchedClassifier,
+    /// `ra_uplink`.
+    uplink_prog: SchedClassifier,
     tcx: bool,
     attached: BTreeMap<u32, Attached>,
     /// The uplink guard (`ra_uplink`, egress only) and the interface it is on.
@@ -241,11 +244,16 @@ fn interfaces() -> Vec<(u32, String)> {
     out
 }
 
-/// Removes the pinned maps (and the directory when it is left empty).
+/// Removes the pinned maps, and programs a loader left for an agent that never took them
+/// (and the directory when it is left empty).
 pub fn remove_pins(pin_dir: &Path) -> std::io::Result<usize> {
     let mut n = 0;
-    for name in names::MAPS {
-        match std::fs::remove_file(pin_dir.join(name)) {
+    let paths = names::MAPS
+        .iter()
+        .map(|m| pin_dir.join(m))
+        .chain(PROGRAMS.iter().map(|p| handoff_path(pin_dir, p)));
+    for path in paths {
+        match std::fs::remove_file(path) {
             Ok(()) => n += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
@@ -255,53 +263,112 @@ pub fn remove_pins(pin_dir: &Path) -> std::io::Result<usize> {
     Ok(n)
 }
 
-impl Programs {
-    /// Loads the object, reusing the maps pinned under `pin_dir` (created if missing).
-    pub fn load(pin_dir: &Path, mode: AttachMode, pinning: bool) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(pin_dir).with_context(|| {
-            format!(
-                "creating {} (is bpffs mounted on /sys/fs/bpf?)",
-                pin_dir.display()
-            )
-        })?;
-        let mut loader = aya::EbpfLoader::new();
-        for name in names::MAPS {
-            let path = pin_dir.join(name);
-            if let Ok(info) = MapInfo::from_pin(&path) {
-                let (k, v, max) = layout(name);
-                let have = (
-                    info.key_size() as usize,
-                    info.value_size() as usize,
-                    info.max_entries(),
-                );
-                if have != (k, v, max) {
-                    warn!(map = name, ?have, want = ?(k, v, max),
-                        "pinned map has another layout (older agent?); starting it afresh");
-                    std::fs::remove_file(&path)?;
-                } else {
-                    info!(map = name, "reusing pinned map");
-                }
+/// The programs, in the order the loader hands them over.
+const PROGRAMS: [&str; 3] = [names::PROG_EGRESS, names::PROG_INGRESS, names::PROG_UPLINK];
+
+/// Where the loader process leaves a loaded program for the agent, which takes it and
+/// removes the pin at once (see [`load_for_handoff`]).
+fn handoff_path(pin_dir: &Path, prog: &str) -> PathBuf {
+    pin_dir.join(format!("handoff-{prog}"))
+}
+
+/// The loader's work (`routing-agent ebpf-load`, a short-lived process the agent starts):
+/// loads the object, reusing the maps pinned under `pin_dir` (created if missing, replaced
+/// when their layout differs), and pins the three loaded programs there for the agent.
+///
+/// Why a process of its own: aya 0.14's `EbpfLoader::new()` reads and parses the kernel's
+/// BTF (`/sys/kernel/btf/vmlinux`) whatever `.btf(None)` says afterwards, about 35 MiB at
+/// peak for an object that needs none (it has no CO-RE relocations). In a process that
+/// exits, that memory is never the agent's: the agent only opens the pins.
+pub fn load_for_handoff(pin_dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(pin_dir).with_context(|| {
+        format!(
+            "creating {} (is bpffs mounted on /sys/fs/bpf?)",
+            pin_dir.display()
+        )
+    })?;
+    let mut loader = aya::EbpfLoader::new();
+    for name in names::MAPS {
+        let path = pin_dir.join(name);
+        if let Ok(info) = MapInfo::from_pin(&path) {
+            let (k, v, max) = layout(name);
+            let have = (
+                info.key_size() as usize,
+                info.value_size() as usize,
+                info.max_entries(),
+            );
+            if have != (k, v, max) {
+                warn!(map = name, ?have, want = ?(k, v, max),
+                    "pinned map has another layout (older agent?); starting it afresh");
+                std::fs::remove_file(&path)?;
+            } else {
+                info!(map = name, "reusing pinned map");
             }
-            loader.map_pin_path(name, path);
         }
-        let mut bpf = loader.load(OBJECT).context("loading the eBPF object")?;
-        for name in [names::PROG_EGRESS, names::PROG_INGRESS, names::PROG_UPLINK] {
-            let prog: &mut SchedClassifier = bpf
-                .program_mut(name)
-                .with_context(|| format!("program {name} missing from the object"))?
-                .try_into()?;
-            prog.load()
-                .with_context(|| format!("the verifier rejected {name}"))?;
+        loader.map_pin_path(name, path);
+    }
+    let mut bpf = loader.load(OBJECT).context("loading the eBPF object")?;
+    for name in PROGRAMS {
+        let prog: &mut SchedClassifier = bpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from the object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("the verifier rejected {name}"))?;
+        let path = handoff_path(pin_dir, name);
+        // One a loader before left (its agent died before taking it): replaced.
+        let _ = std::fs::remove_file(&path);
+        prog.pin(&path)
+            .with_context(|| format!("pinning {name} at {}", path.display()))?;
+    }
+    Ok(())
+}
+
+impl Programs {
+    /// Loads the programs in a loader process (`routing-agent ebpf-load LOADER_ARGS`, see
+    /// [`load_for_handoff`]) and takes them over with the maps, all from their pins under
+    /// `pin_dir`.
+    pub fn load(
+        pin_dir: &Path,
+        mode: AttachMode,
+        pinning: bool,
+        loader_args: &[String],
+    ) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("finding the agent's own executable")?;
+        let status = std::process::Command::new(&exe)
+            .arg("ebpf-load")
+            .arg("--bpf-pin-dir")
+            .arg(pin_dir)
+            .args(loader_args)
+            .stdin(std::process::Stdio::null())
+            .status()
+            .with_context(|| format!("starting the eBPF loader {}", exe.display()))?;
+        if !status.success() {
+            anyhow::bail!(
+                "the eBPF loader (`routing-agent ebpf-load`) failed ({status}); its error is logged above"
+            );
         }
-        let take = |bpf: &mut aya::Ebpf, name: &str| {
-            bpf.take_map(name)
-                .with_context(|| format!("map {name} missing from the object"))
+        let mut progs = Vec::new();
+        for name in PROGRAMS {
+            let path = handoff_path(pin_dir, name);
+            let prog = SchedClassifier::from_pin(&path)
+                .with_context(|| format!("taking {name} from {}", path.display()))?;
+            // The agent holds it now; the pin was only the way over.
+            let _ = std::fs::remove_file(&path);
+            progs.push(prog);
+        }
+        let [egress, ingress, uplink_prog] = <[SchedClassifier; 3]>::try_from(progs)
+            .map_err(|_| anyhow::anyhow!("three programs"))?;
+        let take = |name: &str| -> anyhow::Result<aya::maps::Map> {
+            let path = pin_dir.join(name);
+            let data = MapData::from_pin(&path)
+                .with_context(|| format!("opening map {name} at {}", path.display()))?;
+            Ok(aya::maps::Map::from_map_data(data)?)
         };
-        let neigh = HashMap::try_from(take(&mut bpf, names::MAP_NEIGH)?)?;
-        let stats = PerCpuArray::try_from(take(&mut bpf, names::MAP_GW_STATS)?)?;
-        let gateways: Array<MapData, GatewayInfo> =
-            Array::try_from(take(&mut bpf, names::MAP_GATEWAYS)?)?;
-        let uplink_refused = PerCpuArray::try_from(take(&mut bpf, names::MAP_UPLINK)?)?;
+        let neigh = HashMap::try_from(take(names::MAP_NEIGH)?)?;
+        let stats = PerCpuArray::try_from(take(names::MAP_GW_STATS)?)?;
+        let gateways: Array<MapData, GatewayInfo> = Array::try_from(take(names::MAP_GATEWAYS)?)?;
+        let uplink_refused = PerCpuArray::try_from(take(names::MAP_UPLINK)?)?;
         // What an earlier agent left in the pinned maps, read once.
         let mut slots = BTreeMap::new();
         for index in 0..MAX_GATEWAYS {
@@ -337,7 +404,9 @@ impl Programs {
         info!(pin_dir = %pin_dir.display(), attach = if tcx { "tcx" } else { "netlink" },
             restored_slots = slots.len(), flow_pinning = pinning, "eBPF programs loaded");
         Ok(Programs {
-            bpf,
+            egress,
+            ingress,
+            uplink_prog,
             tcx,
             attached: BTreeMap::new(),
             uplink: None,
@@ -352,10 +421,12 @@ impl Programs {
     }
 
     fn prog(&mut self, name: &str) -> &mut SchedClassifier {
-        self.bpf
-            .program_mut(name)
-            .and_then(|p| p.try_into().ok())
-            .expect("loaded in Programs::load")
+        match name {
+            names::PROG_EGRESS => &mut self.egress,
+            names::PROG_INGRESS => &mut self.ingress,
+            names::PROG_UPLINK => &mut self.uplink_prog,
+            _ => unreachable!("no program {name}"),
+        }
     }
 
     /// Attaches to exactly `ifindexes` (attaching new ones, detaching the rest).

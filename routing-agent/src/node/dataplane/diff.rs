@@ -251,6 +251,9 @@ fn nexthop_targets(
     // Linear in routes + groups: each distinct member set is worked out once (thousands of
     // destinations share a few gateway sets), and each group's verdict once.
     let mut groups: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    // Groups kept whose timers are not the configured ones (the flags changed): set again
+    // in place, with their members, when they are decided below.
+    let mut retime: BTreeSet<u32> = BTreeSet::new();
     for nh in owned(kernel, range, protocol) {
         if let NexthopKind::Group { members, resilient } = &nh.kind
             && resilient.map(|r| r.buckets) == res.map(|r| r.buckets)
@@ -258,6 +261,9 @@ fn nexthop_targets(
             let mut ids: Vec<u32> = members.iter().map(|m| m.0).collect();
             ids.sort();
             groups.insert(nh.id, ids);
+            if *resilient != res {
+                retime.insert(nh.id);
+            }
         }
     }
     // The distinct member sets wanted, and each destination's.
@@ -304,7 +310,7 @@ fn nexthop_targets(
     let mut group_of: BTreeMap<usize, u32> = BTreeMap::new();
     for (g, v) in &verdict {
         if let Some(s) = v {
-            if groups[g] != sets[*s] {
+            if groups[g] != sets[*s] || retime.contains(g) {
                 ops.push(Op::ReplaceNexthop(Nexthop {
                     id: *g,
                     protocol,
@@ -373,6 +379,7 @@ mod tests {
     const RES: Resilient = Resilient {
         buckets: 128,
         idle_timer_s: 120,
+        unbalanced_timer_s: 30,
     };
 
     fn net(s: &str) -> IpNet {
@@ -517,6 +524,35 @@ mod tests {
         assert!(ids.contains(&1001), "10.0.0.4 keeps its id: {ids:?}");
         assert!(!ids.contains(&1000), "{ids:?}");
         assert_eq!(k.nexthops.len(), 3);
+    }
+
+    #[test]
+    fn new_group_timers_are_set_in_place_with_the_same_members() {
+        let mut k = KernelState::default();
+        let want = desired(&[
+            ("198.51.100.0/24", &["10.0.0.3", "10.0.0.4"]),
+            ("192.0.2.0/24", &["10.0.0.3", "10.0.0.4"]),
+        ]);
+        let never = Resilient {
+            unbalanced_timer_s: 0,
+            ..RES
+        };
+        converge(&mut k, &want, Mode::Nexthop(Some(never)));
+        let group = k.routes[&net("198.51.100.0/24")].clone();
+        // The agent restarted with another unbalanced timer: one replace of the group,
+        // same id and members, no route touched (the buckets stay where they are).
+        let ops = converge(&mut k, &want, Mode::Nexthop(Some(RES)));
+        assert_eq!(ops.len(), 1, "{ops:?}");
+        let Op::ReplaceNexthop(Nexthop {
+            kind: NexthopKind::Group { members, resilient },
+            ..
+        }) = &ops[0]
+        else {
+            panic!("{ops:?}")
+        };
+        assert_eq!(*resilient, Some(RES));
+        assert_eq!(members.len(), 2);
+        assert_eq!(k.routes[&net("192.0.2.0/24")], group);
     }
 
     #[test]

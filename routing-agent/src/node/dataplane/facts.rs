@@ -37,16 +37,21 @@ fn describe(d: &Dumped) -> String {
     }
 }
 
-/// Reads the facts; `protocol` marks the agent's own objects.
+/// Reads the facts; `protocol` marks the agent's own objects. The routes are read one
+/// at a time through `dumper` (none is kept: the agent's own 10,000 are passed over),
+/// else through rtnetlink.
 pub async fn read(
     handle: &rtnetlink::Handle,
+    dumper: Option<&routes::RouteDumper>,
     protocol: u8,
     symmetric: Option<&Symmetric>,
 ) -> Result<NodeFacts, NlError> {
-    let all = routes::dump_all(handle).await?;
     let mut facts = NodeFacts::default();
     let mut best: BTreeMap<Family, (u32, Uplink)> = BTreeMap::new();
-    for d in all.iter().filter(|d| d.protocol != protocol) {
+    let mut consider = |d: Dumped| {
+        if d.protocol == protocol {
+            return;
+        }
         if d.table == MAIN && d.unicast {
             facts.foreign_prefixes.push(d.dst);
             if d.dst.prefix_len() == 0 {
@@ -56,7 +61,7 @@ pub async fn read(
                 };
                 let Some((gateway, oif)) = hop else {
                     facts.unreadable.insert(Family::of(&d.dst.addr()));
-                    continue;
+                    return;
                 };
                 let fam = Family::of(&d.dst.addr());
                 let up = Uplink {
@@ -73,8 +78,15 @@ pub async fn read(
         {
             facts
                 .foreign_table_routes
-                .push((Family::of(&d.dst.addr()), describe(d)));
+                .push((Family::of(&d.dst.addr()), describe(&d)));
         }
+    };
+    match dumper {
+        Some(dumper) => dumper.each(None, &mut consider)?,
+        None => routes::dump_all(handle)
+            .await?
+            .into_iter()
+            .for_each(&mut consider),
     }
     facts.original = best.into_iter().map(|(f, (_, u))| (f, u)).collect();
     let mut stream = handle.address().get().execute();

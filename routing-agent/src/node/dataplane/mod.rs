@@ -284,7 +284,7 @@ impl Dataplane {
             nexthops,
             ..KernelState::default()
         };
-        let dumped = match &mut self.dumper {
+        let dumped = match &self.dumper {
             Some(d) => d.dump(key)?,
             None => routes::dump_owned(&self.strict, key).await?,
         };
@@ -660,7 +660,13 @@ impl Dataplane {
         &self,
         symmetric: Option<&crate::logic::default_route::Symmetric>,
     ) -> Result<crate::logic::default_route::NodeFacts, NlError> {
-        facts::read(&self.handle, self.cfg.protocol, symmetric).await
+        facts::read(
+            &self.handle,
+            self.dumper.as_ref(),
+            self.cfg.protocol,
+            symmetric,
+        )
+        .await
     }
 
     /// Applies ops phase by phase (nexthops, routes, garbage); routes within a phase go

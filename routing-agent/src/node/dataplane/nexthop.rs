@@ -45,6 +45,9 @@ pub struct Resilient {
     pub buckets: u16,
     /// Seconds a bucket must be idle before it may move to another next hop.
     pub idle_timer_s: u32,
+    /// Seconds the group may stay unbalanced (a gateway back, holding fewer buckets than
+    /// its share) before its buckets move even when busy; 0: never.
+    pub unbalanced_timer_s: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,6 +189,10 @@ fn to_msg(nh: &Nexthop) -> NhMsg {
                         &[
                             nla_u16(NHA_RES_GROUP_BUCKETS, r.buckets),
                             nla_u32(NHA_RES_GROUP_IDLE_TIMER, r.idle_timer_s * USER_HZ),
+                            nla_u32(
+                                NHA_RES_GROUP_UNBALANCED_TIMER,
+                                r.unbalanced_timer_s * USER_HZ,
+                            ),
                         ],
                     ));
                 }
@@ -249,7 +256,7 @@ fn from_msg(msg: &NhMsg) -> Option<Nexthop> {
             NHA_GROUP_TYPE => group_type = nla_value_u16(value).unwrap_or(0),
             NHA_BLACKHOLE => blackhole = true,
             NHA_RES_GROUP => {
-                let (mut buckets, mut idle) = (0, 0);
+                let (mut buckets, mut idle, mut unbalanced) = (0, 0, 0);
                 for inner in NlasIterator::new(value).flatten() {
                     match inner.kind() & NLA_TYPE_MASK {
                         NHA_RES_GROUP_BUCKETS => {
@@ -258,13 +265,16 @@ fn from_msg(msg: &NhMsg) -> Option<Nexthop> {
                         NHA_RES_GROUP_IDLE_TIMER => {
                             idle = nla_value_u32(inner.value()).unwrap_or(0) / USER_HZ
                         }
-                        NHA_RES_GROUP_UNBALANCED_TIMER => {}
+                        NHA_RES_GROUP_UNBALANCED_TIMER => {
+                            unbalanced = nla_value_u32(inner.value()).unwrap_or(0) / USER_HZ
+                        }
                         _ => {}
                     }
                 }
                 res = Some(Resilient {
                     buckets,
                     idle_timer_s: idle,
+                    unbalanced_timer_s: unbalanced,
                 });
             }
             7 | 8 | 11 => other = true, // encap, fdb
@@ -461,6 +471,7 @@ mod tests {
                 resilient: Some(Resilient {
                     buckets: 128,
                     idle_timer_s: 120,
+                    unbalanced_timer_s: 30,
                 }),
             },
         });
