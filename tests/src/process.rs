@@ -114,12 +114,24 @@ impl Agent {
 
     /// Starts the agent on `node` following the Kubernetes API server of `kubeconfig`.
     pub fn start_kube(lab: &Lab, node: &str, kubeconfig: &Path, extra: &[&str]) -> Result<Agent> {
+        Self::launch_kube(lab, node, kubeconfig, extra, true)
+    }
+
+    /// Like [`Agent::start_kube`]; without `status_file` the agent writes none, as the
+    /// DaemonSet runs it (benchmarks).
+    pub fn launch_kube(
+        lab: &Lab,
+        node: &str,
+        kubeconfig: &Path,
+        extra: &[&str],
+        status_file: bool,
+    ) -> Result<Agent> {
         let source = [
             "--kube".to_string(),
             "--kubeconfig".into(),
             kubeconfig.display().to_string(),
         ];
-        Self::launch_with(lab, node, &source, extra, true)
+        Self::launch_with(lab, node, &source, extra, status_file)
     }
 
     fn launch_with(

@@ -349,7 +349,8 @@ fn kubernetes(prefixes: usize) -> Result<Row> {
     let sets = Shape::One.sets();
     let mut events = RouteEvents::open(&lab)?;
     let t0 = Instant::now();
-    let mut agent = Agent::start_kube(&lab, "a", &cp.agent, &[])?;
+    // As the DaemonSet runs it: no status file.
+    let mut agent = Agent::launch_kube(&lab, "a", &cp.agent, &[], false)?;
     let done = events.wait(prefixes, Duration::from_secs(300))?;
     let cold = done - t0;
     std::thread::sleep(Duration::from_secs(2));

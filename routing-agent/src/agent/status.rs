@@ -107,25 +107,14 @@ pub(super) fn no_gateway_doc(desired: &DesiredState, outcome: &Outcome) -> serde
 }
 
 /// The part of the status file that changes only with a reconcile (built once per
-/// reconcile, not once per health tick: at 10,000 routes it is most of the file).
+/// reconcile, not once per health tick), but for its installed routes: those are written
+/// straight from the plan and the outcome the agent keeps anyway ([`InstalledRoutes`]).
 fn status_doc(
     node: &str,
     desired: &DesiredState,
     outcome: &Outcome,
     reconciles: u64,
 ) -> serde_json::Value {
-    let routes: Vec<_> = outcome
-        .installed
-        .iter()
-        .map(|(dst, gws)| {
-            serde_json::json!({
-                "destination": dst.to_string(),
-                "gateways": gws.iter().map(|g| g.to_string()).collect::<Vec<_>>(),
-                "withdrawn": desired.routes.get(dst).map(|r| r.withdrawn.iter().map(|g| g.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
-                "owner": desired.routes.get(dst).map(|r| r.owner.clone()),
-            })
-        })
-        .collect();
     let no_gateway = no_gateway_doc(desired, outcome);
     let problems: Vec<_> = outcome
         .problems
@@ -140,13 +129,42 @@ fn status_doc(
         "reconciles": reconciles,
         "lastChanges": outcome.changes,
         "selected": desired.selected,
-        "routes": routes,
         "failingClosed": no_gateway["failingClosed"],
         "fallingThrough": no_gateway["fallingThrough"],
         "problems": problems,
         "warnings": desired.warnings,
         "defaultRoute": report::default_routes(desired),
     })
+}
+
+/// The status file's `routes`: each installed destination with its gateways, the ones
+/// withdrawn by health, and its Route. Serialized from the plan and the outcome at each
+/// write: a JSON tree of them kept between writes was 17 MiB at 10,000 routes (measured
+/// with heaptrack), more than the rest of the agent.
+struct InstalledRoutes<'a> {
+    desired: &'a DesiredState,
+    outcome: &'a Outcome,
+}
+
+impl serde::Serialize for InstalledRoutes<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Entry<'a> {
+            destination: &'a ipnet::IpNet,
+            gateways: &'a [std::net::IpAddr],
+            withdrawn: &'a [std::net::IpAddr],
+            owner: Option<&'a str>,
+        }
+        s.collect_seq(self.outcome.installed.iter().map(|(dst, gws)| {
+            let r = self.desired.routes.get(dst);
+            Entry {
+                destination: dst,
+                gateways: gws,
+                withdrawn: r.map(|r| r.withdrawn.as_slice()).unwrap_or_default(),
+                owner: r.map(|r| r.owner.as_str()),
+            }
+        }))
+    }
 }
 
 impl<K: Kernel, P: TcPrograms> Agent<K, P> {
@@ -356,11 +374,13 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
         struct Doc<'a> {
             #[serde(flatten)]
             base: &'a serde_json::Value,
+            routes: InstalledRoutes<'a>,
             attached: &'a [String],
             gateways: &'a serde_json::Value,
         }
         let doc = Doc {
             base: self.status_base.as_ref().expect("built above"),
+            routes: InstalledRoutes { desired, outcome },
             attached: &tick.0,
             gateways: &tick.1,
         };

@@ -15,7 +15,8 @@ use crate::logic::route::{self, InvalidRoute};
 /// Names, on a Route `migrate` created, the StaticRoute it took over from.
 pub const MIGRATED_FROM_ANNOTATION: &str = "networking.doks.digitalocean.com/migrated-from";
 /// The agent's own annotations (e.g. the fail mode): carried over from the StaticRoute.
-const OWN_ANNOTATION_PREFIX: &str = "networking.doks.digitalocean.com/";
+/// The agent's own annotations (the fail mode, migrated-from) begin with this.
+pub const OWN_ANNOTATION_PREFIX: &str = "networking.doks.digitalocean.com/";
 /// The old operator is a kopf operator with a delete handler, so kopf put this finalizer
 /// on every StaticRoute it handled. While its pods run, a deletion runs its handler
 /// (`ip route del DST via GW` on every node: the route the agent now holds); once they

@@ -68,13 +68,18 @@ pub fn spawn(
     let (nodes, nodes_writer) = reflector::store::<Node>();
     let route_events = reflector(
         routes_writer,
-        // Managed fields are not read here: not kept (memory, and a cheaper comparison
-        // when the planner checks whether a Route changed).
+        // Managed fields and foreign annotations are not read here: not kept (memory, and
+        // a cheaper comparison when the planner checks whether a Route changed). kubectl
+        // apply's `last-applied-configuration` alone is the whole object again.
         watcher(
             Api::<Route>::all(client.clone()),
             watcher::Config::default(),
         )
-        .modify(|r| r.managed_fields_mut().clear()),
+        .modify(|r| {
+            r.managed_fields_mut().clear();
+            r.annotations_mut()
+                .retain(|k, _| k.starts_with(crate::logic::migrate::OWN_ANNOTATION_PREFIX));
+        }),
     )
     .boxed();
     let route_events = super::retry::backoff(route_events)
