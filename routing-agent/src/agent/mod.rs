@@ -145,7 +145,7 @@ pub struct Agent<K, P> {
     /// The periodic resync and real retries read everything.
     verifying: bool,
     /// The NodeRouteStatus last handed to the publisher.
-    reported: Option<NodeRoutes>,
+    reported: Option<std::sync::Arc<NodeRoutes>>,
     /// A report is owed whatever the plan: the Routes changed since the last one (their
     /// generations are in it), or the publisher was busy.
     report_due: bool,

@@ -311,12 +311,12 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
             &outcome.installed,
             &outcome.problems,
             &gateways,
-            self.reported.as_ref(),
+            self.reported.as_deref(),
             &publish::now(),
         );
         if self
             .reported
-            .as_ref()
+            .as_deref()
             .is_some_and(|s| report::same(s, &status))
         {
             self.report_due = false;
@@ -324,10 +324,11 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
         }
         let notes = report::notes(
             &self.cfg.node.name,
-            self.reported.as_ref(),
+            self.reported.as_deref(),
             &status,
             &report::gateway_routes(desired),
         );
+        let status = std::sync::Arc::new(status);
         let r = publish::Report {
             status: status.clone(),
             notes,

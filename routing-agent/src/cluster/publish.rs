@@ -23,7 +23,9 @@ pub const MANAGER: &str = "routing-agent";
 /// What the agent hands over after a reconcile that changed its report.
 #[derive(Debug)]
 pub struct Report {
-    pub status: NodeRoutes,
+    /// Shared with the agent, which compares the next report with it (one copy of a
+    /// status that lists every destination, not one per holder).
+    pub status: std::sync::Arc<NodeRoutes>,
     pub notes: Vec<Note>,
     /// Route name → reference (for Events).
     pub refs: BTreeMap<String, ObjectReference>,
@@ -85,8 +87,8 @@ async fn run(
     let api: Api<NodeRouteStatus> = Api::all(client.clone());
     let events = Events::new(client.clone(), MANAGER, Some(node.clone()));
     let mut created = false;
-    let mut written: Option<NodeRoutes> = None;
-    let mut pending: Option<NodeRoutes> = None;
+    let mut written: Option<std::sync::Arc<NodeRoutes>> = None;
+    let mut pending: Option<std::sync::Arc<NodeRoutes>> = None;
     let mut refs: BTreeMap<String, ObjectReference> = BTreeMap::new();
     let mut backoff = Duration::from_secs(1);
     let mut retry_at: Option<tokio::time::Instant> = None;
@@ -265,7 +267,7 @@ mod tests {
             },
         );
         Report {
-            status: status(applied),
+            status: std::sync::Arc::new(status(applied)),
             notes,
             refs: refs(&[r]),
         }
