@@ -11,7 +11,9 @@
 //!   neighbour table;
 //! - the TC programs attribute each packet to a slot by its destination MAC (egress) or
 //!   source MAC (ingress), count into `RA_GW_STATS[slot]`, and follow TCP handshakes in
-//!   `RA_FLOWS`.
+//!   `RA_FLOWS`;
+//! - the ingress program records, per gateway, the latest destination whose SYN-ACK came
+//!   back through it (`RA_TARGETS`): the target of the forwarding probes.
 #![no_std]
 
 /// Gateways the programs can tell apart (size of `RA_GATEWAYS` and `RA_GW_STATS`).
@@ -164,6 +166,24 @@ pub struct GatewayInfo {
     pub next_probe_ms: u64,
 }
 
+/// `RA_TARGETS[slot]` (per CPU): the latest connection attempt through the gateway that a
+/// SYN-ACK answered. User space probes a withdrawn peer gateway with a TCP connection to
+/// it (a destination known to answer, through a gateway known to forward) and takes the
+/// freshest of the CPUs' entries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeTarget {
+    /// The remote address (IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+    /// The remote port (host byte order).
+    pub port: u16,
+    /// 4 or 6; 0: none seen yet.
+    pub family: u8,
+    pub _pad: [u8; 5],
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the SYN-ACK.
+    pub seen_ns: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY (all): plain old data, `#[repr(C)]`, explicit padding, every bit pattern valid.
@@ -173,6 +193,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::GatewayInfo {}
+    unsafe impl aya::Pod for super::ProbeTarget {}
 }
 
 /// Names of the programs and maps in the object file, shared so that user space and
@@ -188,6 +209,15 @@ pub mod names {
     pub const MAP_GATEWAYS: &str = "RA_GATEWAYS";
     /// Packets the uplink guard refused (per CPU).
     pub const MAP_UPLINK: &str = "RA_UPLINK";
+    /// Per gateway, the latest destination that answered through it (forwarding probes).
+    pub const MAP_TARGETS: &str = "RA_TARGETS";
     /// Every map, all pinned under the pin directory.
-    pub const MAPS: [&str; 5] = [MAP_NEIGH, MAP_GW_STATS, MAP_FLOWS, MAP_GATEWAYS, MAP_UPLINK];
+    pub const MAPS: [&str; 6] = [
+        MAP_NEIGH,
+        MAP_GW_STATS,
+        MAP_FLOWS,
+        MAP_GATEWAYS,
+        MAP_UPLINK,
+        MAP_TARGETS,
+    ];
 }

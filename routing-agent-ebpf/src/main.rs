@@ -36,7 +36,7 @@ use aya_ebpf::{
 };
 use routing_agent_common::{
     FLOW_ESTABLISHED, FLOW_FAILED, FLOW_PENDING, FlowKey, FlowState, GW_UP, GatewayInfo,
-    GatewaySlot, GatewayStats, MAX_FLOWS, MAX_GATEWAYS, MAX_NEIGHBOURS, NeighKey,
+    GatewaySlot, GatewayStats, MAX_FLOWS, MAX_GATEWAYS, MAX_NEIGHBOURS, NeighKey, ProbeTarget,
 };
 
 #[btf_map]
@@ -51,6 +51,11 @@ static RA_FLOWS: LruHashMap<FlowKey, FlowState, { MAX_FLOWS as usize }> = LruHas
 /// Packets `ra_uplink` refused, per CPU (index 0).
 #[btf_map]
 static RA_UPLINK: PerCpuArray<u64, 1> = PerCpuArray::new();
+
+/// Per gateway and CPU: the latest connection a SYN-ACK answered through it (the target of
+/// user space's forwarding probes). Per CPU: no torn entry, no shared cache line.
+#[btf_map]
+static RA_TARGETS: PerCpuArray<ProbeTarget, { MAX_GATEWAYS as usize }> = PerCpuArray::new();
 
 /// Written by user space only (read here for flow pinning); declared here so that it is
 /// part of the object and pinned with the others.
@@ -421,6 +426,12 @@ fn answer(key: &FlowKey, slot: u32, stats: *mut GatewayStats, rst: bool) {
             // Kept, for pinning, until a RST or LRU eviction.
             (*f).state = FLOW_ESTABLISHED;
             (*stats).established += 1;
+            if let Some(t) = RA_TARGETS.get_ptr_mut(slot) {
+                (*t).addr = key.remote;
+                (*t).port = key.remote_port;
+                (*t).family = key.family;
+                (*t).seen_ns = bpf_ktime_get_ns();
+            }
         }
     }
 }

@@ -1,4 +1,5 @@
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -165,6 +166,17 @@ struct KernelArgs {
     /// Adopt no route: every route another owner left is left alone and reported.
     #[arg(long)]
     no_adopt: bool,
+    /// Forwarding probes: gateway slot i uses routing table probe-table + i (256 tables).
+    #[arg(long, default_value_t = 19_600)]
+    probe_table: u32,
+    /// Forwarding probes: gateway slot i marks its probe socket probe-mark + i (an exact
+    /// `fwmark` match: pick a range nothing else on the node uses).
+    #[arg(long, default_value = "0x1960000", value_parser = parse_u32)]
+    probe_mark: u32,
+    /// Priority of the forwarding probes' `fwmark` rules (they exist only while a probe
+    /// runs; before the main table's 32766 and the symmetric rules).
+    #[arg(long, default_value_t = 15_100)]
+    probe_rule_priority: u32,
 }
 
 /// What stays reachable through the node's own default gateway while the default route is
@@ -261,9 +273,22 @@ struct RunArgs {
     /// How the TC programs are attached.
     #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
     tc_attach: AttachMode,
-    /// Interval of the ICMP probes of a withdrawn gateway (e.g. 30s, 500ms).
+    /// Interval of the probes of a withdrawn gateway, of both kinds (e.g. 30s, 500ms).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     probe_interval: Duration,
+    /// Probe a withdrawn gateway through itself: a TCP connection attempt, sent via that
+    /// gateway whatever the routes say, to a destination that answered recently through
+    /// a peer gateway (or a --probe-target). The gateway returns only when that is
+    /// answered. Off, or with no target known: an ICMP echo to the gateway restores it.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    forwarding_probes: bool,
+    /// A destination for the forwarding probes (ADDR:PORT, [V6]:PORT, or ADDR with
+    /// --probe-port), used before any learned one; repeatable, one per family is used.
+    #[arg(long = "probe-target")]
+    probe_targets: Vec<String>,
+    /// The port of a --probe-target given without one.
+    #[arg(long, default_value_t = 443)]
+    probe_port: u16,
     /// Failed TCP connection attempts through a gateway, with no success since, that take
     /// it down (when a peer gateway succeeds meanwhile).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
@@ -302,6 +327,35 @@ struct RunArgs {
     /// kernel alone decides, and connections that move break on the other gateway's NAT.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     flow_pinning: bool,
+}
+
+/// Where the forwarding probes' rules and tables are.
+fn steering(k: &KernelArgs) -> routing_agent::node::probe::Steering {
+    routing_agent::node::probe::Steering {
+        protocol: k.route_protocol,
+        table_base: k.probe_table,
+        mark_base: k.probe_mark,
+        rule_priority: k.probe_rule_priority,
+    }
+}
+
+/// Decimal or 0x-hex.
+fn parse_u32(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u32::from_str_radix(h, 16),
+        None => s.parse(),
+    }
+    .map_err(|_| format!("{s:?} is not a 32-bit number (decimal or 0x-hex)"))
+}
+
+/// `ADDR:PORT`, `[V6]:PORT`, or a bare address with `port`.
+fn parse_probe_target(s: &str, port: u16) -> Result<std::net::SocketAddr, String> {
+    if let Ok(a) = s.parse::<std::net::SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| (ip, port).into())
+        .map_err(|_| format!("--probe-target {s:?}: not ADDR, ADDR:PORT or [V6]:PORT"))
 }
 
 /// `500ms`, `30s`, `10m`, `1h`, or bare seconds.
@@ -564,10 +618,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Cleanup(k) => {
             let mut dp = Dataplane::new(dataplane_config(&k, false)).await?;
             let removed = dp.remove_all().await?;
+            let probe_rules = routing_agent::node::probe::remove_leftovers(steering(&k)).await?;
             let filters = routing_agent::node::ebpf::detach_netlink_filters();
             let pins = routing_agent::node::ebpf::remove_pins(&k.bpf_pin_dir)
                 .with_context(|| format!("removing the pins in {}", k.bpf_pin_dir.display()))?;
-            tracing::info!(removed, tc_filter_interfaces = filters, pins, pin_dir = %k.bpf_pin_dir.display(), "cleanup done");
+            tracing::info!(removed, probe_rules, tc_filter_interfaces = filters, pins, pin_dir = %k.bpf_pin_dir.display(), "cleanup done");
             Ok(())
         }
         Command::Run(a) => {
@@ -605,6 +660,12 @@ async fn main() -> anyhow::Result<()> {
             };
             let (tx, rx) = mpsc::channel(4);
             let mut publisher = None;
+            let probe_targets = a
+                .probe_targets
+                .iter()
+                .map(|t| parse_probe_target(t, a.probe_port))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| anyhow::anyhow!(e))?;
             let mut protected: Vec<ipnet::IpNet> = a.protect.protected_cidrs.clone();
             if a.protect.metadata_address != "none" {
                 protected.push(
@@ -658,6 +719,10 @@ async fn main() -> anyhow::Result<()> {
                     policy: routing_agent::logic::plan::Policy {
                         fail_mode: a.fail_mode,
                     },
+                    forward_probes: a.forwarding_probes.then(|| agent::ForwardProbes {
+                        targets: probe_targets,
+                        steering: steering(&a.kernel),
+                    }),
                     protect: agent::ProtectConfig {
                         fixed: protected,
                         resolv_conf: Some(a.protect.resolv_conf.clone()),

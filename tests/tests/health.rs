@@ -220,12 +220,18 @@ fn failover_uplink_cut() -> Result<()> {
     failover(Failure::UplinkCut)
 }
 
-/// A gateway that answers ping but keeps dropping forwarded traffic is restored by the
-/// probe, fails again, and each time waits longer before the next restore.
+/// With ICMP echo probes only, a gateway that answers ping but keeps dropping forwarded
+/// traffic is restored by the probe, fails again, and each time waits longer before the
+/// next restore.
 #[test]
 fn damping_grows_on_repeated_failure() -> Result<()> {
     let (lab, dir) = lab_with_routes()?;
-    let mut agent = start(&lab, &dir, &["--max-restore-delay", "4s"])?;
+    // ICMP echoes only: they are what restores a gateway that answers ping.
+    let mut agent = start(
+        &lab,
+        &dir,
+        &["--max-restore-delay", "4s", "--forwarding-probes", "false"],
+    )?;
     let stream = lab.stream("a", ECHO_V4.parse()?, 10);
     lab.fail(1, Failure::ForwardingDropped)?;
     let mut penalties = Vec::new();
@@ -244,6 +250,102 @@ fn damping_grows_on_repeated_failure() -> Result<()> {
     lab.heal(1, Failure::ForwardingDropped)?;
     drop(stream);
     Ok(())
+}
+
+/// A gateway that answers ARP and ping but forwards nothing: the forwarding probes (a TCP
+/// connection through it to the destination its peers reach) keep it withdrawn, every
+/// probe interval, with no flap; once it forwards again the next one restores it, and the
+/// status and metrics say which kind of probe did. Probe rules exist only during a probe.
+fn forwarding_probes_keep_a_ping_answering_black_hole_out(f: LabFamily) -> Result<()> {
+    let lab = Lab::new(LabSpec::default())?;
+    let dir = lab.ecmp_routes_of(f, 3)?;
+    let mut agent = Agent::start(&lab, "a", &dir, &["--probe-interval", "1s"])?;
+    agent.wait_settled(1)?;
+    agent.wait_resolved(3)?;
+    let gw1 = (f.gateway)(1);
+    let stream = lab.stream("a", f.echo_addr(), 10);
+    std::thread::sleep(Duration::from_secs(2));
+    lab.fail(1, Failure::ForwardingDropped)?;
+    let down = |a: &Agent| a.gateway(&gw1).is_some_and(|g| g["state"] == "down");
+    wait_for("gateway 1 down", Duration::from_secs(20), || {
+        down(&agent).then_some(())
+    })?;
+    // The gateway still answers ping (an echo probe would restore it at once), where
+    // this machine has ping.
+    if std::path::Path::new("/usr/bin/ping").exists() {
+        let ping = if f.v6 { "ping -6" } else { "ping" };
+        lab.sh(&lab.node_ns("a"), &format!("{ping} -c 1 -W 2 {gw1}"))
+            .map_err(|e| anyhow::anyhow!("gateway 1 answers no ping: {e:#}"))?;
+    }
+    // Probes of both kinds would be due every second: several forwarding probes go out,
+    // none is answered, and the gateway stays down throughout.
+    let probes = |lab: &Lab, answered: bool| -> f64 {
+        let (_, m) = health_get(lab, "a", "/metrics").unwrap_or_default();
+        let l = format!("gateway=\"{gw1}\",kind=\"tcp\",answered=\"{answered}\"");
+        sample(&m, "routing_agent_gateway_probes_total", &l).unwrap_or(0.0)
+    };
+    let mut rules_seen = false;
+    let started = Instant::now();
+    while probes(&lab, false) < 4.0 {
+        ensure!(
+            down(&agent),
+            "gateway 1 restored while it forwards nothing: {}",
+            agent.gateway(&gw1).unwrap_or_default()
+        );
+        ensure!(
+            started.elapsed() < Duration::from_secs(30),
+            "fewer than 4 forwarding probes in 30 s"
+        );
+        let rules = lab.ip(&lab.node_ns("a"), if f.v6 { "-6 rule" } else { "rule" })?;
+        rules_seen |= rules.contains("fwmark");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(down(&agent), "gateway 1 restored while it forwards nothing");
+    ensure!(probes(&lab, true) == 0.0, "a forwarding probe was answered");
+    let g = agent.gateway(&gw1).unwrap();
+    ensure!(g["lastProbe"]["kind"] == "tcp", "{g}");
+    let target = g["lastProbe"]["target"].as_str().unwrap_or("").to_string();
+    ensure!(
+        target.contains(f.echo),
+        "probe target {target}: not the echo server"
+    );
+    ensure!(g["lastProbeAnswered"] == false, "{g}");
+    ensure!(
+        lab.route_gateways("a", f.dest)? == vec![(f.gateway)(2), (f.gateway)(3)],
+        "gateway 1 back in the route"
+    );
+    eprintln!("{}: probe rule seen during a probe: {rules_seen}", f.dest);
+
+    lab.heal(1, Failure::ForwardingDropped)?;
+    wait_for("gateway 1 up", Duration::from_secs(15), || {
+        (!down(&agent)).then_some(())
+    })?;
+    let g = agent.gateway(&gw1).unwrap();
+    let reason = g["reason"].as_str().unwrap_or("");
+    ensure!(reason.contains("TCP probe"), "restored by: {reason}");
+    ensure!(probes(&lab, true) >= 1.0);
+    wait_for(
+        "gateway 1 back in the route",
+        Duration::from_secs(5),
+        || (lab.route_gateways("a", f.dest).ok()?.len() == 3).then_some(()),
+    )?;
+    // No probe rule or route stays behind.
+    std::thread::sleep(Duration::from_secs(2));
+    let rules = lab.ip(&lab.node_ns("a"), if f.v6 { "-6 rule" } else { "rule" })?;
+    ensure!(!rules.contains("fwmark"), "a probe rule stayed: {rules}");
+    let _ = stream.stop();
+    agent.check_alive()?;
+    Ok(())
+}
+
+#[test]
+fn forwarding_probes_keep_a_ping_answering_black_hole_withdrawn() -> Result<()> {
+    forwarding_probes_keep_a_ping_answering_black_hole_out(IPV4)
+}
+
+#[test]
+fn forwarding_probes_keep_a_ping_answering_black_hole_withdrawn_v6() -> Result<()> {
+    forwarding_probes_keep_a_ping_answering_black_hole_out(IPV6)
 }
 
 /// The destination itself stops answering: every gateway fails alike, nothing is
@@ -766,7 +868,7 @@ fn metrics_tell_the_failover_and_the_restore() -> Result<()> {
         sample(
             &m,
             "routing_agent_gateway_probes_total",
-            &format!("{},answered=\"true\"", g(1))
+            &format!("{},kind=\"tcp\",answered=\"true\"", g(1))
         )
         .is_some_and(|n| n >= 1.0),
         "{m}"

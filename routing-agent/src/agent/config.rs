@@ -34,6 +34,16 @@ pub struct AgentConfig {
     pub metrics: Arc<Metrics>,
     /// Planner settings that are not in the Routes (the default fail mode).
     pub policy: plan::Policy,
+    /// Probe withdrawn gateways through themselves (`None`: ICMP echoes only).
+    pub forward_probes: Option<ForwardProbes>,
+}
+
+/// Forwarding probes, as configured.
+#[derive(Clone, Debug)]
+pub struct ForwardProbes {
+    /// `--probe-target`: used before any learned destination.
+    pub targets: Vec<std::net::SocketAddr>,
+    pub steering: crate::node::probe::Steering,
 }
 
 /// Protected destinations and symmetric routing, as configured.

@@ -17,21 +17,21 @@ mod status;
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
 use tracing::{error, info, warn};
 
-pub use config::{AgentConfig, ProtectConfig, SymmetricConfig};
+pub use config::{AgentConfig, ForwardProbes, ProtectConfig, SymmetricConfig};
 pub use ports::{Kernel, TcPrograms};
 pub use run::run;
 
 use crate::logic::crd::{NodeRoutes, Route};
 use crate::logic::default_route;
 use crate::logic::desired::{DesiredState, ProblemKind};
-use crate::logic::health::{self, Health, Transition};
+use crate::logic::health::{self, Health, ProbeKind, Transition};
 use crate::logic::plan;
 use crate::logic::selector::NodeInfo;
 use crate::node::dataplane::{Outcome, Read};
@@ -60,12 +60,23 @@ enum Pass {
 pub struct Next {
     /// Withdrawn gateways whose probe is due: send one each and report the answer with
     /// [`Agent::on_probe_result`].
-    pub probe: Vec<IpAddr>,
+    pub probe: Vec<Probe>,
     /// Unresolved gateways to ping once so that the kernel learns their MAC (and their
     /// traffic is attributed before the first connection); no answer is expected.
     pub warm_up: Vec<IpAddr>,
     /// Stop the loop.
     pub stop: bool,
+}
+
+/// One probe to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub gateway: IpAddr,
+    pub kind: ProbeKind,
+    /// Forwarding probes: the gateway's interface and its slot (which picks the probe's
+    /// mark and table).
+    pub oif: u32,
+    pub index: u32,
 }
 
 /// Exponential back-off for retrying what the kernel could not take yet.
@@ -292,17 +303,19 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
         next
     }
 
-    /// The answer to a probe of `gw` sent for [`Next::probe`].
-    pub async fn on_probe_result(&mut self, gw: IpAddr, answered: bool, now: Instant) -> Next {
+    /// The answer to a probe sent for [`Next::probe`].
+    pub async fn on_probe_result(&mut self, probe: Probe, answered: bool, now: Instant) -> Next {
+        let gw = probe.gateway;
         self.cfg
             .metrics
             .probes
             .get_or_create(&crate::ops::metrics::ProbeLabels {
                 gateway: gw.to_string(),
+                kind: probe.kind.label().to_string(),
                 answered: answered.to_string(),
             })
             .inc();
-        let t = self.health.probe_result(gw, answered, now);
+        let t = self.health.probe_result(gw, probe.kind, answered, now);
         match (&t, self.health.get(&gw)) {
             (Some(t), _) => {
                 self.count_transition(t);
@@ -310,8 +323,9 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
             }
             (None, Some(h)) if h.down => {
                 let wait = h.restore_after.map(|t| t.saturating_duration_since(now));
-                info!(gateway = %gw, answered, restore_in_s = wait.map(|w| w.as_secs()),
-                    "probe of a withdrawn gateway");
+                info!(gateway = %gw, probe = probe.kind.label(),
+                    target = probe.kind.target().map(|t| t.to_string()), answered,
+                    restore_in_s = wait.map(|w| w.as_secs()), "probe of a withdrawn gateway");
             }
             _ => {}
         }
@@ -631,11 +645,53 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
         for t in &changes {
             self.record(t.gateway);
         }
-        for gw in self.health.due_probes(now) {
+        let due = self.health.due_probes(now);
+        let learned = match (&self.programs, &self.cfg.forward_probes, due.is_empty()) {
+            (Some(p), Some(_), false) => p.read_targets(),
+            _ => BTreeMap::new(),
+        };
+        for gw in due {
             self.record(gw);
-            next.probe.push(gw);
+            let probe = self.probe_for(gw, &learned);
+            next.probe.push(probe);
         }
         (changes, next)
+    }
+
+    /// How `gw` is probed now: through it when forwarding probes are on and a target is
+    /// known (see [`health::forwarding_target`]), else with an echo.
+    fn probe_for(&self, gw: IpAddr, learned: &BTreeMap<IpAddr, (SocketAddr, Duration)>) -> Probe {
+        let echo = Probe {
+            gateway: gw,
+            kind: ProbeKind::Echo,
+            oif: 0,
+            index: 0,
+        };
+        let (Some(fwd), Some(programs)) = (&self.cfg.forward_probes, &self.programs) else {
+            return echo;
+        };
+        let (Some(&oif), Some(index)) = (self.watch.oifs.get(&gw), programs.slot(gw)) else {
+            return echo;
+        };
+        let routes = self.last.as_ref().map(|(d, _)| &d.routes);
+        let target = health::forwarding_target(
+            gw,
+            &fwd.targets,
+            learned,
+            self.watch.peers.get(&gw),
+            |p| self.health.get(p).is_none_or(|h| h.down),
+            |a| routes.is_some_and(|r| health::serves(r, gw, a)),
+            health::TARGET_MAX_AGE,
+        );
+        match target {
+            Some(t) => Probe {
+                gateway: gw,
+                kind: ProbeKind::Forward(t),
+                oif,
+                index,
+            },
+            None => echo,
+        }
     }
 
     /// Writes `gw`'s health into its slot of the pinned gateway table.

@@ -3,8 +3,9 @@
 //! real adapters implement them here, so that the adapters know nothing of the agent;
 //! unit tests drive an [`super::Agent`] with fakes.
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use routing_agent_common::{GatewayInfo, GatewayStats};
 
@@ -66,6 +67,8 @@ pub trait TcPrograms {
     fn set_neighbours(&mut self, want: &BTreeMap<(u32, [u8; 6]), IpAddr>) -> usize;
     /// Counters per gateway, summed over the CPUs.
     fn read_stats(&self) -> BTreeMap<IpAddr, GatewayStats>;
+    /// Per gateway, the latest destination that answered through it, and how long ago.
+    fn read_targets(&self) -> BTreeMap<IpAddr, (SocketAddr, Duration)>;
     /// Records a gateway's health in its slot.
     fn record_health(&mut self, gw: IpAddr, h: HealthRecord);
     /// The verdicts an earlier agent recorded.
@@ -95,6 +98,9 @@ impl TcPrograms for Programs {
     }
     fn read_stats(&self) -> BTreeMap<IpAddr, GatewayStats> {
         Programs::read_stats(self)
+    }
+    fn read_targets(&self) -> BTreeMap<IpAddr, (SocketAddr, Duration)> {
+        Programs::read_targets(self)
     }
     fn record_health(&mut self, gw: IpAddr, h: HealthRecord) {
         Programs::record_health(self, gw, h)

@@ -1,14 +1,14 @@
 //! The event loop: turns snapshots, netlink notifications, timers, probe answers and
 //! signals into [`Agent`] method calls, and carries out the [`Next`] they return.
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::{Agent, AgentConfig, Next};
+use super::{Agent, AgentConfig, Next, Probe};
+use crate::logic::health::ProbeKind;
 use crate::node::dataplane::{Dataplane, monitor};
 use crate::node::ebpf::Programs;
-use crate::node::probe::Prober;
+use crate::node::probe::{Forward, Prober};
 use crate::source::Snapshot;
 
 pub async fn run(
@@ -24,12 +24,17 @@ pub async fn run(
     let mut tick = tokio::time::interval(cfg.health_tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let prober = match &programs {
-        Some(_) => Some(Prober::new(
-            cfg.health.probe_interval.min(Duration::from_secs(1)),
-        )?),
+        // One answer per interval at most; a TCP probe may take one SYN retransmission.
+        Some(_) => Some(
+            Prober::new(
+                cfg.health.probe_interval.min(Duration::from_secs(2)),
+                cfg.forward_probes.as_ref().map(|f| f.steering),
+            )
+            .await?,
+        ),
         None => None,
     };
-    let (probe_tx, mut probe_rx) = mpsc::channel::<(IpAddr, bool)>(64);
+    let (probe_tx, mut probe_rx) = mpsc::channel::<(Probe, bool)>(64);
     let probes = cfg.probes.clone();
     let mut agent = Agent::new(cfg, dataplane, programs);
 
@@ -56,7 +61,7 @@ pub async fn run(
             _ = retry => agent.on_retry().await,
             _ = resync.tick() => agent.on_resync().await,
             _ = tick.tick(), if agent.has_programs() => agent.on_health_tick(Instant::now()).await,
-            Some((gw, ok)) = probe_rx.recv() => agent.on_probe_result(gw, ok, Instant::now()).await,
+            Some((p, ok)) = probe_rx.recv() => agent.on_probe_result(p, ok, Instant::now()).await,
             _ = sigterm.recv() => agent.on_shutdown(),
             _ = tokio::signal::ctrl_c() => agent.on_shutdown(),
         };
@@ -68,17 +73,29 @@ pub async fn run(
 }
 
 /// Sends the probes and warm-up pings an event asked for, each on a task of its own.
-fn carry_out(next: Next, prober: Option<&Prober>, probe_tx: &mpsc::Sender<(IpAddr, bool)>) {
+fn carry_out(next: Next, prober: Option<&Prober>, probe_tx: &mpsc::Sender<(Probe, bool)>) {
     let Some(prober) = prober else { return };
     for gw in next.warm_up {
         let prober = prober.clone();
         tokio::spawn(async move { prober.probe(gw).await });
     }
-    for gw in next.probe {
+    for p in next.probe {
         let (prober, tx) = (prober.clone(), probe_tx.clone());
         tokio::spawn(async move {
-            let ok = prober.probe(gw).await;
-            let _ = tx.send((gw, ok)).await;
+            let ok = match p.kind {
+                ProbeKind::Echo => prober.probe(p.gateway).await,
+                ProbeKind::Forward(target) => {
+                    prober
+                        .forward(Forward {
+                            gateway: p.gateway,
+                            oif: p.oif,
+                            index: p.index,
+                            target,
+                        })
+                        .await
+                }
+            };
+            let _ = tx.send((p, ok)).await;
         });
     }
 }

@@ -278,6 +278,10 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
                     "penalty": h.penalty,
                     "restoreInSeconds": h.restore_after.map(|t| t.saturating_duration_since(now).as_secs_f64()),
                     "lastProbeAnswered": h.last_probe_ok,
+                    "lastProbe": h.last_probe.map(|k| serde_json::json!({
+                        "kind": k.label(),
+                        "target": k.target().map(|t| t.to_string()),
+                    })),
                     "failureStreak": h.streak(),
                     "counters": &h.counters,
                 })

@@ -115,6 +115,8 @@ struct FakePrograms {
     /// What an earlier agent left in the slots.
     pinned: Vec<(IpAddr, GatewayInfo)>,
     uplink: Option<u32>,
+    /// What `RA_TARGETS` holds: gateway → latest answered destination, its age.
+    targets: BTreeMap<IpAddr, (std::net::SocketAddr, Duration)>,
 }
 
 impl TcPrograms for FakePrograms {
@@ -135,6 +137,9 @@ impl TcPrograms for FakePrograms {
     }
     fn read_stats(&self) -> BTreeMap<IpAddr, GatewayStats> {
         self.stats.clone()
+    }
+    fn read_targets(&self) -> BTreeMap<IpAddr, (std::net::SocketAddr, Duration)> {
+        self.targets.clone()
     }
     fn record_health(&mut self, gw: IpAddr, h: HealthRecord) {
         self.records.insert(gw, h);
@@ -178,6 +183,7 @@ fn config() -> AgentConfig {
         protect: ProtectConfig::default(),
         metrics: Arc::new(crate::ops::metrics::Metrics::new()),
         policy: plan::Policy::default(),
+        forward_probes: None,
     }
 }
 
@@ -327,16 +333,16 @@ async fn a_black_holing_gateway_is_withdrawn_probed_and_restored() {
 
     // One interval later the probe is due.
     let next = tick(&mut a, t0, 2200, &[(A, sent(2, 1, 0)), (B, sent(8, 0, 8))]).await;
-    assert_eq!(next.probe, vec![ip(A)]);
+    assert_eq!(probed(&next), vec![(ip(A), ProbeKind::Echo)]);
     // Unanswered: nothing changes.
     let n = a.kernel().plans.len();
-    a.on_probe_result(ip(A), false, t0 + Duration::from_millis(2300))
+    a.on_probe_result(next.probe[0], false, t0 + Duration::from_millis(2300))
         .await;
     assert_eq!(a.kernel().plans.len(), n);
     // Answered: A is back in the route.
     let next = tick(&mut a, t0, 3200, &[(A, sent(2, 1, 0)), (B, sent(9, 0, 9))]).await;
-    assert_eq!(next.probe, vec![ip(A)]);
-    a.on_probe_result(ip(A), true, t0 + Duration::from_millis(3300))
+    assert_eq!(probed(&next), vec![(ip(A), ProbeKind::Echo)]);
+    a.on_probe_result(next.probe[0], true, t0 + Duration::from_millis(3300))
         .await;
     assert_eq!(a.kernel().plans.len(), n + 1);
     assert_eq!(
@@ -344,6 +350,118 @@ async fn a_black_holing_gateway_is_withdrawn_probed_and_restored() {
         (vec![ip(A), ip(B)], vec![])
     );
     assert!(!a.health().get(&ip(A)).unwrap().down);
+}
+
+fn probed(next: &Next) -> Vec<(IpAddr, ProbeKind)> {
+    next.probe.iter().map(|p| (p.gateway, p.kind)).collect()
+}
+
+fn forwarding(targets: &[&str]) -> Option<super::ForwardProbes> {
+    Some(super::ForwardProbes {
+        targets: targets.iter().map(|t| t.parse().unwrap()).collect(),
+        steering: crate::node::probe::Steering {
+            protocol: 196,
+            table_base: 19_600,
+            mark_base: 0x1960000,
+            rule_priority: 15_100,
+        },
+    })
+}
+
+/// Withdraws A (of A, B on `DST`) and returns the probes due one interval later.
+async fn probes_of_withdrawn_a(
+    cfg_targets: &[&str],
+    learned: &[(&str, &str, u64)],
+    extra: Vec<Route>,
+) -> (Agent<FakeKernel, FakePrograms>, Next) {
+    let mut cfg = config();
+    cfg.forward_probes = forwarding(cfg_targets);
+    let mut programs = FakePrograms::default();
+    for (gw, t, age) in learned {
+        programs
+            .targets
+            .insert(ip(gw), (t.parse().unwrap(), Duration::from_secs(*age)));
+    }
+    let mut a = Agent::new(cfg, FakeKernel::default(), Some(programs));
+    let mut routes = vec![route("r", &[DST], &[A, B])];
+    routes.extend(extra);
+    a.on_snapshot(snapshot(routes)).await;
+    let t0 = Instant::now();
+    tick(&mut a, t0, 0, &[(A, sent(0, 0, 0)), (B, sent(0, 0, 0))]).await;
+    tick(&mut a, t0, 200, &[(A, sent(2, 0, 0)), (B, sent(3, 0, 3))]).await;
+    tick(&mut a, t0, 1200, &[(A, sent(2, 1, 0)), (B, sent(6, 0, 6))]).await;
+    assert!(a.health().get(&ip(A)).unwrap().down);
+    let next = tick(&mut a, t0, 2200, &[(A, sent(2, 1, 0)), (B, sent(8, 0, 8))]).await;
+    (a, next)
+}
+
+#[tokio::test]
+async fn a_withdrawn_gateway_is_probed_through_itself_to_where_a_peer_got_answers() {
+    let (mut a, next) = probes_of_withdrawn_a(
+        &[],
+        &[(B, "198.51.100.9:7", 2), (A, "198.51.100.8:7", 1)],
+        vec![],
+    )
+    .await;
+    let target = "198.51.100.9:7".parse().unwrap();
+    assert_eq!(probed(&next), vec![(ip(A), ProbeKind::Forward(target))]);
+    let p = next.probe[0];
+    assert_eq!((p.oif, p.index), (OIF, 0), "A's interface and slot");
+    // An answer restores it, and says so.
+    let t = Instant::now() + Duration::from_secs(5);
+    a.on_probe_result(p, true, t).await;
+    let h = a.health().get(&ip(A)).unwrap();
+    assert!(!h.down);
+    assert!(
+        h.reason.contains("TCP probe to 198.51.100.9:7"),
+        "{}",
+        h.reason
+    );
+    assert_eq!(h.last_probe, Some(ProbeKind::Forward(target)));
+}
+
+#[tokio::test]
+async fn an_unanswered_forwarding_probe_keeps_the_gateway_withdrawn() {
+    let (mut a, next) = probes_of_withdrawn_a(&[], &[(B, "198.51.100.9:7", 2)], vec![]).await;
+    let n = a.kernel().plans.len();
+    a.on_probe_result(
+        next.probe[0],
+        false,
+        Instant::now() + Duration::from_secs(5),
+    )
+    .await;
+    assert!(a.health().get(&ip(A)).unwrap().down);
+    assert_eq!(a.kernel().plans.len(), n, "no reconcile");
+}
+
+#[tokio::test]
+async fn with_no_target_a_peer_reached_through_the_gateways_route_the_probe_is_an_echo() {
+    // B's latest answer is for a destination only B serves; A's own is not used.
+    let (_, next) = probes_of_withdrawn_a(
+        &[],
+        &[(B, "203.0.113.5:443", 1), (A, "198.51.100.8:7", 1)],
+        vec![route("b-only", &["203.0.113.0/24"], &[B])],
+    )
+    .await;
+    assert_eq!(probed(&next), vec![(ip(A), ProbeKind::Echo)]);
+    // Another family does not count.
+    let (_, next) = probes_of_withdrawn_a(&[], &[(B, "[2001:db8::1]:7", 1)], vec![]).await;
+    assert_eq!(probed(&next), vec![(ip(A), ProbeKind::Echo)]);
+    // Too old.
+    let (_, next) = probes_of_withdrawn_a(&[], &[(B, "198.51.100.9:7", 7200)], vec![]).await;
+    assert_eq!(probed(&next), vec![(ip(A), ProbeKind::Echo)]);
+}
+
+#[tokio::test]
+async fn a_configured_probe_target_of_the_family_wins() {
+    let (_, next) = probes_of_withdrawn_a(
+        &["[2001:db8::5]:80", "192.0.2.7:80"],
+        &[(B, "198.51.100.9:7", 1)],
+        vec![],
+    )
+    .await;
+    let t = "192.0.2.7:80".parse().unwrap();
+    assert_eq!(probed(&next), vec![(ip(A), ProbeKind::Forward(t))]);
 }
 
 #[tokio::test]

@@ -14,14 +14,18 @@
 //!   hit every gateway alike point at the destination, not at a gateway: nothing is
 //!   withdrawn then. A neighbour entry turning FAILED (ARP/ND unanswered) is the gateway's
 //!   own fault and takes it down without comparing.
-//! - **down**: probed with ICMP echo every `probe_interval`.
+//! - **down**: probed every `probe_interval`, by preference *through* the gateway: a TCP
+//!   connection attempt to a destination that answered recently through an up peer (or a
+//!   configured target) — see [`forwarding_target`]. Only with no such target, or with
+//!   forwarding probes off, with an ICMP echo to the gateway itself (as DOKS does), which
+//!   proves it alive but not forwarding.
 //! - **down → up** on an answered probe, but not before `restore_after`: a gateway that
 //!   fails again within `flap_window` of its last restore gets a penalty, and its restore
 //!   waits `probe_interval × 2^penalty` (capped at `max_restore_delay`). A gateway that
-//!   answers ping but drops forwarded traffic therefore comes back ever more rarely instead
-//!   of every 30 s.
+//!   answers ping but drops forwarded traffic is not restored by a forwarding probe at all;
+//!   restored by echoes (no target known), it comes back ever more rarely.
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use routing_agent_common::GatewayStats;
@@ -73,6 +77,98 @@ impl Default for Config {
     }
 }
 
+/// How a withdrawn gateway is probed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeKind {
+    /// An ICMP echo to the gateway: alive, not proof that it forwards.
+    Echo,
+    /// A TCP connection attempt through the gateway to this destination.
+    Forward(SocketAddr),
+}
+
+impl ProbeKind {
+    /// The metrics label and the status field: `icmp` or `tcp`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ProbeKind::Echo => "icmp",
+            ProbeKind::Forward(_) => "tcp",
+        }
+    }
+
+    pub fn target(&self) -> Option<SocketAddr> {
+        match self {
+            ProbeKind::Echo => None,
+            ProbeKind::Forward(t) => Some(*t),
+        }
+    }
+}
+
+impl std::fmt::Display for ProbeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ProbeKind::Echo => f.write_str("an ICMP echo to the gateway"),
+            ProbeKind::Forward(t) => write!(f, "a TCP connection through it to {t}"),
+        }
+    }
+}
+
+/// Learned targets older than this are not used (a destination that answered an hour ago
+/// most likely still does; an older one may be gone).
+pub const TARGET_MAX_AGE: Duration = Duration::from_secs(3600);
+
+/// The target of a forwarding probe through `gw`, or `None` (probe with an echo).
+///
+/// - The first of `configured` of `gw`'s family: the operator's choice wins.
+/// - Else the freshest destination (at most `max_age` old) in `learned` (gateway → the
+///   latest destination whose SYN-ACK came back through it, and its age) of one of
+///   `peers` that is up — a destination that answers, through a gateway that forwards —
+///   provided `serves` says that traffic to it takes a route through `gw` (so the probe
+///   asks `gw` for what it is meant to carry, not for a destination a remote allow-list
+///   may refuse it). The gateway's own last destination is not used: the route to it may
+///   now be the fail-closed `unreachable` one, and a node with a reverse-path filter drops
+///   the answer then.
+pub fn forwarding_target(
+    gw: IpAddr,
+    configured: &[SocketAddr],
+    learned: &BTreeMap<IpAddr, (SocketAddr, Duration)>,
+    peers: Option<&BTreeSet<IpAddr>>,
+    is_down: impl Fn(&IpAddr) -> bool,
+    serves: impl Fn(IpAddr) -> bool,
+    max_age: Duration,
+) -> Option<SocketAddr> {
+    if let Some(t) = configured.iter().find(|t| t.is_ipv4() == gw.is_ipv4()) {
+        return Some(*t);
+    }
+    peers?
+        .iter()
+        .filter(|p| !is_down(p))
+        .filter_map(|p| learned.get(p))
+        .filter(|(t, age)| t.is_ipv4() == gw.is_ipv4() && *age <= max_age)
+        .filter(|(t, _)| serves(t.ip()))
+        .min_by_key(|(_, age)| *age)
+        .map(|(t, _)| *t)
+}
+
+/// Whether traffic to `addr` takes a route through `gw` that has a usable gateway: the
+/// longest prefix of `routes` that holds `addr` lists `gw` (in use or withdrawn) and
+/// still has a gateway in use. At most 33 (129) lookups, whatever the number of routes.
+pub fn serves(
+    routes: &BTreeMap<ipnet::IpNet, crate::logic::desired::DesiredRoute>,
+    gw: IpAddr,
+    addr: IpAddr,
+) -> bool {
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (0..=max)
+        .rev()
+        .find_map(|len| {
+            let net = ipnet::IpNet::new(addr, len).ok()?.trunc();
+            routes.get(&net)
+        })
+        .is_some_and(|r| {
+            !r.gateways.is_empty() && (r.gateways.contains(&gw) || r.withdrawn.contains(&gw))
+        })
+}
+
 /// One gateway as the state machine sees it.
 #[derive(Clone, Debug)]
 pub struct GatewayHealth {
@@ -88,6 +184,8 @@ pub struct GatewayHealth {
     pub next_probe: Option<Instant>,
     /// Down: outcome of the last probe.
     pub last_probe_ok: Option<bool>,
+    /// The kind of the last probe (kept after a restore: the one that restored it).
+    pub last_probe: Option<ProbeKind>,
     /// Latest counters (summed over CPUs).
     pub counters: GatewayStats,
     /// The counters at the previous observation (deltas are taken against them).
@@ -118,6 +216,7 @@ impl GatewayHealth {
             restore_after: None,
             next_probe: None,
             last_probe_ok: None,
+            last_probe: None,
             counters: GatewayStats::default(),
             prev: None,
             failures: VecDeque::new(),
@@ -394,13 +493,20 @@ impl Health {
         out
     }
 
-    /// The outcome of a probe sent to `gw`.
-    pub fn probe_result(&mut self, gw: IpAddr, answered: bool, now: Instant) -> Option<Transition> {
+    /// The outcome of a probe of `kind` sent to `gw`.
+    pub fn probe_result(
+        &mut self,
+        gw: IpAddr,
+        kind: ProbeKind,
+        answered: bool,
+        now: Instant,
+    ) -> Option<Transition> {
         let h = self.gateways.get_mut(&gw)?;
         if !h.down {
             return None;
         }
         h.last_probe_ok = Some(answered);
+        h.last_probe = Some(kind);
         if !answered || h.restore_after.is_some_and(|t| now < t) {
             return None;
         }
@@ -416,7 +522,16 @@ impl Health {
         h.neigh_failed = true;
         h.unresolved_since = None;
         h.unresolved_reported = false;
-        h.reason = format!("answered an ICMP echo probe (penalty {})", h.penalty);
+        h.reason = match kind {
+            ProbeKind::Echo => format!(
+                "answered an ICMP echo probe, no forwarding target known (penalty {})",
+                h.penalty
+            ),
+            ProbeKind::Forward(t) => format!(
+                "forwarded a TCP probe to {t}, answered (penalty {})",
+                h.penalty
+            ),
+        };
         Some(Transition {
             gateway: gw,
             down: false,
@@ -725,7 +840,10 @@ mod tests {
         // Level stays FAILED after a restore: no new transition without a new edge.
         let now = w.at(1200);
         assert_eq!(w.h.due_probes(now), vec![ip(A)]);
-        assert!(w.h.probe_result(ip(A), true, now).is_some());
+        assert!(
+            w.h.probe_result(ip(A), ProbeKind::Echo, true, now)
+                .is_some()
+        );
         assert!(w.step(1300, &[(A, stats(0, 0), true)]).is_empty());
         // It recovers, then fails again: down.
         w.step(1400, &[(A, stats(0, 0), false)]);
@@ -750,10 +868,15 @@ mod tests {
         assert!(w.h.due_probes(w.at(1500)).is_empty());
         // Unanswered probe: still down; next one an interval later.
         assert_eq!(w.h.due_probes(w.at(2000)), vec![ip(A)]);
-        assert!(w.h.probe_result(ip(A), false, w.at(2100)).is_none());
+        assert!(
+            w.h.probe_result(ip(A), ProbeKind::Echo, false, w.at(2100))
+                .is_none()
+        );
         assert!(w.h.due_probes(w.at(2500)).is_empty());
         assert_eq!(w.h.due_probes(w.at(3000)), vec![ip(A)]);
-        let up = w.h.probe_result(ip(A), true, w.at(3100)).unwrap();
+        let up =
+            w.h.probe_result(ip(A), ProbeKind::Echo, true, w.at(3100))
+                .unwrap();
         assert!(!up.down);
         assert!(w.h.down().is_empty());
 
@@ -764,24 +887,37 @@ mod tests {
         assert_eq!(h.restore_after, Some(w.at(6000)));
         assert_eq!(w.h.due_probes(w.at(5000)), vec![ip(A)]);
         assert!(
-            w.h.probe_result(ip(A), true, w.at(5000)).is_none(),
+            w.h.probe_result(ip(A), ProbeKind::Echo, true, w.at(5000))
+                .is_none(),
             "answered but damped"
         );
         assert_eq!(w.h.due_probes(w.at(6000)), vec![ip(A)]);
-        assert!(w.h.probe_result(ip(A), true, w.at(6000)).is_some());
+        assert!(
+            w.h.probe_result(ip(A), ProbeKind::Echo, true, w.at(6000))
+                .is_some()
+        );
 
         // Again: penalty 2 (4 s), then 3 (8 s, the cap), then still 8 s.
         assert_eq!(fail(&mut w, 7000).len(), 1);
         assert_eq!(w.h.get(&ip(A)).unwrap().restore_after, Some(w.at(11_000)));
-        assert!(w.h.probe_result(ip(A), true, w.at(11_000)).is_some());
+        assert!(
+            w.h.probe_result(ip(A), ProbeKind::Echo, true, w.at(11_000))
+                .is_some()
+        );
         assert_eq!(fail(&mut w, 12_000).len(), 1);
         assert_eq!(w.h.get(&ip(A)).unwrap().restore_after, Some(w.at(20_000)));
-        assert!(w.h.probe_result(ip(A), true, w.at(20_000)).is_some());
+        assert!(
+            w.h.probe_result(ip(A), ProbeKind::Echo, true, w.at(20_000))
+                .is_some()
+        );
         assert_eq!(fail(&mut w, 21_000).len(), 1);
         let h = w.h.get(&ip(A)).unwrap();
         assert_eq!(h.penalty, 4);
         assert_eq!(h.restore_after, Some(w.at(29_000)), "capped");
-        assert!(w.h.probe_result(ip(A), true, w.at(29_000)).is_some());
+        assert!(
+            w.h.probe_result(ip(A), ProbeKind::Echo, true, w.at(29_000))
+                .is_some()
+        );
 
         // A failure long after the last restore starts from penalty 0 again.
         assert_eq!(fail(&mut w, 29_000 + 61_000).len(), 1);
@@ -804,8 +940,14 @@ mod tests {
         w.h.restore_down(ip(A), 1, Duration::from_millis(500), now);
         assert_eq!(w.h.down(), [ip(A)].into());
         // Penalty 1: 2 s from when it went down (0.5 s ago).
-        assert!(w.h.probe_result(ip(A), true, w.at(1000)).is_none());
-        assert!(w.h.probe_result(ip(A), true, w.at(1500)).is_some());
+        assert!(
+            w.h.probe_result(ip(A), ProbeKind::Echo, true, w.at(1000))
+                .is_none()
+        );
+        assert!(
+            w.h.probe_result(ip(A), ProbeKind::Echo, true, w.at(1500))
+                .is_some()
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc};
 use aya::util::KernelVersion;
 use routing_agent_common::{
     FlowKey, FlowState, GW_UNUSED, GatewayInfo, GatewaySlot, GatewayStats, MAX_FLOWS, MAX_GATEWAYS,
-    MAX_NEIGHBOURS, NeighKey, names,
+    MAX_NEIGHBOURS, NeighKey, ProbeTarget, names,
 };
 use tracing::{info, warn};
 
@@ -57,6 +57,7 @@ pub struct Programs {
     neigh: HashMap<MapData, NeighKey, GatewaySlot>,
     stats: PerCpuArray<MapData, GatewayStats>,
     gateways: Array<MapData, GatewayInfo>,
+    targets: PerCpuArray<MapData, ProbeTarget>,
     /// Each tracked gateway's slot and the record last written there. The agent is the
     /// only writer of `RA_GATEWAYS` and `RA_NEIGH`, so what it wrote is what they hold:
     /// the health tick diffs against these copies instead of reading the maps back.
@@ -82,6 +83,17 @@ pub fn ifname(ifindex: u32) -> Option<String> {
     Some(s.to_string_lossy().into_owned())
 }
 
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns()`.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// (key size, value size, max entries) of each map in this build.
 fn layout(name: &str) -> (usize, usize, u32) {
     use std::mem::size_of;
@@ -95,6 +107,7 @@ fn layout(name: &str) -> (usize, usize, u32) {
         names::MAP_FLOWS => (size_of::<FlowKey>(), size_of::<FlowState>(), MAX_FLOWS),
         names::MAP_GATEWAYS => (4, size_of::<GatewayInfo>(), MAX_GATEWAYS),
         names::MAP_UPLINK => (4, size_of::<u64>(), 1),
+        names::MAP_TARGETS => (4, size_of::<ProbeTarget>(), MAX_GATEWAYS),
         _ => unreachable!("unknown map {name}"),
     }
 }
@@ -369,6 +382,7 @@ impl Programs {
         let stats = PerCpuArray::try_from(take(names::MAP_GW_STATS)?)?;
         let gateways: Array<MapData, GatewayInfo> = Array::try_from(take(names::MAP_GATEWAYS)?)?;
         let uplink_refused = PerCpuArray::try_from(take(names::MAP_UPLINK)?)?;
+        let targets = PerCpuArray::try_from(take(names::MAP_TARGETS)?)?;
         // What an earlier agent left in the pinned maps, read once.
         let mut slots = BTreeMap::new();
         for index in 0..MAX_GATEWAYS {
@@ -414,6 +428,7 @@ impl Programs {
             neigh,
             stats,
             gateways,
+            targets,
             slots,
             neigh_written,
             pinning,
@@ -702,6 +717,33 @@ impl Programs {
             n += usize::from(self.write_slot(gw, info));
         }
         n
+    }
+
+    /// Per gateway, the latest destination a SYN-ACK answered through it (the freshest of
+    /// the CPUs' entries) and how long ago.
+    pub fn read_targets(&self) -> BTreeMap<IpAddr, (std::net::SocketAddr, std::time::Duration)> {
+        let now = monotonic_ns();
+        let mut out = BTreeMap::new();
+        for (gw, slot) in &self.slots {
+            let Ok(values) = self.targets.get(&slot.index, 0) else {
+                continue;
+            };
+            let Some(t) = values
+                .iter()
+                .filter(|t| t.family != 0)
+                .max_by_key(|t| t.seen_ns)
+            else {
+                continue;
+            };
+            let ip = if t.family == 4 {
+                IpAddr::from([t.addr[0], t.addr[1], t.addr[2], t.addr[3]])
+            } else {
+                IpAddr::from(t.addr)
+            };
+            let age = std::time::Duration::from_nanos(now.saturating_sub(t.seen_ns));
+            out.insert(*gw, ((ip, t.port).into(), age));
+        }
+        out
     }
 
     /// Counters of every gateway with a slot, summed over the CPUs.

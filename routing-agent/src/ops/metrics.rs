@@ -51,6 +51,8 @@ pub struct TrafficLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabels {
     pub gateway: String,
+    /// `icmp` (an echo to the gateway) or `tcp` (a connection through it).
+    pub kind: String,
     pub answered: String,
 }
 
@@ -192,7 +194,7 @@ impl Metrics {
         );
         r.register(
             "gateway_probes",
-            "ICMP probes of withdrawn gateways by result",
+            "Probes of withdrawn gateways by kind (icmp: an echo to the gateway; tcp: a connection through it) and result",
             m.probes.clone(),
         );
         r.register(
