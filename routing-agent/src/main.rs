@@ -768,6 +768,19 @@ mod tests {
     }
 
     #[test]
+    fn probe_targets_and_marks_parse() {
+        let t = |s: &str| parse_probe_target(s, 443).map(|a| a.to_string());
+        assert_eq!(t("192.0.2.7"), Ok("192.0.2.7:443".into()));
+        assert_eq!(t("192.0.2.7:80"), Ok("192.0.2.7:80".into()));
+        assert_eq!(t("2001:db8::5"), Ok("[2001:db8::5]:443".into()));
+        assert_eq!(t("[2001:db8::5]:80"), Ok("[2001:db8::5]:80".into()));
+        assert!(t("example.com:80").unwrap_err().contains("--probe-target"));
+        assert_eq!(parse_u32("0x1960000"), Ok(0x1960000));
+        assert_eq!(parse_u32("15100"), Ok(15100));
+        assert!(parse_u32("0xfffffffff").is_err() && parse_u32("mark").is_err());
+    }
+
+    #[test]
     fn the_run_command_accepts_pending_grace_zero() {
         let cli = Cli::try_parse_from([
             "routing-agent",

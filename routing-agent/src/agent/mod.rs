@@ -35,6 +35,7 @@ use crate::logic::health::{self, Health, ProbeKind, Transition};
 use crate::logic::plan;
 use crate::logic::selector::NodeInfo;
 use crate::node::dataplane::{Outcome, Read};
+use crate::node::probe::Forward;
 use crate::source::Snapshot;
 
 /// How much a reconcile redoes.
@@ -70,13 +71,28 @@ pub struct Next {
 
 /// One probe to send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Probe {
-    pub gateway: IpAddr,
-    pub kind: ProbeKind,
-    /// Forwarding probes: the gateway's interface and its slot (which picks the probe's
-    /// mark and table).
-    pub oif: u32,
-    pub index: u32,
+pub enum Probe {
+    /// An ICMP echo to the gateway.
+    Echo(IpAddr),
+    /// A TCP connection attempt through the gateway (its interface and slot, which picks
+    /// the probe's mark and table).
+    Forward(Forward),
+}
+
+impl Probe {
+    pub fn gateway(&self) -> IpAddr {
+        match self {
+            Probe::Echo(g) => *g,
+            Probe::Forward(f) => f.gateway,
+        }
+    }
+
+    pub fn kind(&self) -> ProbeKind {
+        match self {
+            Probe::Echo(_) => ProbeKind::Echo,
+            Probe::Forward(f) => ProbeKind::Forward(f.target),
+        }
+    }
 }
 
 /// Exponential back-off for retrying what the kernel could not take yet.
@@ -305,17 +321,17 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
 
     /// The answer to a probe sent for [`Next::probe`].
     pub async fn on_probe_result(&mut self, probe: Probe, answered: bool, now: Instant) -> Next {
-        let gw = probe.gateway;
+        let (gw, kind) = (probe.gateway(), probe.kind());
         self.cfg
             .metrics
             .probes
             .get_or_create(&crate::ops::metrics::ProbeLabels {
                 gateway: gw.to_string(),
-                kind: probe.kind.label().to_string(),
+                kind: kind.label().to_string(),
                 answered: answered.to_string(),
             })
             .inc();
-        let t = self.health.probe_result(gw, probe.kind, answered, now);
+        let t = self.health.probe_result(gw, kind, answered, now);
         match (&t, self.health.get(&gw)) {
             (Some(t), _) => {
                 self.count_transition(t);
@@ -323,8 +339,8 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
             }
             (None, Some(h)) if h.down => {
                 let wait = h.restore_after.map(|t| t.saturating_duration_since(now));
-                info!(gateway = %gw, probe = probe.kind.label(),
-                    target = probe.kind.target().map(|t| t.to_string()), answered,
+                info!(gateway = %gw, probe = kind.label(),
+                    target = kind.target().map(|t| t.to_string()), answered,
                     restore_in_s = wait.map(|w| w.as_secs()), "probe of a withdrawn gateway");
             }
             _ => {}
@@ -661,12 +677,7 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
     /// How `gw` is probed now: through it when forwarding probes are on and a target is
     /// known (see [`health::forwarding_target`]), else with an echo.
     fn probe_for(&self, gw: IpAddr, learned: &BTreeMap<IpAddr, (SocketAddr, Duration)>) -> Probe {
-        let echo = Probe {
-            gateway: gw,
-            kind: ProbeKind::Echo,
-            oif: 0,
-            index: 0,
-        };
+        let echo = Probe::Echo(gw);
         let (Some(fwd), Some(programs)) = (&self.cfg.forward_probes, &self.programs) else {
             return echo;
         };
@@ -684,12 +695,12 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
             health::TARGET_MAX_AGE,
         );
         match target {
-            Some(t) => Probe {
+            Some(target) => Probe::Forward(Forward {
                 gateway: gw,
-                kind: ProbeKind::Forward(t),
                 oif,
                 index,
-            },
+                target,
+            }),
             None => echo,
         }
     }

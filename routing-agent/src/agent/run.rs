@@ -5,10 +5,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use super::{Agent, AgentConfig, Next, Probe};
-use crate::logic::health::ProbeKind;
 use crate::node::dataplane::{Dataplane, monitor};
 use crate::node::ebpf::Programs;
-use crate::node::probe::{Forward, Prober};
+use crate::node::probe::Prober;
 use crate::source::Snapshot;
 
 pub async fn run(
@@ -82,18 +81,9 @@ fn carry_out(next: Next, prober: Option<&Prober>, probe_tx: &mpsc::Sender<(Probe
     for p in next.probe {
         let (prober, tx) = (prober.clone(), probe_tx.clone());
         tokio::spawn(async move {
-            let ok = match p.kind {
-                ProbeKind::Echo => prober.probe(p.gateway).await,
-                ProbeKind::Forward(target) => {
-                    prober
-                        .forward(Forward {
-                            gateway: p.gateway,
-                            oif: p.oif,
-                            index: p.index,
-                            target,
-                        })
-                        .await
-                }
+            let ok = match p {
+                Probe::Echo(gw) => prober.probe(gw).await,
+                Probe::Forward(f) => prober.forward(f).await,
             };
             let _ = tx.send((p, ok)).await;
         });

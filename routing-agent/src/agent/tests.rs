@@ -353,7 +353,7 @@ async fn a_black_holing_gateway_is_withdrawn_probed_and_restored() {
 }
 
 fn probed(next: &Next) -> Vec<(IpAddr, ProbeKind)> {
-    next.probe.iter().map(|p| (p.gateway, p.kind)).collect()
+    next.probe.iter().map(|p| (p.gateway(), p.kind())).collect()
 }
 
 fn forwarding(targets: &[&str]) -> Option<super::ForwardProbes> {
@@ -406,7 +406,10 @@ async fn a_withdrawn_gateway_is_probed_through_itself_to_where_a_peer_got_answer
     let target = "198.51.100.9:7".parse().unwrap();
     assert_eq!(probed(&next), vec![(ip(A), ProbeKind::Forward(target))]);
     let p = next.probe[0];
-    assert_eq!((p.oif, p.index), (OIF, 0), "A's interface and slot");
+    let Probe::Forward(f) = p else {
+        panic!("{p:?}")
+    };
+    assert_eq!((f.oif, f.index), (OIF, 0), "A's interface and slot");
     // An answer restores it, and says so.
     let t = Instant::now() + Duration::from_secs(5);
     a.on_probe_result(p, true, t).await;

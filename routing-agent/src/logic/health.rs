@@ -103,15 +103,6 @@ impl ProbeKind {
     }
 }
 
-impl std::fmt::Display for ProbeKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ProbeKind::Echo => f.write_str("an ICMP echo to the gateway"),
-            ProbeKind::Forward(t) => write!(f, "a TCP connection through it to {t}"),
-        }
-    }
-}
-
 /// Learned targets older than this are not used (a destination that answered an hour ago
 /// most likely still does; an older one may be gone).
 pub const TARGET_MAX_AGE: Duration = Duration::from_secs(3600);

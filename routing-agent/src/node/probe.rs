@@ -20,13 +20,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::route::{RouteMessage, RouteProtocol};
 use netlink_packet_route::rule::{RuleAction, RuleAttribute};
-use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
+use rtnetlink::{Handle, RouteMessageBuilder};
 use surge_ping::{Client, Config, ICMP, PingIdentifier, PingSequence};
 use tracing::{debug, info, warn};
+
+use super::dataplane::rules;
 
 /// Where the forwarding probes' rules and tables live.
 #[derive(Clone, Copy, Debug)]
@@ -136,14 +137,13 @@ impl Prober {
             .clone();
         let _one_at_a_time = lock.lock().await;
         let (table, mark) = (s.table_base + f.index, s.mark_base + f.index);
-        let (route, add) = match steering(handle, s, &f, table, mark) {
+        let (route, mut add) = match steering(handle, s, &f, table, mark) {
             Ok(m) => m,
             Err(e) => {
                 warn!(gateway = %f.gateway, target = %f.target, error = %e, "forwarding probe");
                 return false;
             }
         };
-        let mut add = add;
         let rule = add.message_mut().clone();
         if let Err(e) = handle.route().add(route.clone()).replace().execute().await {
             warn!(gateway = %f.gateway, table, error = %e, "forwarding probe: adding its route");
@@ -243,26 +243,20 @@ pub async fn remove_leftovers(s: Steering) -> std::io::Result<usize> {
 /// the host routes in the probe tables are dead without them and replaced by the next
 /// probe of their slot).
 async fn sweep(handle: &Handle, s: &Steering) -> usize {
-    let mut n = 0;
-    for v in [IpVersion::V4, IpVersion::V6] {
-        let mut stale = Vec::new();
-        let mut stream = handle.rule().get(v).execute();
-        while let Ok(Some(m)) = stream.try_next().await {
-            let mine = m
-                .attributes
-                .iter()
-                .any(|a| matches!(a, RuleAttribute::Protocol(p) if u8::from(*p) == s.protocol))
-                && m.attributes
-                    .iter()
-                    .any(|a| matches!(a, RuleAttribute::Priority(p) if *p == s.rule_priority));
-            if mine {
-                stale.push(m);
-            }
+    let rules = match rules::dump(handle).await {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(error = %e, "forwarding probes: reading the rules");
+            return 0;
         }
-        for m in stale {
-            if handle.rule().del(m).execute().await.is_ok() {
-                n += 1;
-            }
+    };
+    let mut n = 0;
+    for r in rules {
+        if r.protocol == s.protocol
+            && r.priority == s.rule_priority
+            && handle.rule().del(r.message).execute().await.is_ok()
+        {
+            n += 1;
         }
     }
     n
