@@ -533,6 +533,7 @@ fn restart_keeps_counters_and_verdicts() -> Result<()> {
             "RA_GATEWAYS",
             "RA_GW_STATS",
             "RA_NEIGH",
+            "RA_TARGETS",
             "RA_UPLINK"
         ],
         "what stays pinned"
