@@ -24,13 +24,17 @@ pub const MAX_FLOWS: u32 = 131072;
 /// (interface, MAC) pairs known to belong to gateways.
 pub const MAX_NEIGHBOURS: u32 = 1024;
 
-/// `RA_NEIGH` key: a gateway's MAC address as seen on one interface.
+/// `RA_NEIGH` key: a gateway's MAC address as seen on one interface, for one IP family.
+/// The family is part of the key because one box is often the gateway for both: its IPv4
+/// and its IPv6 address share a MAC, and they are two gateways (two slots, two verdicts).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NeighKey {
     pub ifindex: u32,
     pub mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// 4 or 6.
+    pub family: u8,
+    pub _pad: u8,
 }
 
 /// `RA_NEIGH` value: the slot of the gateway that owns the MAC.
@@ -68,6 +72,10 @@ pub struct GatewayStats {
     /// Egress packets of established connections that the kernel had re-routed to another
     /// gateway, sent back to this one (flow pinning).
     pub steered_back: u64,
+    /// Of `icmp_unreachable`: those quoting a UDP datagram of ours (a port or host
+    /// unreachable through this gateway). Counted, not judged: UDP has no handshake that
+    /// tells a lost datagram from an unanswered one.
+    pub udp_unreachable: u64,
 }
 
 impl GatewayStats {
@@ -95,6 +103,7 @@ impl GatewayStats {
             rx_packets: f(self.rx_packets, o.rx_packets),
             rx_bytes: f(self.rx_bytes, o.rx_bytes),
             steered_back: f(self.steered_back, o.steered_back),
+            udp_unreachable: f(self.udp_unreachable, o.udp_unreachable),
         }
     }
 }
@@ -138,6 +147,9 @@ pub const GW_UNUSED: u32 = 0;
 pub const GW_UP: u32 = 1;
 /// Detected as black-holing; withdrawn (unless it is a route's last gateway) and probed.
 pub const GW_DOWN: u32 = 2;
+/// Failing with no peer gateway to compare with (its routes have no other gateway):
+/// reported and probed, not withdrawn. A restarted agent judges it afresh.
+pub const GW_SUSPECT: u32 = 3;
 
 /// `RA_GATEWAYS[slot]`, written by user space only: which gateway a slot stands for and
 /// its health, so that a restarted agent keeps its slots and its verdicts, and so that
@@ -149,7 +161,7 @@ pub struct GatewayInfo {
     pub addr: [u8; 16],
     /// 4 or 6; 0 when the slot is unused.
     pub family: u32,
-    /// `GW_UNUSED`, `GW_UP` or `GW_DOWN`.
+    /// `GW_UNUSED`, `GW_UP`, `GW_DOWN` or `GW_SUSPECT`.
     pub state: u32,
     /// Damping level: how many times in a row it failed again soon after a restore.
     pub penalty: u32,

@@ -66,6 +66,7 @@ const ETH_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
 const TCP_SYN: u8 = 0x02;
@@ -182,6 +183,13 @@ fn handle(ctx: &TcContext, egress: bool) -> Result<(), ()> {
     let eth: [u8; ETH_LEN] = read(ctx, 0)?;
     // SAFETY: the context pointer is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
+    let family = match ethertype {
+        ETH_P_IP => 4,
+        ETH_P_IPV6 => 6,
+        // ARP and the rest: not traffic through a gateway.
+        _ => return Ok(()),
+    };
     let key = NeighKey {
         ifindex,
         mac: if egress {
@@ -189,14 +197,14 @@ fn handle(ctx: &TcContext, egress: bool) -> Result<(), ()> {
         } else {
             [eth[6], eth[7], eth[8], eth[9], eth[10], eth[11]]
         },
-        _pad: [0; 2],
+        family,
+        _pad: 0,
     };
     // SAFETY: the value is plain data copied out at once.
     let mut slot = match unsafe { RA_NEIGH.get(&key) } {
         Some(s) => s.slot,
         None => return Ok(()),
     };
-    let ethertype = u16::from_be_bytes([eth[12], eth[13]]);
     let p = parse_ip(ctx, ethertype, ETH_LEN).ok();
     // TCP: ports (bytes 0..4) and the flags byte (13), in one load.
     let tcp: Option<[u8; 14]> = match &p {
@@ -443,6 +451,11 @@ fn answer(key: &FlowKey, slot: u32, stats: *mut GatewayStats, rst: bool) {
 fn icmp_quote(ctx: &TcContext, p: &Packet, slot: u32, stats: *mut GatewayStats) -> Result<(), ()> {
     let inner_type = if p.family == 4 { ETH_P_IP } else { ETH_P_IPV6 };
     let q = parse_ip(ctx, inner_type, p.l4 + 8)?;
+    if q.proto == IPPROTO_UDP {
+        // SAFETY: this CPU's per-CPU value (see `handle`).
+        unsafe { (*stats).udp_unreachable += 1 };
+        return Ok(());
+    }
     if q.proto != IPPROTO_TCP {
         return Ok(());
     }

@@ -289,10 +289,22 @@ struct RunArgs {
     /// The port of a --probe-target given without one.
     #[arg(long, default_value_t = 443)]
     probe_port: u16,
-    /// Failed TCP connection attempts through a gateway, with no success since, that take
-    /// it down (when a peer gateway succeeds meanwhile).
+    /// Unanswered TCP connection attempts in a row through a gateway that take it down
+    /// (when a peer gateway succeeds meanwhile), at least: the floor of the adaptive
+    /// threshold (see --false-alarm-rate).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     failure_threshold: u32,
+    /// Cap of the adaptive threshold.
+    #[arg(long, default_value_t = 12, value_parser = clap::value_parser!(u32).range(1..))]
+    failure_threshold_max: u32,
+    /// The accepted chance, per connection attempt, that a healthy gateway losing attempts
+    /// at its measured rate p is taken down: the threshold is the least k with
+    /// p^k <= this (2 below 0.1 % loss, 4 at 2 %, 5 at 4 %).
+    #[arg(long, default_value_t = 1e-6, value_parser = parse_probability)]
+    false_alarm_rate: f64,
+    /// Half-life of a gateway's measured loss rate.
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    loss_half_life: Duration,
     /// Failed attempts older than this are forgotten.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     failure_window: Duration,
@@ -359,6 +371,17 @@ fn parse_probe_target(s: &str, port: u16) -> Result<std::net::SocketAddr, String
 }
 
 /// `500ms`, `30s`, `10m`, `1h`, or bare seconds.
+fn parse_probability(s: &str) -> Result<f64, String> {
+    let p: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if p > 0.0 && p < 1.0 {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{s:?}: a probability strictly between 0 and 1 (e.g. 1e-6)"
+        ))
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
@@ -711,6 +734,10 @@ async fn main() -> anyhow::Result<()> {
                         max_restore_delay: a.max_restore_delay,
                         pending_grace: a.pending_grace,
                         unresolved_grace: a.neighbour_grace,
+                        false_alarm: a.false_alarm_rate,
+                        max_failures: a.failure_threshold_max,
+                        loss_half_life: a.loss_half_life,
+                        loss_prior: routing_agent::logic::health::LOSS_PRIOR,
                     },
                     health_tick: a.health_interval,
                     publisher,
@@ -780,24 +807,41 @@ mod tests {
         assert!(parse_u32("0xfffffffff").is_err() && parse_u32("mark").is_err());
     }
 
-    #[test]
-    fn the_run_command_accepts_pending_grace_zero() {
-        let cli = Cli::try_parse_from([
+    /// `routing-agent run` with a routes dir, a node name and `extra`.
+    fn run_args(extra: &[&str]) -> Result<Box<RunArgs>, clap::Error> {
+        let base = [
             "routing-agent",
             "run",
             "--routes-dir",
             "/tmp",
             "--node-name",
             "n",
-            "--pending-grace",
-            "0s",
-            "--fail-mode",
-            "open",
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
+        ];
+        let cli = Cli::try_parse_from(base.iter().chain(extra))?;
         let Command::Run(a) = cli.command else {
             panic!("not run")
         };
+        Ok(a)
+    }
+
+    #[test]
+    fn the_run_command_accepts_pending_grace_zero() {
+        let a = run_args(&["--pending-grace", "0s", "--fail-mode", "open"])
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.pending_grace, Duration::ZERO);
+    }
+
+    #[test]
+    fn the_false_alarm_rate_is_a_probability() {
+        let a = run_args(&["--false-alarm-rate", "1e-4"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.false_alarm_rate, 1e-4);
+        assert_eq!((a.failure_threshold, a.failure_threshold_max), (2, 12));
+        for bad in ["0", "1", "1.5", "often"] {
+            let e = run_args(&["--false-alarm-rate", bad])
+                .err()
+                .expect(bad)
+                .to_string();
+            assert!(e.contains("--false-alarm-rate"), "{e}");
+        }
     }
 }

@@ -16,6 +16,9 @@ pub enum Failure {
     Loss,
     /// Its uplink is cut: the gateway is up, the internet unreachable through it.
     UplinkCut,
+    /// A healthy gateway on a lossy path: this many packets per thousand lost at random
+    /// on its VPC side, each way (20: 2 %, about 4 % of the connection attempts).
+    RandomLoss(u16),
 }
 
 impl Lab {
@@ -38,6 +41,16 @@ impl Lab {
                  nft add chain netdev ra_loss ra_out '{ type filter hook egress device vpc priority 0 ; policy drop ; }'",
             )?,
             Failure::UplinkCut => self.ip(&gw, "link set dev uplink down")?,
+            Failure::RandomLoss(per_mille) => self.sh(
+                &gw,
+                &format!(
+                    "nft add table netdev ra_lossy && \
+                     nft add chain netdev ra_lossy ra_in '{{ type filter hook ingress device vpc priority 0 ; policy accept ; }}' && \
+                     nft add rule netdev ra_lossy ra_in numgen random mod 1000 '<' {per_mille} drop && \
+                     nft add chain netdev ra_lossy ra_out '{{ type filter hook egress device vpc priority 0 ; policy accept ; }}' && \
+                     nft add rule netdev ra_lossy ra_out numgen random mod 1000 '<' {per_mille} drop"
+                ),
+            )?,
         };
         Ok(())
     }
@@ -49,6 +62,7 @@ impl Lab {
             Failure::ForwardingDropped => self.sh(&gw, "nft delete table inet ra_fail")?,
             Failure::Removed => self.ip(&gw, "link set dev vpc up")?,
             Failure::Loss => self.sh(&gw, "nft delete table netdev ra_loss")?,
+            Failure::RandomLoss(_) => self.sh(&gw, "nft delete table netdev ra_lossy")?,
             Failure::UplinkCut => {
                 self.ip(&gw, "link set dev uplink up")?;
                 // IPv6 addresses are flushed on link down (keep_addr_on_down=0).

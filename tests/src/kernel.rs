@@ -76,6 +76,11 @@ impl Lab {
         let Some(r) = self.route(node, dst)? else {
             return Ok(vec![]);
         };
+        self.gateways_of(node, &r)
+    }
+
+    /// Gateways of route `r` (`ip -j` output), resolved through its nexthop group.
+    pub fn gateways_of(&self, node: &str, r: &serde_json::Value) -> Result<Vec<String>> {
         let mut gws = Vec::new();
         if let Some(hops) = r["nexthops"].as_array() {
             gws.extend(

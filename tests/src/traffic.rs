@@ -141,7 +141,12 @@ impl Lab {
     /// Opens a long-lived connection from `node` to the hold server at `dst`; returns it
     /// with the egress gateway's public address.
     pub fn hold(&self, node: &str, dst: IpAddr) -> Result<Held> {
-        let ns = self.node_ns(node);
+        self.hold_from(&self.node_ns(node), dst)
+    }
+
+    /// [`Lab::hold`] from namespace `ns` (a pod's: a connection the node forwards).
+    pub fn hold_from(&self, ns: &str, dst: IpAddr) -> Result<Held> {
+        let ns = ns.to_string();
         let addr = SocketAddr::new(dst, HOLD_PORT);
         in_netns(&ns, move || -> Result<Held> {
             let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
@@ -167,7 +172,12 @@ impl Lab {
     /// (`bound`): IPv6 connections then spread over ECMP gateways on every kernel (6.1 and
     /// 6.12 hash a kernel-chosen port as 0, so one destination takes one gateway).
     pub fn stream_with(&self, node: &str, dst: IpAddr, per_second: u32, bound: bool) -> Stream {
-        let ns = self.node_ns(node);
+        self.stream_from(&self.node_ns(node), dst, per_second, bound)
+    }
+
+    /// [`Lab::stream_with`] from namespace `ns` (a pod's: connections the node forwards).
+    pub fn stream_from(&self, ns: &str, dst: IpAddr, per_second: u32, bound: bool) -> Stream {
+        let ns = ns.to_string();
         let stop = Arc::new(AtomicBool::new(false));
         let log: Arc<std::sync::Mutex<Vec<Attempt>>> = Arc::default();
         let (stop2, log2) = (stop.clone(), log.clone());

@@ -2,6 +2,7 @@
 //! `eth0` and its `isp` default gateway, the metadata address and a nameserver reachable
 //! through the isp only). Needs root; every test builds and deletes its own lab.
 use std::net::IpAddr;
+use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use routing_agent_tests::*;
@@ -195,6 +196,129 @@ fn a_default_override_moves_egress_and_keeps_the_node_reachable() -> Result<()> 
         "not restored exactly:\n--- before\n{before}\n--- after\n{after}"
     );
     ensure!(lab.connect("a", ip(ECHO_V4))? == me4);
+    agent.check_alive()?;
+    Ok(())
+}
+
+/// The override with eBPF on: one of its gateways black-holes under a stream of new
+/// connections. It is withdrawn from the override (the new connections and the long-lived
+/// ones on the other gateway go on), the protected routes, the symmetric-routing rule and
+/// table stay exactly as they were, and the control plane, metadata and DNS stay reachable
+/// through the isp. After healing it returns.
+#[test]
+fn override_gateways_fail_over_with_ebpf_and_the_protected_routes_stay() -> Result<()> {
+    let lab = public_lab()?;
+    let resolv = resolv_conf(&lab)?;
+    let dir = lab.routes_dir("routes")?;
+    override_routes(&dir)?;
+    let mut agent = Agent::start(
+        &lab,
+        "a",
+        &dir,
+        &[
+            "--resolv-conf",
+            &resolv,
+            "--protected-cidr",
+            PRIVATE_SERVICE_V4,
+            "--probe-interval",
+            "1s",
+        ],
+    )?;
+    agent.wait_settled(4)?;
+    agent.wait_resolved(3)?;
+    let ns = lab.node_ns("a");
+    let kept = |lab: &Lab| -> Result<String> {
+        // The agent's routes but the override's own halves (0.0.0.0/1, 128.0.0.0/1, their
+        // nexthops and their standbys): the protected destinations.
+        let routes: Vec<String> = lab
+            .ip(&ns, "-4 route show proto 196")?
+            .lines()
+            .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()) && !l.contains(".0.0.0/1"))
+            .map(String::from)
+            .collect();
+        // The rules but the forwarding probe's own (fwmark, there only while a probe runs).
+        let rules: Vec<String> = lab
+            .ip(&ns, "rule show")?
+            .lines()
+            .filter(|l| !l.contains("fwmark"))
+            .map(String::from)
+            .collect();
+        Ok(format!(
+            "{}\n{}\n{}",
+            routes.join("\n"),
+            rules.join("\n"),
+            lab.ip(&ns, "route show table 135")?
+        ))
+    };
+    let before = kept(&lab)?;
+    ensure!(
+        before
+            .lines()
+            .any(|l| l.starts_with(METADATA_V4) && l.contains(&format!("via {ISP_V4}"))),
+        "{before}"
+    );
+    // The override is the two halves of the address space; the low one is followed here.
+    let half = "0.0.0.0/1";
+    ensure!(lab.route_gateways("a", half)?.len() == 2);
+    let echo = ip(ECHO_V4);
+    let mut held: Vec<Held> = (0..8).map(|_| lab.hold("a", echo)).collect::<Result<_>>()?;
+    let stream = lab.stream("a", echo, 10);
+    std::thread::sleep(Duration::from_secs(2));
+    lab.fail(1, Failure::ForwardingDropped)?;
+    agent.wait_status("gateway 1 down", |s| {
+        s["gateways"].as_array().is_some_and(|g| {
+            g.iter()
+                .any(|g| g["address"] == gateway_v4(1).as_str() && g["state"] == "down")
+        })
+    })?;
+    wait_for(
+        "gateway 1 out of the override",
+        Duration::from_secs(5),
+        || (lab.route_gateways("a", half).ok()? == vec![gateway_v4(2)]).then_some(()),
+    )?;
+    let withdrawn_at = std::time::Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let attempts = stream.stop();
+    let after: Vec<&Attempt> = attempts
+        .iter()
+        .filter(|a| a.started > withdrawn_at)
+        .collect();
+    ensure!(after.len() >= 20, "{} attempts", after.len());
+    for a in &after {
+        ensure!(
+            a.result.as_ref().is_ok_and(|v| *v == public_v4(2)),
+            "after the withdrawal: {:?}",
+            a.result
+        );
+    }
+    for h in held.iter_mut().filter(|h| h.via == public_v4(2)) {
+        ensure!(h.alive(), "a long-lived connection via gateway 2 died");
+    }
+    ensure!(
+        held.iter().any(|h| h.via == public_v4(2)),
+        "none held via gateway 2"
+    );
+    // Protected routes, rule and table: untouched; the node keeps its services.
+    let during = kept(&lab)?;
+    ensure!(
+        during == before,
+        "changed:\n--- before\n{before}\n--- during\n{during}"
+    );
+    let me4 = ip(&node_public_v4(2));
+    for dst in [METADATA_V4, NAMESERVER_V4, PRIVATE_SERVICE_V4] {
+        ensure!(
+            lab.connect("a", ip(dst))? == me4,
+            "{dst} not reached through the isp"
+        );
+    }
+    ensure!(lab.connect_inbound("a", false)? == ip("203.0.113.254"));
+    lab.heal(1, Failure::ForwardingDropped)?;
+    wait_for(
+        "gateway 1 back in the override",
+        Duration::from_secs(30),
+        || (lab.route_gateways("a", half).ok()?.len() == 2).then_some(()),
+    )?;
+    ensure!(kept(&lab)? == before);
     agent.check_alive()?;
     Ok(())
 }

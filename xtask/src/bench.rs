@@ -1,4 +1,4 @@
-//! `cargo xtask bench <dataplane|failover|link-flap|tc-cost>`: the benchmarks (release
+//! `cargo xtask bench <dataplane|failover|link-flap|loss|tc-cost>`: the benchmarks (release
 //! build). `dataplane` is in `scale.rs`.
 
 use anyhow::Result;
@@ -9,6 +9,8 @@ pub enum Which {
     Failover,
     /// Fail-closed egress across link flaps of the gateways' interface.
     LinkFlap,
+    /// False withdrawals of a healthy gateway with 2 % random loss both ways.
+    Loss,
     /// Recovery after the API server was killed for 60 s (Kubernetes mode).
     ApiOutage,
     TcCost,
@@ -43,6 +45,7 @@ pub fn run(
         Which::Dataplane => crate::scale::run(prefixes, mode),
         Which::Failover => crate::failover::run(trials, baseline_trials, prefixes),
         Which::LinkFlap => crate::failover::link_flaps(trials),
+        Which::Loss => crate::failover::loss(trials),
         Which::ApiOutage => crate::scale::api_outage(trials.min(5)),
         Which::TcCost => crate::tccost::run(),
     }

@@ -32,7 +32,10 @@ const MARKER: &str = "RA-VM-RESULT";
 ///   (the same strict-checked dumps and group replaces as every suite);
 /// - the control-plane test follows the `kubernetes` Endpoints through a real API server
 ///   (4 min under TCG: kubectl per poll); its protected routes are the ones
-///   `a_default_override_moves_egress_and_keeps_the_node_reachable` checks.
+///   `a_default_override_moves_egress_and_keeps_the_node_reachable` checks;
+/// - the lossy-gateway and allow-list tests judge statistics over a minute or more of
+///   traffic (the adaptive threshold); their kernel parts (nft random loss and drops, the
+///   TC counters) are what the failover faces check on each kernel.
 ///
 /// They run on the host (`cargo xtask test`); `--filter NAME` does not bring them back
 /// into a guest, `--kernel host` runs them.
@@ -45,6 +48,14 @@ const HOST_ONLY: &[(&str, &str)] = &[
     (
         "the_control_plane_stays_reachable_and_its_endpoints_are_followed",
         "Endpoints following (host tier)",
+    ),
+    (
+        "a_gateway_with_2_percent_loss_is_never_withdrawn",
+        "statistics over minutes of traffic (host tier)",
+    ),
+    (
+        "a_destination_refusing_one_gateway_leaves_that_gateway_in",
+        "statistics over minutes of traffic (host tier)",
     ),
 ];
 

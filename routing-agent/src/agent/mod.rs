@@ -615,9 +615,13 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
         let Some(programs) = &mut self.programs else {
             return (Vec::new(), next);
         };
-        let macs: BTreeMap<(u32, [u8; 6]), IpAddr> = neighbours
+        // Keyed by family too: a dual-stack gateway's IPv4 and IPv6 addresses share a MAC.
+        let macs: BTreeMap<(u32, [u8; 6], u8), IpAddr> = neighbours
             .iter()
-            .filter_map(|(gw, n)| Some(((n.ifindex, n.mac?), *gw)))
+            .filter_map(|(gw, n)| {
+                let family = if gw.is_ipv4() { 4 } else { 6 };
+                Some(((n.ifindex, n.mac?, family), *gw))
+            })
             .collect();
         programs.set_neighbours(&macs);
         self.watch.macs = neighbours
@@ -660,6 +664,15 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
         let changes = self.health.evaluate(&self.watch.peers, now);
         for t in &changes {
             self.record(t.gateway);
+        }
+        let m = &self.cfg.metrics;
+        for (gw, h) in self.health.iter() {
+            let l = crate::ops::metrics::Metrics::gateway(*gw);
+            let k = self.health.threshold(gw, &self.watch.peers, now);
+            m.gateway_threshold.get_or_create(&l).set(i64::from(k));
+            m.gateway_loss
+                .get_or_create(&l)
+                .set(h.loss.rate(&self.cfg.health, now));
         }
         let due = self.health.due_probes(now);
         let learned = match (&self.programs, &self.cfg.forward_probes, due.is_empty()) {

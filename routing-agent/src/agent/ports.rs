@@ -64,7 +64,7 @@ pub trait TcPrograms {
     /// Interface names with attachments.
     fn attached(&self) -> Vec<String>;
     /// (interface, MAC) → gateway, for attribution and flow pinning.
-    fn set_neighbours(&mut self, want: &BTreeMap<(u32, [u8; 6]), IpAddr>) -> usize;
+    fn set_neighbours(&mut self, want: &BTreeMap<(u32, [u8; 6], u8), IpAddr>) -> usize;
     /// Counters per gateway, summed over the CPUs.
     fn read_stats(&self) -> BTreeMap<IpAddr, GatewayStats>;
     /// Per gateway, the latest destination that answered through it, and how long ago.
@@ -93,7 +93,7 @@ impl TcPrograms for Programs {
     fn attached(&self) -> Vec<String> {
         Programs::attached(self)
     }
-    fn set_neighbours(&mut self, want: &BTreeMap<(u32, [u8; 6]), IpAddr>) -> usize {
+    fn set_neighbours(&mut self, want: &BTreeMap<(u32, [u8; 6], u8), IpAddr>) -> usize {
         Programs::set_neighbours(self, want)
     }
     fn read_stats(&self) -> BTreeMap<IpAddr, GatewayStats> {

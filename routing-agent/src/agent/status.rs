@@ -28,10 +28,10 @@ pub(super) fn health_record(h: &GatewayHealth) -> HealthRecord {
     let after = |t: Instant| unix_ms(wall + t.saturating_duration_since(now));
     let changed = at(h.since);
     HealthRecord {
-        state: if h.down {
-            routing_agent_common::GW_DOWN
-        } else {
-            routing_agent_common::GW_UP
+        state: match (h.down, h.unshared) {
+            (true, false) => routing_agent_common::GW_DOWN,
+            (true, true) => routing_agent_common::GW_SUSPECT,
+            (false, _) => routing_agent_common::GW_UP,
         },
         penalty: h.penalty,
         down_since_ms: if h.down { changed } else { 0 },
@@ -190,7 +190,10 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
             .get(&t.gateway)
             .map(|p| p.len())
             .unwrap_or_default();
-        if t.down {
+        if t.down && h.is_some_and(|h| h.unshared) {
+            warn!(gateway = %t.gateway, reason = %t.reason,
+                "gateway down, with no peer to compare: reported and probed, not withdrawn");
+        } else if t.down {
             let restore_in = h
                 .and_then(|h| h.restore_after)
                 .map(|r| r.saturating_duration_since(Instant::now()).as_secs());
@@ -252,6 +255,9 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
         }
         metrics.gateway_up.clear();
         metrics.gateway_penalty.clear();
+        // Gateways no Route names any more lose their series; the health tick sets them.
+        metrics.gateway_threshold.clear();
+        metrics.gateway_loss.clear();
         for (gw, h) in self.health.iter() {
             let l = Metrics::gateway(*gw);
             metrics.gateway_up.get_or_create(&l).set(i64::from(!h.down));
@@ -273,6 +279,7 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
                     "slot": programs.and_then(|p| p.slot(*gw)),
                     "mac": self.watch.macs.get(gw).map(|m| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")),
                     "state": if h.down { "down" } else { "up" },
+                    "withdrawn": h.down && !h.unshared,
                     "reason": h.reason,
                     "sinceSeconds": now.saturating_duration_since(h.since).as_secs(),
                     "penalty": h.penalty,
@@ -283,6 +290,8 @@ impl<K: Kernel, P: TcPrograms> Agent<K, P> {
                         "target": k.target().map(|t| t.to_string()),
                     })),
                     "failureStreak": h.streak(),
+                    "lossRate": h.loss.rate(&self.cfg.health, now),
+                    "failureThreshold": self.health.threshold(gw, &self.watch.peers, now),
                     "counters": &h.counters,
                 })
             })

@@ -132,7 +132,7 @@ impl TcPrograms for FakePrograms {
     fn attached(&self) -> Vec<String> {
         self.attached.iter().map(|i| format!("if{i}")).collect()
     }
-    fn set_neighbours(&mut self, _want: &BTreeMap<(u32, [u8; 6]), IpAddr>) -> usize {
+    fn set_neighbours(&mut self, _want: &BTreeMap<(u32, [u8; 6], u8), IpAddr>) -> usize {
         0
     }
     fn read_stats(&self) -> BTreeMap<IpAddr, GatewayStats> {
@@ -176,6 +176,9 @@ fn config() -> AgentConfig {
             max_restore_delay: Duration::from_secs(8),
             pending_grace: Duration::from_millis(500),
             unresolved_grace: Duration::from_secs(3),
+            // No prior of the loss estimate: judged at the floor (health.rs tests the rest).
+            loss_prior: (0.0, 20.0),
+            ..health::Config::default()
         },
         health_tick: Duration::from_millis(200),
         publisher: None,

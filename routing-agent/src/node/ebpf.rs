@@ -664,10 +664,10 @@ impl Programs {
     /// Makes `RA_NEIGH` hold exactly `want` ((interface, MAC) → gateway), translating
     /// gateways to slots, and records each gateway's (interface, MAC) in its `RA_GATEWAYS`
     /// slot for flow pinning. Returns the number of map updates.
-    pub fn set_neighbours(&mut self, want: &BTreeMap<(u32, [u8; 6]), IpAddr>) -> usize {
+    pub fn set_neighbours(&mut self, want: &BTreeMap<(u32, [u8; 6], u8), IpAddr>) -> usize {
         let mut target: BTreeMap<NeighKey, u32> = BTreeMap::new();
         let mut link: BTreeMap<IpAddr, (u32, [u8; 6])> = BTreeMap::new();
-        for ((ifindex, mac), gw) in want {
+        for ((ifindex, mac, family), gw) in want {
             if let Some(s) = self.slots.get(gw) {
                 if self.pinning {
                     link.entry(*gw).or_insert((*ifindex, *mac));
@@ -676,7 +676,8 @@ impl Programs {
                     NeighKey {
                         ifindex: *ifindex,
                         mac: *mac,
-                        _pad: [0; 2],
+                        family: *family,
+                        _pad: 0,
                     },
                     s.index,
                 );

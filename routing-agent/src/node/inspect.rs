@@ -7,7 +7,9 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use aya::maps::{Array, Map, MapData, PerCpuArray};
-use routing_agent_common::{GW_DOWN, GW_UNUSED, GatewayInfo, GatewayStats, MAX_GATEWAYS, names};
+use routing_agent_common::{
+    GW_DOWN, GW_SUSPECT, GW_UNUSED, GatewayInfo, GatewayStats, MAX_GATEWAYS, names,
+};
 use serde::Serialize;
 
 use crate::node::dataplane::diff::Target;
@@ -266,11 +268,16 @@ fn read_pins(dir: &Path) -> anyhow::Result<Vec<GatewayView>> {
         if let Ok(values) = stats.get(&slot, 0) {
             values.iter().for_each(|v| s.add(v));
         }
-        let down = info.state == GW_DOWN;
+        let down = matches!(info.state, GW_DOWN | GW_SUSPECT);
         out.push(GatewayView {
             address: address.to_string(),
             slot,
-            state: if down { "down" } else { "up" }.into(),
+            state: match info.state {
+                GW_DOWN => "down",
+                GW_SUSPECT => "down (not withdrawn: no peer)",
+                _ => "up",
+            }
+            .into(),
             penalty: info.penalty,
             interface: if info.ifindex == 0 {
                 String::new()

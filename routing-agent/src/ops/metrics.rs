@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -80,11 +81,14 @@ pub struct Metrics {
     registry: Registry,
     pub gateway_up: Family<GatewayLabels, Gauge>,
     pub gateway_penalty: Family<GatewayLabels, Gauge>,
+    pub gateway_threshold: Family<GatewayLabels, Gauge>,
+    pub gateway_loss: Family<GatewayLabels, Gauge<f64, AtomicU64>>,
     pub gateway_last_change: Family<GatewayLabels, Gauge>,
     pub withdrawals: Family<GatewayLabels, Counter>,
     pub restores: Family<GatewayLabels, Counter>,
     pub connections: Family<ConnectionLabels, Counter>,
     pub icmp_unreachable: Family<GatewayLabels, Counter>,
+    pub udp_unreachable: Family<GatewayLabels, Counter>,
     pub steered_back: Family<GatewayLabels, Counter>,
     pub packets: Family<TrafficLabels, Counter>,
     pub bytes: Family<TrafficLabels, Counter>,
@@ -112,11 +116,14 @@ impl Metrics {
             registry: Registry::default(),
             gateway_up: Family::default(),
             gateway_penalty: Family::default(),
+            gateway_threshold: Family::default(),
+            gateway_loss: Family::default(),
             gateway_last_change: Family::default(),
             withdrawals: Family::default(),
             restores: Family::default(),
             connections: Family::default(),
             icmp_unreachable: Family::default(),
+            udp_unreachable: Family::default(),
             steered_back: Family::default(),
             packets: Family::default(),
             bytes: Family::default(),
@@ -150,6 +157,16 @@ impl Metrics {
             "Flap damping of the gateway: its next restore waits probe-interval x 2^penalty",
             m.gateway_penalty.clone(),
         );
+        r.register(
+            "gateway_failure_threshold",
+            "Unanswered connection attempts in a row that take the gateway down now (adapts to its measured loss)",
+            m.gateway_threshold.clone(),
+        );
+        r.register(
+            "gateway_loss_ratio",
+            "Measured share of the gateway's connection attempts lost on a path that still forwards",
+            m.gateway_loss.clone(),
+        );
         r.register_with_unit(
             "gateway_last_change_timestamp",
             "When the gateway last went down or up (Unix time)",
@@ -175,6 +192,11 @@ impl Metrics {
             "gateway_icmp_unreachable",
             "ICMP destination-unreachable messages from the gateway's side",
             m.icmp_unreachable.clone(),
+        );
+        r.register(
+            "gateway_udp_unreachable",
+            "ICMP destination-unreachable messages from the gateway's side quoting a UDP datagram of this node",
+            m.udp_unreachable.clone(),
         );
         r.register(
             "gateway_steered_back_packets",
@@ -275,6 +297,9 @@ impl Metrics {
         self.icmp_unreachable
             .get_or_create(&gl)
             .inc_by(d.icmp_unreachable);
+        self.udp_unreachable
+            .get_or_create(&gl)
+            .inc_by(d.udp_unreachable);
         self.steered_back.get_or_create(&gl).inc_by(d.steered_back);
         for (direction, packets, bytes) in [
             (Direction::tx, d.tx_packets, d.tx_bytes),
