@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
+pub mod containerd;
 pub mod faults;
+pub mod image;
 pub mod kernel;
 pub mod kube;
 pub mod process;

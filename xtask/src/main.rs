@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask <setup|test|vm-test|lab|bench|gen-crd>`.
+//! Project tasks: `cargo xtask <setup|test|vm-test|lab|bench|image|gen-crd>`.
 mod bench;
 mod demo;
 mod failover;
+mod image;
 mod scale;
 mod setup;
 mod tccost;
@@ -50,6 +51,19 @@ enum Cmd {
         /// Dataplane: which of the modes to measure.
         #[arg(long, value_enum, default_value_t = scale::Modes::All)]
         mode: scale::Modes,
+    },
+    /// The image without a container engine: the static agent as one layer, written as
+    /// target/image/routing-agent.tar (an OCI layout that is also a docker-archive).
+    Image {
+        /// The debug profile (the one the tests and vm-test build) instead of release.
+        #[arg(long)]
+        debug: bool,
+        /// repository:tag (default: the one deploy/ names).
+        #[arg(long)]
+        reference: Option<String>,
+        /// Where to write the archive.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
     },
     /// Regenerate deploy/crd.yaml from the Rust types.
     GenCrd,
@@ -138,6 +152,8 @@ fn test() -> Result<()> {
         ],
     )?;
     cmd("cargo", &["build", "-p", "routing-agent"])?;
+    // The image test's binary (the one vm-test uses too, so the VM tier builds nothing more).
+    image::static_agent(false)?;
     cargo_test(&[
         "test",
         "--workspace",
@@ -222,6 +238,11 @@ fn main() -> Result<()> {
             prefixes,
             mode,
         } => bench::run(which, trials, baseline_trials, prefixes, mode),
+        Cmd::Image {
+            debug,
+            reference,
+            out,
+        } => image::run(debug, reference, out),
         Cmd::GenCrd => gen_crd(),
         Cmd::VmTest {
             kernels,

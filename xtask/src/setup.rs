@@ -21,6 +21,10 @@ const APT: &[&str] = &[
     "nftables",
     "iperf3",
     "openssl",
+    // The image tests: a private containerd imports the image and runc runs it; skopeo
+    // reads it as podman does (containers/image).
+    "containerd",
+    "skopeo",
 ];
 /// Where `kube()` keeps kube-apiserver and etcd (built once per machine).
 pub const KUBE_CACHE: &str = "/var/cache/routing-agent/kube-v1.20.2";

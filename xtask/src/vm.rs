@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 
 pub const VM_CACHE: &str = "/var/cache/routing-agent/vm";
-const TARGET: &str = "x86_64-unknown-linux-gnu";
+use crate::image::TARGET;
 const MARKER: &str = "RA-VM-RESULT";
 
 /// Tests the guest skips, with why. They check the agent's own logic, and the kernel
@@ -207,18 +207,9 @@ fn kernel_from_lists(k: Kernel, updated: bool) -> Result<(PathBuf, PathBuf, Stri
 
 /// Builds the agent and the test binaries statically; returns (agent, tests by name).
 fn build(tests: &[&str]) -> Result<(PathBuf, Vec<(String, PathBuf)>)> {
-    let flags = "-C target-feature=+crt-static -C debuginfo=0";
-    let env = [("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS", flags)];
+    let env = crate::image::static_env();
     say("building the agent and the tests statically (first time: a full build)");
-    let st = Command::new("cargo")
-        .args(["build", "-p", "routing-agent", "--target", TARGET])
-        .envs(env)
-        .current_dir(crate::workspace())
-        .status()?;
-    if !st.success() {
-        bail!("building the static agent failed");
-    }
-    let agent = crate::workspace().join(format!("target/{TARGET}/debug/routing-agent"));
+    let agent = crate::image::static_agent(false)?;
     let mut args = vec![
         "test",
         "-p",
