@@ -139,6 +139,10 @@ pub struct FlowState {
     pub state: u32,
     /// `bpf_ktime_get_ns()` of the (latest) first SYN.
     pub started_ns: u64,
+    /// The attempt's initial sequence number (host order): a SYN with another one on the
+    /// same 4-tuple is a new connection, not a retransmission of this attempt.
+    pub isn: u32,
+    pub _pad: u32,
 }
 
 /// `RA_GATEWAYS[slot].state`: slot not in use.

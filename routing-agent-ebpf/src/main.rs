@@ -211,13 +211,14 @@ fn handle(ctx: &TcContext, egress: bool) -> Result<(), ()> {
         Some(p) if p.proto == IPPROTO_TCP => read(ctx, p.l4).ok(),
         _ => None,
     };
-    let (flags, sport, dport) = match &tcp {
+    let (flags, sport, dport, seq) = match &tcp {
         Some(h) => (
             h[13],
             u16::from_be_bytes([h[0], h[1]]),
             u16::from_be_bytes([h[2], h[3]]),
+            u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
         ),
-        None => (0, 0, 0),
+        None => (0, 0, 0, 0),
     };
     // Egress TCP: the connection's entry, looked up once for pinning and for the SYN.
     let mut flow: Option<(FlowKey, Option<*mut FlowState>)> = None;
@@ -229,7 +230,7 @@ fn handle(ctx: &TcContext, egress: bool) -> Result<(), ()> {
         let key = flow_key(p.family, p.src, p.dst, sport, dport);
         let f = RA_FLOWS.get_ptr_mut(&key);
         if let Some(f) = f
-            && let Some(to) = pinned(ctx, ifindex, f, flags, slot)
+            && let Some(to) = pinned(ctx, ifindex, f, flags, seq, slot)
         {
             slot = to;
             steered = true;
@@ -254,7 +255,7 @@ fn handle(ctx: &TcContext, egress: bool) -> Result<(), ()> {
     let Some(p) = p else { return Ok(()) };
     if let Some((key, f)) = &flow {
         if flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            syn_out(key, *f, slot, stats);
+            syn_out(key, *f, slot, seq, stats);
         } else if flags & TCP_RST != 0 && f.is_some() {
             let _ = RA_FLOWS.remove(key);
         }
@@ -287,14 +288,25 @@ fn handle(ctx: &TcContext, egress: bool) -> Result<(), ()> {
 /// route of a connect() with a kernel-chosen source port does not follow that hash, so
 /// after the next FIB change about (n-1)/n of the connections would move to another
 /// gateway, whose masquerade address breaks them. (Hash-threshold `RTA_MULTIPATH` routes
-/// and resilient groups that gain a member move some connections on any kernel.) A new
-/// SYN on a 4-tuple whose old connection is still recorded is a new connection: not
-/// pinned.
+/// and resilient groups that gain a member move some connections on any kernel.) A SYN is
+/// pinned only as a retransmission of the recorded attempt (same initial sequence number):
+/// a SYN on a 4-tuple whose old connection or old attempt is still recorded is a new
+/// connection, and goes where its route says (after a Route edit that dropped the old
+/// gateway, a reused source port would otherwise keep sending new connections there).
 #[inline(always)]
-fn pinned(ctx: &TcContext, ifindex: u32, f: *mut FlowState, flags: u8, slot: u32) -> Option<u32> {
+fn pinned(
+    ctx: &TcContext,
+    ifindex: u32,
+    f: *mut FlowState,
+    flags: u8,
+    seq: u32,
+    slot: u32,
+) -> Option<u32> {
     // SAFETY: `f` comes from a successful lookup; plain data read at once.
-    let (pin, state) = unsafe { ((*f).slot, (*f).state) };
-    if pin == slot || (flags & (TCP_SYN | TCP_ACK) == TCP_SYN && state == FLOW_ESTABLISHED) {
+    let (pin, state, isn) = unsafe { ((*f).slot, (*f).state, (*f).isn) };
+    if pin == slot
+        || (flags & (TCP_SYN | TCP_ACK) == TCP_SYN && (state == FLOW_ESTABLISHED || isn != seq))
+    {
         return None;
     }
     let g = RA_GATEWAYS.get(pin)?;
@@ -373,22 +385,32 @@ fn flow_key(family: u8, local: [u8; 16], remote: [u8; 16], lport: u16, rport: u1
     }
 }
 
-/// A SYN of connection `key` leaving through gateway `slot`; `flow` is its entry, if any.
+/// A SYN of connection `key` (initial sequence number `seq`) leaving through gateway
+/// `slot`; `flow` is its entry, if any.
 #[inline(always)]
-fn syn_out(key: &FlowKey, flow: Option<*mut FlowState>, slot: u32, stats: *mut GatewayStats) {
+fn syn_out(
+    key: &FlowKey,
+    flow: Option<*mut FlowState>,
+    slot: u32,
+    seq: u32,
+    stats: *mut GatewayStats,
+) {
     match flow {
         Some(f) => {
             // SAFETY: the entry may be updated concurrently by another CPU; a lost update
             // costs at most one count, never memory safety (plain integers).
             unsafe {
-                let reused = (*f).state == FLOW_ESTABLISHED;
+                let reused = (*f).state == FLOW_ESTABLISHED || (*f).isn != seq;
                 if reused || (*f).slot != slot {
-                    // A new attempt: the 4-tuple reused by a new connection, or the attempt
-                    // re-routed through another gateway (its own was withdrawn).
+                    // A new attempt: the 4-tuple reused by a new connection (after an
+                    // established one, or after an attempt with another initial sequence
+                    // number), or the attempt re-routed through another gateway (its own
+                    // was withdrawn).
                     (*f).slot = slot;
                     (*f).state = FLOW_PENDING;
                     if reused {
                         (*f).started_ns = bpf_ktime_get_ns();
+                        (*f).isn = seq;
                     }
                     (*stats).syn_sent += 1;
                 } else {
@@ -402,6 +424,8 @@ fn syn_out(key: &FlowKey, flow: Option<*mut FlowState>, slot: u32, stats: *mut G
                 state: FLOW_PENDING,
                 // SAFETY: helper without preconditions.
                 started_ns: unsafe { bpf_ktime_get_ns() },
+                isn: seq,
+                _pad: 0,
             };
             if RA_FLOWS.insert(key, &v, u64::from(BPF_NOEXIST)).is_ok() {
                 // SAFETY: per-CPU value, see `handle`.

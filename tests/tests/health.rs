@@ -571,7 +571,9 @@ fn a_gateway_with_2_percent_loss_is_never_withdrawn() -> Result<()> {
         g2["lossRate"],
         g2["failureThreshold"],
     );
-    ensure!(failed >= 3, "the loss was not real: {g2}");
+    // 2 % each way fails about 4 % of ~190 attempts (8 expected; 2, 6 and 10 seen): none
+    // at all has a chance of 0.96^190 < 0.1 %, "at least 3" failed one run in about 70.
+    ensure!(failed >= 1, "the loss was not real: {g2}");
     ensure!(through >= 100, "gateway 2 carried {through} connections");
     assert_eq!(g2["state"], "up", "{g2}");
     ensure!(
@@ -740,8 +742,10 @@ fn a_destination_refusing_one_gateway_leaves_that_gateway_in() -> Result<()> {
             .all(|v| *v == public_v4(1) || *v == public_v4(3)),
         "{seen:?}"
     );
-    // (A lone unanswered connection that did not go through gateway 2 is the lab's, not
-    // the Route's: seen once in a loaded CI run, never reproduced.)
+    // Two CI runs lost connections here (one timed out; once 2 of 30, with gateway 2's
+    // counters moving): new connections that reused the source port of an old refused
+    // attempt were pinned to that attempt's gateway. The TC program now tells them apart
+    // by the initial sequence number; the margin of 2 stays for the lab's own rare loss.
     ensure!(seen.values().sum::<usize>() >= 28, "{seen:?} {timed_out:?}");
     agent.check_alive()?;
     Ok(())
