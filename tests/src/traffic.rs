@@ -231,6 +231,14 @@ impl Lab {
             .with_context(|| format!("connecting (bound) from node {node} to {addr}"))
     }
 
+    /// Like [`Lab::connect_bound`], from source port `port` (the same 4-tuple every time),
+    /// with SO_REUSEADDR so that the port is free again once an attempt is over.
+    pub fn connect_from_port(&self, node: &str, dst: IpAddr, port: u16) -> Result<IpAddr> {
+        let addr = SocketAddr::new(dst, ECHO_PORT);
+        in_netns(&self.node_ns(node), move || echo_from(addr, port))?
+            .with_context(|| format!("connecting from node {node} port {port} to {addr}"))
+    }
+
     /// Opens a TCP connection from namespace `ns` (full name) to the echo server at `dst`:
     /// the source address the server saw.
     pub fn connect_from(&self, ns: &str, dst: IpAddr) -> Result<IpAddr> {
@@ -291,13 +299,21 @@ fn echo(addr: SocketAddr) -> Result<IpAddr> {
 
 /// [`echo`] from a socket bound to an ephemeral port before it connects.
 fn echo_bound(addr: SocketAddr) -> Result<IpAddr> {
+    echo_from(addr, 0)
+}
+
+/// [`echo`] from a socket bound to source `port` (0: an ephemeral one) before it connects.
+fn echo_from(addr: SocketAddr, port: u16) -> Result<IpAddr> {
     use socket2::{Domain, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     let any: SocketAddr = if addr.is_ipv6() {
-        "[::]:0".parse()?
+        format!("[::]:{port}").parse()?
     } else {
-        "0.0.0.0:0".parse()?
+        format!("0.0.0.0:{port}").parse()?
     };
+    if port != 0 {
+        s.set_reuse_address(true)?;
+    }
     s.bind(&any.into())?;
     s.connect_timeout(&addr.into(), Duration::from_secs(3))?;
     echo_answer(s.into())

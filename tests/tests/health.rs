@@ -751,6 +751,72 @@ fn a_destination_refusing_one_gateway_leaves_that_gateway_in() -> Result<()> {
     Ok(())
 }
 
+/// A new connection on the 4-tuple of an old, refused attempt is a new connection: after a
+/// Route edit that dropped the attempt's gateway, it goes where the Route now says, not
+/// back to that gateway (flow pinning keeps only retransmissions of the same attempt, told
+/// by its initial sequence number). Deterministic: the same source port both times.
+#[test]
+fn a_new_connection_on_an_old_attempts_port_follows_the_edited_route() -> Result<()> {
+    let (lab, dir) = lab_with_routes()?;
+    let inet = lab.ns("inet");
+    lab.ip(&inet, &format!("addr add {ALLOW_LISTED_V4}/32 dev lo"))?;
+    lab.sh(
+        &inet,
+        &format!(
+            "nft add table inet ra_allow && \
+             nft add chain inet ra_allow ra_in '{{ type filter hook input priority 0 ; }}' && \
+             nft add rule inet ra_allow ra_in ip saddr {} ip daddr {ALLOW_LISTED_V4} drop",
+            public_v4(2)
+        ),
+    )?;
+    let listed_route = |gateway: u8| {
+        write_atomic(
+            &dir.join("listed.yaml"),
+            &route_yaml(
+                "listed",
+                &[&format!("{ALLOW_LISTED_V4}/32")],
+                &[&gateway_v4(gateway)],
+                None,
+            ),
+        )
+    };
+    let mut agent = start(&lab, &dir, &[])?;
+    listed_route(2)?;
+    let prefix = format!("{ALLOW_LISTED_V4}/32");
+    let via = |gateway: u8| {
+        let want = vec![gateway_v4(gateway)];
+        wait_for(
+            "the listed Route in the kernel",
+            Duration::from_secs(10),
+            || (lab.route_gateways("a", &prefix).ok()? == want).then_some(()),
+        )
+    };
+    via(2)?;
+    let listed: IpAddr = ALLOW_LISTED_V4.parse()?;
+    const PORT: u16 = 40_111;
+    // Refused through gateway 2: the SYN is retransmitted, the attempt recorded as failed.
+    ensure!(
+        lab.connect_from_port("a", listed, PORT).is_err(),
+        "{ALLOW_LISTED_V4} answered through gateway 2"
+    );
+    let failed = agent
+        .gateway(&gateway_v4(2))
+        .and_then(|g| g["counters"]["failed"].as_u64())
+        .unwrap_or(0);
+    listed_route(1)?;
+    via(1)?;
+    // Gateway 2 is still up (it serves the ECMP route), so a pin to it would be obeyed.
+    assert_eq!(
+        agent.gateway(&gateway_v4(2)).expect("status")["state"],
+        "up"
+    );
+    let answer = lab.connect_from_port("a", listed, PORT)?;
+    assert_eq!(answer, public_v4(1), "the new connection on port {PORT}");
+    ensure!(failed >= 1, "the refused attempt was not recorded");
+    agent.check_alive()?;
+    Ok(())
+}
+
 #[test]
 fn destination_down_on_all_gateways_withdraws_nothing() -> Result<()> {
     let (lab, dir) = lab_with_routes()?;
