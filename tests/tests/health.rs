@@ -596,6 +596,22 @@ fn a_gateway_with_2_percent_loss_is_never_withdrawn() -> Result<()> {
 /// A server whose allow-list lacks gateway 2's public address.
 const ALLOW_LISTED_V4: &str = "198.51.100.11";
 
+/// Serves [`ALLOW_LISTED_V4`] in `inet`, dropping what comes from gateway 2's address.
+fn allow_list_without_gateway_2(lab: &Lab) -> Result<()> {
+    let inet = lab.ns("inet");
+    lab.ip(&inet, &format!("addr add {ALLOW_LISTED_V4}/32 dev lo"))?;
+    lab.sh(
+        &inet,
+        &format!(
+            "nft add table inet ra_allow && \
+             nft add chain inet ra_allow ra_in '{{ type filter hook input priority 0 ; }}' && \
+             nft add rule inet ra_allow ra_in ip saddr {} ip daddr {ALLOW_LISTED_V4} drop",
+            public_v4(2)
+        ),
+    )?;
+    Ok(())
+}
+
 /// What the agent does when one destination refuses one gateway (a remote allow-list
 /// without its address) while that gateway forwards everything else: it keeps the gateway
 /// (README, "One destination that refuses one gateway"). A third of the node's new
@@ -608,17 +624,7 @@ const ALLOW_LISTED_V4: &str = "198.51.100.11";
 #[test]
 fn a_destination_refusing_one_gateway_leaves_that_gateway_in() -> Result<()> {
     let (lab, dir) = lab_with_routes()?;
-    let inet = lab.ns("inet");
-    lab.ip(&inet, &format!("addr add {ALLOW_LISTED_V4}/32 dev lo"))?;
-    lab.sh(
-        &inet,
-        &format!(
-            "nft add table inet ra_allow && \
-             nft add chain inet ra_allow ra_in '{{ type filter hook input priority 0 ; }}' && \
-             nft add rule inet ra_allow ra_in ip saddr {} ip daddr {ALLOW_LISTED_V4} drop",
-            public_v4(2)
-        ),
-    )?;
+    allow_list_without_gateway_2(&lab)?;
     let mut agent = start(&lab, &dir, &[])?;
     let (echo, listed): (IpAddr, IpAddr) = (ECHO_V4.parse()?, ALLOW_LISTED_V4.parse()?);
     let others = lab.stream("a", echo, 6);
@@ -758,17 +764,7 @@ fn a_destination_refusing_one_gateway_leaves_that_gateway_in() -> Result<()> {
 #[test]
 fn a_new_connection_on_an_old_attempts_port_follows_the_edited_route() -> Result<()> {
     let (lab, dir) = lab_with_routes()?;
-    let inet = lab.ns("inet");
-    lab.ip(&inet, &format!("addr add {ALLOW_LISTED_V4}/32 dev lo"))?;
-    lab.sh(
-        &inet,
-        &format!(
-            "nft add table inet ra_allow && \
-             nft add chain inet ra_allow ra_in '{{ type filter hook input priority 0 ; }}' && \
-             nft add rule inet ra_allow ra_in ip saddr {} ip daddr {ALLOW_LISTED_V4} drop",
-            public_v4(2)
-        ),
-    )?;
+    allow_list_without_gateway_2(&lab)?;
     let listed_route = |gateway: u8| {
         write_atomic(
             &dir.join("listed.yaml"),
